@@ -1,0 +1,49 @@
+"""`dopsd doctor`: what is missing on this box (GPU, weights, disk)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+from .models import PIPELINES, resolve_source
+
+
+def diagnose(state: Path | None = None) -> dict:
+    from .recipe import load_recipe, resolve_recipe_path
+    from .store import open_state, state_dir
+
+    problems: list[str] = []
+    root = state_dir(state)
+    try:
+        st = open_state(root)
+        recipe = st.recipe
+        st.close()
+    except UserError as e:
+        problems.append(str(e))
+        recipe = load_recipe(resolve_recipe_path(None))
+    model = recipe["model"]
+    try:
+        source = str(resolve_source(model["source"]))
+    except UserError as e:
+        source = model["source"]
+        problems.append(str(e))
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    else:
+        device = "cpu"
+        if model["name"] != "toy-shapes":
+            problems.append(f"no CUDA GPU: {model['name']} needs one for training")
+    probe = root if root.exists() else Path.cwd()
+    free_gb = shutil.disk_usage(probe).free / 2**30
+    if free_gb < 2:
+        problems.append(f"low disk space at {probe}: {free_gb:.1f} GiB free")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "model": {"name": model["name"], "source": source, "pipeline": PIPELINES[model["backend"]]},
+        "device": device,
+        "disk_free_gib": round(free_gb, 1),
+    }

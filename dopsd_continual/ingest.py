@@ -1,0 +1,417 @@
+"""Ingestion: find image + caption pairs, wait until they are stable, validate, copy into blobs, queue.
+
+The one function `ingest_paths` is what `dopsd ingest` and the daemon's watchers and rescans call.
+Nothing in the user's folders is ever written, moved or deleted: the bytes we validate are the bytes we
+copy into state/blobs (content-addressed by SHA-256), and only then is the sample queued.
+
+Decisions (documented in the README):
+- Identity is the SHA-256 of the image bytes. A byte-identical image is a duplicate, reported, never queued
+  twice. A changed caption for a known image updates the sample's caption (the old one stays in its
+  history and its blob stays on disk); a sample that was already used goes back to the queue, so the
+  model learns the corrected caption.
+- A `.txt` beside an image wins over a `metadata.jsonl` entry for the same image.
+- Files still changing (modified within `stability_seconds`) are reported as "pending" and taken by a
+  later scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .store import State, fsync_dir, now
+
+IMAGE_EXTS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+CAPTION_EXT = ".txt"
+METADATA_NAME = "metadata.jsonl"
+SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r"}
+SYSTEM_DIRS = {"@eadir", "__macosx", ".stfolder", ".stversions", ".trash", "$recycle.bin"}
+PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download")
+
+
+@dataclass
+class IngestReport:
+    queued: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    ignored: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
+    updated: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("queued", "duplicates", "ignored", "rejected", "pending", "updated")}
+
+
+class Rejected(Exception):
+    """A file we will not queue; the message is the recorded reason."""
+
+
+def is_silently_ignored(name: str) -> bool:
+    """Hidden/system files and partial downloads: not user content, never reported."""
+    low = name.lower()
+    return (
+        name.startswith(".")
+        or name.startswith("~")
+        or low in SYSTEM_NAMES
+        or low.endswith(PARTIAL_SUFFIXES)
+        or low.endswith("~")
+    )
+
+
+@dataclass
+class Candidate:
+    image: Path
+    caption_file: Path | None = None
+    metadata_caption: str | None = None
+    problem: str | None = None  # a pairing problem found while scanning (e.g. two images, one caption)
+
+
+def _walk(root: Path, report: IngestReport) -> list[Path]:
+    """Every regular file under root, without following links out of it (links inside are fine)."""
+    root_real = root.resolve()
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d.lower() not in SYSTEM_DIRS and not d.startswith("."))
+        d = Path(dirpath)
+        for dn in list(dirnames):
+            p = d / dn
+            if p.is_symlink():
+                dirnames.remove(dn)
+                target = p.resolve()
+                if not _inside(target, root_real):
+                    report.ignored.append({"path": str(p), "reason": "symlink leaves the watched folder"})
+        for fn in sorted(filenames):
+            p = d / fn
+            if is_silently_ignored(fn):
+                continue
+            if p.is_symlink():
+                target = p.resolve()
+                if not _inside(target, root_real):
+                    report.ignored.append({"path": str(p), "reason": "symlink leaves the watched folder"})
+                    continue
+                if not target.is_file():
+                    report.ignored.append({"path": str(p), "reason": "broken symlink"})
+                    continue
+            elif not p.is_file():
+                continue
+            files.append(p)
+    return files
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
+    files = _walk(root, report) if root.is_dir() else [root]
+    by_dir: dict[Path, list[Path]] = {}
+    for f in files:
+        by_dir.setdefault(f.parent, []).append(f)
+    out: list[Candidate] = []
+    for d, fs in sorted(by_dir.items()):
+        metadata = _read_metadata(d / METADATA_NAME, report) if (d / METADATA_NAME) in fs else {}
+        images: dict[str, list[Path]] = {}
+        captions: dict[str, Path] = {}
+        for f in fs:
+            ext = f.suffix.lower()
+            if ext in IMAGE_EXTS:
+                images.setdefault(f.stem, []).append(f)
+            elif ext == CAPTION_EXT:
+                captions[f.stem] = f
+            elif f.name != METADATA_NAME:
+                report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'"})
+        for stem, imgs in sorted(images.items()):
+            cap = captions.get(stem)
+            if len(imgs) > 1 and cap is not None:
+                names = ", ".join(sorted(i.name for i in imgs))
+                for i in imgs:
+                    out.append(Candidate(i, cap, problem=f"{len(imgs)} images share the caption {cap.name} ({names})"))
+                continue
+            for i in imgs:
+                out.append(Candidate(i, cap, metadata.get(i.name)))
+        for stem, cap in sorted(captions.items()):
+            if stem not in images:
+                report.ignored.append({"path": str(cap), "reason": "caption without an image"})
+    return out
+
+
+def _read_metadata(path: Path, report: IngestReport) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        report.rejected.append({"path": str(path), "reason": f"metadata.jsonl unreadable: {e}"})
+        return out
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            report.rejected.append({"path": f"{path}:{n}", "reason": "metadata.jsonl line is not {\"file_name\", \"text\"}"})
+            continue
+        out[Path(name).name if "/" not in name else name] = text
+    return out
+
+
+def _signature(c: Candidate) -> tuple[str, float]:
+    """(signature, last change) of the image and its caption: size + mtime_ns + ctime_ns."""
+    parts, last = [], 0.0
+    for p in (c.image, c.caption_file):
+        if p is None:
+            parts.append("-")
+            continue
+        st = p.stat()
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+        last = max(last, st.st_mtime, st.st_ctime)
+    if c.metadata_caption is not None:
+        parts.append(hashlib.sha256(c.metadata_caption.encode()).hexdigest()[:16])
+    return "|".join(parts), last
+
+
+def read_caption(c: Candidate, recipe_ingest: dict) -> tuple[str, bytes]:
+    """The caption text (trigger applied) and the raw bytes to keep. Raises Rejected with the reason."""
+    if c.caption_file is not None:
+        raw = c.caption_file.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise Rejected(f"caption {c.caption_file.name} is not UTF-8 text") from None
+    elif c.metadata_caption is not None:
+        text = c.metadata_caption
+        raw = text.encode("utf-8")
+    elif recipe_ingest.get("default_caption"):
+        text = recipe_ingest["default_caption"]
+        raw = text.encode("utf-8")
+    else:
+        raise Rejected(f"missing caption ({c.image.stem}{CAPTION_EXT} or a metadata.jsonl entry)")
+    text = text.strip()
+    if not text:
+        raise Rejected("empty caption")
+    limit = recipe_ingest["max_caption_chars"]
+    if len(text) > limit:
+        raise Rejected(f"caption too long ({len(text)} > {limit} characters)")
+    trigger = recipe_ingest.get("trigger_word") or ""
+    if trigger:
+        text = text.replace("[trigger]", trigger)
+    return text, raw
+
+
+def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int, str]:
+    """Check image bytes; returns (width, height, format). Raises Rejected with the reason."""
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    max_pixels = recipe_ingest["max_pixels"]
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            w, h = im.size  # from the header: nothing decoded yet
+            if w * h > max_pixels:
+                raise Rejected(f"image too large: {w}x{h} is over max_pixels {max_pixels}")
+            if fmt != IMAGE_EXTS[ext]:
+                raise Rejected(f"file is {fmt} but its extension says {IMAGE_EXTS[ext]}")
+            if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
+                raise Rejected("animated image")
+            if min(w, h) < recipe_ingest["min_side"]:
+                raise Rejected(f"image too small: {w}x{h} (min_side {recipe_ingest['min_side']})")
+            im.verify()
+    except Rejected:
+        raise
+    except Image.DecompressionBombError:
+        raise Rejected(f"image too large (over max_pixels {max_pixels})") from None
+    except UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+    except Exception as e:  # verify() raises many types on damaged files
+        raise Rejected(f"damaged image: {e}") from None
+    try:
+        load_rgb_bytes(data)
+    except Exception as e:
+        raise Rejected(f"truncated or damaged image: {e}") from None
+    return w, h, fmt
+
+
+def load_rgb_bytes(data: bytes) -> Image.Image:
+    """Decode to 8-bit RGB: EXIF orientation applied; CMYK, palette, greyscale, 16-bit and alpha handled."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            import numpy as np
+
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray((arr / top * 255).round().clip(0, 255).astype("uint8"), "L")
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, rgba)
+        return im.convert("RGB")
+
+
+def _blob_path(state: State, digest: str, ext: str) -> Path:
+    return state.blobs / digest[:2] / f"{digest}{ext}"
+
+
+def _write_blob(state: State, digest: str, ext: str, data: bytes) -> Path:
+    """Content-addressed copy. Synced in batches by the caller (before the rows that name it commit)."""
+    path = _blob_path(state, digest, ext)
+    if path.exists() and path.stat().st_size == len(data):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _history(old: str | None, event: dict) -> str:
+    h = json.loads(old or "[]")
+    h.append({"at": now(), **event})
+    return json.dumps(h)
+
+
+def stability_seconds(state: State) -> float:
+    env = os.environ.get("DOPSD_STABILITY_SECONDS")
+    if env is not None:
+        return float(env)
+    return float(state.recipe["ingest"]["stability_seconds"])
+
+
+def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256) -> IngestReport:
+    """One scan of the given paths (default: the watched folders). Safe to run again at any time."""
+    report = IngestReport()
+    roots = [Path(p) for p in (paths or state.watch_dirs)]
+    stable_after = stability_seconds(state)
+    ing = state.recipe["ingest"]
+    todo: list[tuple[Candidate, str]] = []
+    for root in roots:
+        if not root.exists():
+            report.rejected.append({"path": str(root), "reason": "path does not exist"})
+            continue
+        if root.is_file() and root.suffix.lower() not in IMAGE_EXTS:
+            report.ignored.append({"path": str(root), "reason": "not an image (give the image or its folder)"})
+            continue
+        cands = find_candidates(root, report)
+        if root.is_file():
+            cap = root.with_suffix(CAPTION_EXT)
+            cands = [Candidate(root, cap if cap.exists() else None)]
+        t = time.time()
+        for c in cands:
+            try:
+                sig, last = _signature(c)
+            except FileNotFoundError:
+                continue  # vanished between listing and stat: the next scan decides
+            if t - last < stable_after:
+                report.pending.append({"path": str(c.image), "reason": "still changing"})
+                continue
+            todo.append((c, sig))
+    for i in range(0, len(todo), batch):
+        _ingest_batch(state, todo[i : i + batch], ing, report)
+    return report
+
+
+def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, report: IngestReport) -> None:
+    db = state.db
+    rows: list[tuple[str, dict]] = []  # (kind, payload) applied in one transaction after the blobs are synced
+    wrote_blob = False
+    for c, sig in items:
+        path = str(c.image)
+        known = db.execute("select signature, outcome, reason, sample_id from files where path=?", [path]).fetchone()
+        if known and known[0] == sig:
+            if known[1] == "rejected":
+                report.rejected.append({"path": path, "reason": known[2]})
+            else:
+                report.duplicates.append({"path": path, "of": known[3], "reason": "already ingested"})
+            continue
+        try:
+            if c.problem:
+                raise Rejected(c.problem)
+            data = c.image.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            caption, caption_raw = read_caption(c, ing)
+            w, h, fmt = validate_image(data, c.image.suffix.lower(), ing)
+        except Rejected as e:
+            rows.append(("reject", {"path": path, "sig": sig, "reason": str(e)}))
+            report.rejected.append({"path": path, "reason": str(e)})
+            continue
+        except OSError as e:
+            rows.append(("reject", {"path": path, "sig": sig, "reason": f"unreadable: {e.strerror or e}"}))
+            report.rejected.append({"path": path, "reason": f"unreadable: {e.strerror or e}"})
+            continue
+        cap_digest = hashlib.sha256(caption_raw).hexdigest()
+        existing = db.execute("select id, caption, status, history from samples where sha256=?", [digest]).fetchone()
+        if existing and existing[1] == caption:
+            rows.append(("file", {"path": path, "sig": sig, "outcome": "duplicate", "sample_id": existing[0]}))
+            report.duplicates.append({"path": path, "of": existing[0], "reason": "same image already ingested"})
+            continue
+        img_blob = _write_blob(state, digest, IMAGE_EXTS[c.image.suffix.lower()] and c.image.suffix.lower(), data)
+        cap_blob = _write_blob(state, cap_digest, ".txt", caption_raw)
+        wrote_blob = True
+        if existing:
+            rows.append(("recaption", {"path": path, "sig": sig, "id": existing[0], "caption": caption,
+                                       "old_caption": existing[1], "status": existing[2], "history": existing[3],
+                                       "caption_sha256": cap_digest, "caption_blob": str(cap_blob.relative_to(state.root))}))
+            report.updated.append({"path": path, "id": existing[0], "reason": "caption changed"})
+            continue
+        rows.append(("queue", {"path": path, "sig": sig, "sample": {
+            "sha256": digest, "status": "queued", "caption": caption, "caption_sha256": cap_digest,
+            "source_path": path, "image_blob": str(img_blob.relative_to(state.root)),
+            "caption_blob": str(cap_blob.relative_to(state.root)), "width": w, "height": h, "format": fmt,
+            "rounds": "[]", "rejections": 0, "history": _history(None, {"event": "queued", "source": path}),
+            "created_at": now(), "updated_at": now()}}))
+    if wrote_blob:
+        os.sync()  # blobs durable before the rows that name them commit
+        fsync_dir(state.blobs)
+    with db.conn:
+        db.execute("BEGIN IMMEDIATE")
+        for kind, r in rows:
+            if kind == "reject":
+                _file_row(db, r["path"], r["sig"], "rejected", r["reason"], None)
+            elif kind == "file":
+                _file_row(db, r["path"], r["sig"], r["outcome"], None, r["sample_id"])
+            elif kind == "recaption":
+                status = "queued" if r["status"] in ("used", "queued") else r["status"]
+                db["samples"].update(r["id"], {
+                    "caption": r["caption"], "caption_sha256": r["caption_sha256"], "caption_blob": r["caption_blob"],
+                    "status": status, "updated_at": now(),
+                    "history": _history(r["history"], {"event": "caption changed", "old": r["old_caption"]}),
+                })
+                _file_row(db, r["path"], r["sig"], "queued", None, r["id"])
+            else:
+                dup = db.execute("select id from samples where sha256=?", [r["sample"]["sha256"]]).fetchone()
+                if dup:  # the same image twice in one batch
+                    _file_row(db, r["path"], r["sig"], "duplicate", None, dup[0])
+                    report.queued = [q for q in report.queued if q["path"] != r["path"]]
+                    report.duplicates.append({"path": r["path"], "of": dup[0], "reason": "same image already ingested"})
+                    continue
+                sid = db["samples"].insert(r["sample"]).last_pk
+                _file_row(db, r["path"], r["sig"], "queued", None, sid)
+                report.queued.append({"path": r["path"], "id": sid, "sha256": r["sample"]["sha256"],
+                                      "caption": r["sample"]["caption"]})
+
+
+def _file_row(db, path: str, sig: str, outcome: str, reason: str | None, sample_id: int | None) -> None:
+    db["files"].upsert({"path": path, "signature": sig, "outcome": outcome, "reason": reason,
+                        "sample_id": sample_id, "seen_at": now()}, pk="path")
+
+
+def sample_image(state: State, sample: dict) -> Image.Image:
+    """A queued sample's picture as RGB, from its blob (the user's original may be gone)."""
+    return load_rgb_bytes((state.root / sample["image_blob"]).read_bytes())

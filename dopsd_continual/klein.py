@@ -1,0 +1,101 @@
+"""FLUX.2-klein tensors the way `Flux2KleinPipeline.__call__` builds them, for training loops.
+
+The pipeline's `__call__` is the reference; these helpers call its own static methods so that a training
+step sees exactly the tokens, position ids and timesteps that sampling sees:
+- text: `encode_prompt` (chat template, padded to max_sequence_length, stacked hidden layers);
+- image latents: VAE mode -> 2x2 patchify -> batch-norm statistics -> packed tokens;
+- a reference image: the same tokens appended after the noisy ones, position ids with t = 10;
+- velocity: `transformer(..., timestep=sigma)`; x0 = x - sigma * v; Euler step x += (s' - s) * v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int, out_layers) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        embeds, text_ids = pipe.encode_prompt(
+            prompt=list(prompts),
+            device=pipe.text_encoder.device,
+            max_sequence_length=max_sequence_length,
+            text_encoder_out_layers=tuple(out_layers),
+        )
+    return embeds, text_ids
+
+
+def encode_images(pipe, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """images (B, 3, H, W) in [0, 1] -> packed normalised latent tokens (B, N, C) and the token grid (h, w)."""
+    vae = pipe.vae
+    x = (images * 2 - 1).to(device=vae.device, dtype=vae.dtype)
+    lat = pipe._encode_vae_image(x, generator=None)
+    return pipe._pack_latents(lat), (lat.shape[2], lat.shape[3])
+
+
+def latent_ids(batch: int, grid: tuple[int, int], device) -> torch.Tensor:
+    lat = torch.empty(batch, 1, grid[0], grid[1])
+    return _latent_ids_impl(lat).to(device)
+
+
+def _latent_ids_impl(lat: torch.Tensor) -> torch.Tensor:
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline._prepare_latent_ids(lat)
+
+
+def reference_ids(batch: int, grid: tuple[int, int], device) -> torch.Tensor:
+    from diffusers import Flux2KleinPipeline
+
+    ids = Flux2KleinPipeline._prepare_image_ids([torch.empty(1, 1, grid[0], grid[1])])
+    return ids.repeat(batch, 1, 1).to(device)
+
+
+def velocity(
+    transformer,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    ref: torch.Tensor | None = None,
+    ref_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's velocity at noisy tokens x (B, N, C) and noise level sigma (B,), as the pipeline calls it."""
+    n = x.shape[1]
+    hidden, ids = x, img_ids
+    if ref is not None:
+        hidden = torch.cat([x, ref], dim=1)
+        ids = torch.cat([img_ids, ref_ids], dim=1)
+    out = transformer(
+        hidden_states=hidden.to(transformer.dtype),
+        timestep=sigma.to(hidden.dtype),
+        guidance=None,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=ids,
+        return_dict=False,
+    )[0]
+    return out[:, :n]
+
+
+def decode(pipe, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Packed normalised tokens -> images (B, 3, H, W) in [0, 1], as the pipeline's end does."""
+    ids = latent_ids(tokens.shape[0], grid, tokens.device)
+    lat = pipe._unpack_latents_with_ids(tokens, ids, grid[0], grid[1])
+    vae = pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat.device, lat.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat.device, lat.dtype)
+    lat = pipe._unpatchify_latents(lat * std + mean)
+    img = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+    return ((img.float() + 1) / 2).clamp(0, 1)
+
+
+def euler_sample(transformer, noise, sigmas, embeds, text_ids, img_ids, ref=None, ref_ids=None) -> torch.Tensor:
+    """The pipeline's Euler loop on tokens (no grad)."""
+    x = noise
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sig = torch.full((x.shape[0],), float(s), device=x.device)
+            v = velocity(transformer, x, sig, embeds, text_ids, img_ids, ref, ref_ids).to(x.dtype)
+            x = x + (float(s_next) - float(s)) * v
+    return x

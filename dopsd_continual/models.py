@@ -1,0 +1,38 @@
+"""Where model weights come from and which diffusers pipeline class loads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+EMBEDDED = {"toy-shapes": Path(__file__).resolve().parent / "toy" / "model"}
+PIPELINES = {"flux2-klein": "Flux2KleinPipeline", "z-image-turbo": "ZImagePipeline"}
+
+
+def resolve_source(source: str) -> Path | str:
+    """`embedded:NAME` -> the shipped folder; a local folder -> itself; anything else -> a Hugging Face id."""
+    if source.startswith("embedded:"):
+        name = source.split(":", 1)[1]
+        path = EMBEDDED.get(name)
+        if path is None:
+            raise UserError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+        if not (path / "model_index.json").exists():
+            raise UserError(f"embedded model {name} is missing its weights at {path}")
+        return path
+    p = Path(source).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").exists():
+            raise UserError(f"model folder {p} has no model_index.json")
+        return p
+    if source.startswith((".", "/", "~")):
+        raise UserError(f"model folder not found: {source}")
+    return source  # a Hugging Face id, loaded from the local cache (HF_HUB_OFFLINE is respected)
+
+
+def pipeline_class(backend: str):
+    import diffusers
+
+    if backend not in PIPELINES:
+        raise UserError(f"unknown backend {backend!r}; known: {', '.join(PIPELINES)}")
+    return getattr(diffusers, PIPELINES[backend])

@@ -1,0 +1,157 @@
+"""Recipes: TOML files that say which model to tune and how. Validated on load; errors name the key."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "toy-shapes"
+
+# key -> (type(s), default). A default of REQUIRED means the recipe must set it.
+REQUIRED = object()
+SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "model": {
+        "name": (str, REQUIRED),
+        "backend": (str, REQUIRED),
+        "source": (str, REQUIRED),
+        "steps": (int, 4),
+        "height": (int, 1024),
+        "width": (int, 1024),
+        "max_sequence_length": (int, 512),
+        "text_encoder_out_layers": (list, [9, 18, 27]),
+        "teacher_instruction": (str, "Make the main subject, background and overall composition consistent with the reference image."),
+        "teacher_encoder": (str, ""),
+        "dtype": (str, "float32"),
+    },
+    "ingest": {
+        "trigger_word": (str, ""),
+        "stability_seconds": ((int, float), 5),
+        "max_pixels": (int, 40_000_000),
+        "min_side": (int, 32),
+        "max_caption_chars": (int, 4000),
+        "default_caption": (str, ""),
+    },
+    "train": {
+        "objective": (str, "dopsd"),
+        "rank": (int, 8),
+        "alpha": ((int, float), 8),
+        "targets": (list, ["to_q", "to_k", "to_v", "to_out.0"]),
+        "lr": ((int, float), 1e-4),
+        "steps": (int, 200),
+        "K": (int, 4),
+        "schedule": ((str, list), "pipeline"),
+        "batch": (int, 1),
+        "replay_ratio": ((int, float), 0.25),
+        "ema_decay": ((int, float), 0.9999),
+        "mixed_precision": (str, "no"),
+        "gradient_checkpointing": (bool, False),
+        "seed": (int, 0),
+    },
+    "gate": {
+        "enabled": (bool, True),
+        "prompts": ((str, list), "default"),
+        "seeds": (list, [0, 1]),
+        "max_retention_drop": ((int, float), 0.05),
+        "min_sharpness_ratio": ((int, float), 0.85),
+        "max_drift": ((int, float), 0.12),
+        "max_colour_shift": ((int, float), 0.08),
+        "min_seed_diversity_ratio": ((int, float), 0.5),
+        "max_few_step_gap_ratio": ((int, float), 1.5),
+        "min_concept_gain": ((int, float), -1.0),
+        "max_rejections_per_sample": (int, 3),
+    },
+    "daemon": {
+        "interval_minutes": ((int, float), 60),
+        "cron": (str, ""),
+        "min_new_samples": (int, 4),
+        "quiet_seconds": ((int, float), 120),
+        "rescan_seconds": ((int, float), 300),
+        "polling": (bool, False),
+        "keep_warm_seconds": ((int, float), 0),
+    },
+}
+CHOICES = {
+    ("model", "backend"): {"flux2-klein", "z-image-turbo"},
+    ("train", "objective"): {"dopsd", "sft"},
+    ("train", "mixed_precision"): {"no", "bf16", "fp16"},
+    ("model", "dtype"): {"float32", "bfloat16", "float16"},
+}
+
+
+def resolve_recipe_path(name_or_path: str | Path | None) -> Path:
+    if name_or_path is None:
+        return RECIPES_DIR / f"{DEFAULT_RECIPE}.toml"
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = RECIPES_DIR / f"{name_or_path}.toml"
+    if shipped.exists():
+        return shipped
+    raise UserError(f"recipe not found: {name_or_path}")
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+    return validate(raw, str(path))
+
+
+def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section in raw:
+        if section not in SCHEMA:
+            raise UserError(f"{where}: unknown section [{section}]")
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise UserError(f"{where}: [{section}] must be a table")
+        for k in given:
+            if k not in keys:
+                raise UserError(f"{where}: unknown key {section}.{k}")
+        sec = {}
+        for k, (types, default) in keys.items():
+            if k in given:
+                v = given[k]
+                if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+                    raise UserError(f"{where}: {section}.{k} must be {_tname(types)}, got {v!r}")
+                if not isinstance(v, types):
+                    raise UserError(f"{where}: {section}.{k} must be {_tname(types)}, got {v!r}")
+                choices = CHOICES.get((section, k))
+                if choices and v not in choices:
+                    raise UserError(f"{where}: {section}.{k} must be one of {sorted(choices)}, got {v!r}")
+                sec[k] = v
+            elif default is REQUIRED:
+                raise UserError(f"{where}: missing key {section}.{k}")
+            else:
+                sec[k] = copy.deepcopy(default)
+        out[section] = sec
+    for k in ("rank", "steps", "K", "batch"):
+        if out["train"][k] < 1:
+            raise UserError(f"{where}: train.{k} must be >= 1")
+    if not 0 <= out["train"]["replay_ratio"] < 1:
+        raise UserError(f"{where}: train.replay_ratio must be in [0, 1)")
+    if not 0 <= out["train"]["ema_decay"] <= 1:
+        raise UserError(f"{where}: train.ema_decay must be in [0, 1]")
+    if out["ingest"]["stability_seconds"] < 0:
+        raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
+    return out
+
+
+def _tname(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true/false"}[t] for t in types)
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""Score a toy transformer with the ground-truth scorer: held-out prompts, step counts, the reference path.
+
+Samples are made exactly as `Flux2KleinPipeline.__call__` makes them (same noise from a CPU generator per
+seed, same sigmas, same tokens), only batched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import klein
+from . import model as toy_model
+from .packs import PACKS, pack_images
+from .scorer import score_images
+from .world import LOGO_WORD
+
+
+def pipeline_noise(seeds: list[int], device) -> torch.Tensor:
+    """The pipeline's initial latents for 64x64 (1, 128, 4, 4) per seed, packed to tokens."""
+    from diffusers import Flux2KleinPipeline
+
+    noise = [torch.randn((1, 128, 4, 4), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return Flux2KleinPipeline._pack_latents(torch.cat(noise)).to(device)
+
+
+def generate(
+    pipe,
+    transformer,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    ref_images: torch.Tensor | None = None,
+    batch: int = 256,
+) -> torch.Tensor:
+    """Images (B, 3, 64, 64) in [0, 1]. With ref_images, the prompts get the teacher instruction."""
+    dev = next(transformer.parameters()).device
+    sigmas = toy_model.schedule_sigmas(steps)
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i : i + batch], seeds[i : i + batch]
+        ref = ref_ids = None
+        if ref_images is not None:
+            ps = [f"{toy_model.TEACHER_INSTRUCTION} {p}" for p in ps]
+            ref, _ = klein.encode_images(pipe, ref_images[i : i + batch].to(dev))
+            ref_ids = klein.reference_ids(len(ps), (4, 4), dev)
+        emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
+        ids = klein.latent_ids(len(ps), (4, 4), dev)
+        x = klein.euler_sample(transformer, pipeline_noise(ss, dev), sigmas, emb, text_ids, ids, ref, ref_ids)
+        with torch.no_grad():
+            out.append(klein.decode(pipe, x, (4, 4)).cpu())
+    return torch.cat(out)
+
+
+def score_prompts(pipe, transformer, classifier, prompts, steps, seed0=0, ref_images=None) -> dict[str, float]:
+    seeds = [seed0 + i for i in range(len(prompts))]
+    imgs = generate(pipe, transformer, prompts, seeds, steps, ref_images)
+    return score_images(classifier, imgs, prompts).mean()
+
+
+def concept_rows(pipe, transformer, classifier, steps: int = 4) -> dict[str, dict[str, dict[str, float]]]:
+    """Per pack: text alone vs text + the pack image as reference (the D-OPSD teacher), on the pack's captions."""
+    rows = {}
+    for name, pack in PACKS.items():
+        caps = [s.caption(LOGO_WORD) for s in pack.train]
+        refs = torch.from_numpy(pack_images(name)).permute(0, 3, 1, 2).float() / 255
+        rows[name] = {
+            "text_only": score_prompts(pipe, transformer, classifier, caps, steps, seed0=500),
+            "with_reference": score_prompts(pipe, transformer, classifier, caps, steps, seed0=500, ref_images=refs),
+        }
+    return rows
+
+
+def sample_sheet(pipe, transformer, prompts: list[str], steps: int) -> np.ndarray:
+    imgs = generate(pipe, transformer, prompts, list(range(len(prompts))), steps)
+    return (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
