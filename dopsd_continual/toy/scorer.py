@@ -111,19 +111,21 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def train_classifier(n: int = 24000, epochs: int = 6, seed: int = 0, log=print) -> SceneClassifier:
+def train_classifier(n: int = 24000, epochs: int = 6, seed: int = 0, log=print, device: str = "cpu", workers: int = 2) -> SceneClassifier:
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     scenes = [random_scoring_scene(rng) for _ in range(n)]
     from concurrent.futures import ProcessPoolExecutor
 
     chunks = [scenes[i : i + 1000] for i in range(0, n, 1000)]
-    with ProcessPoolExecutor(2) as ex:
+    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
         images = torch.cat([(x * 255).round().to(torch.uint8) for x in ex.map(render_scenes, chunks)])
     images = images.float() / 255
     log(f"rendered {n} scoring scenes")
     labels = {k: torch.tensor([labels_of(s)[k] for s in scenes]) for k in HEADS}
-    model = SceneClassifier()
+    model = SceneClassifier().to(device)
+    images = images.to(device)
+    labels = {k: v.to(device) for k, v in labels.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (n // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -131,8 +133,8 @@ def train_classifier(n: int = 24000, epochs: int = 6, seed: int = 0, log=print) 
     for ep in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - 127, 128):
-            idx = perm[i : i + 128]
-            out = model(degrade(images[idx], gen))
+            idx = perm[i : i + 128].to(device)
+            out = model(degrade(images[idx].cpu(), gen).to(device))
             loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in HEADS)
             opt.zero_grad()
             loss.backward()
@@ -140,7 +142,7 @@ def train_classifier(n: int = 24000, epochs: int = 6, seed: int = 0, log=print) 
             sched.step()
             step += 1
         log(f"scorer epoch {ep + 1}/{epochs} loss {loss.item():.4f}", flush=True)
-    return model.eval()
+    return model.cpu().eval()
 
 
 def load_classifier(model_dir: Path) -> SceneClassifier:
@@ -207,9 +209,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=24000)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    model = train_classifier(a.n, a.epochs)
+    model = train_classifier(a.n, a.epochs, device=a.device, workers=a.workers)
     a.out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(a.out / SCORER_FILE))
     # quick check on fresh, clean renders

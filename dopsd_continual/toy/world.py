@@ -260,9 +260,8 @@ def render_scenes(scenes: list[Scene], device: torch.device | str = "cpu") -> to
             pat = _pattern(t.pattern, u, v)
             colour = torch.where(pat.unsqueeze(0), second.view(3, 1, 1), fill.view(3, 1, 1))
             img = torch.where(mask.unsqueeze(0), colour, img)
-        out.append(img)
-    batch = torch.stack(out)
-    return torch.nn.functional.avg_pool2d(batch, SUPERSAMPLE)
+        out.append(torch.nn.functional.avg_pool2d(img.unsqueeze(0), SUPERSAMPLE))
+    return torch.cat(out)
 
 
 def render(scene: Scene) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The embedded toy-shapes world, model, scorer and training scripts."""
