@@ -37,7 +37,7 @@ from .. import klein
 from . import model as toy_model
 from .world import held_out_captions, randomise, random_scene, render_scenes
 
-DEFAULT_BUDGET = {"vae": 75.0, "base": 210.0, "distill": 140.0}
+DEFAULT_BUDGET = {"vae": 75.0, "base": 210.0, "distill": 140.0, "decoder": 0.0}
 
 
 def log(msg: str) -> None:
@@ -153,6 +153,48 @@ def train_vae(ctx: dict) -> None:
     p["seconds"] += time.time() - t0
     vae.eval()
     set_bn_statistics(ctx)
+    save_state(work / "vae.safetensors", vae)
+    p["done"] = True
+    prog.save()
+
+
+def train_decoder(ctx: dict) -> None:
+    """Sharpen the VAE decoder alone: the encoder (and so the latent space the transformer learned) stays fixed."""
+    dev, work, prog = ctx["device"], ctx["workdir"], ctx["progress"]
+    p = prog.get("decoder")
+    vae = ctx["pipe"].vae.to(dev)
+    vae.eval()
+    vae.decoder.train()
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    if getattr(vae, "post_quant_conv", None) is not None:
+        vae.post_quant_conv.requires_grad_(True)
+    params = [q for q in vae.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ctx["lr_decoder"], weight_decay=0.0)
+    pool = ctx["pool_a"]
+    bs, t0, last_ck = ctx["batch_vae"], time.time(), time.time()
+    budget = ctx["budget"]["decoder"] - p["seconds"]
+    while time.time() - t0 < budget:
+        idx = torch.randint(len(pool), (bs,))
+        x = pool[idx].to(dev).float() / 255 * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        p["steps"] += 1
+        p["samples"] += bs
+        if p["steps"] % 100 == 0:
+            psnr = -10 * math.log10(F.mse_loss((rec.detach() + 1) / 2, (x + 1) / 2).item() + 1e-12)
+            log(f"decoder step {p['steps']} loss {loss.item():.4f} psnr {psnr:.1f} dB")
+        if time.time() - last_ck > 120:
+            save_state(work / "vae.safetensors", vae)
+            p["seconds"] += time.time() - last_ck
+            last_ck = time.time()
+            prog.save()
+    p["seconds"] += time.time() - last_ck
     save_state(work / "vae.safetensors", vae)
     p["done"] = True
     prog.save()
@@ -343,6 +385,7 @@ def build_ctx(args) -> dict:
         "batch_vae": args.batch_vae,
         "batch_distill": args.batch_distill,
         "lr_vae": 1e-3,
+        "lr_decoder": 3e-4,
         "lr_base": args.lr,
         "lr_distill": args.lr_distill,
         "substeps": args.substeps,
@@ -357,13 +400,18 @@ def export(ctx: dict, out: Path) -> None:
     load_state(work / "transformer_distilled.safetensors", distilled)
     out_pipe = toy_model.build_pipeline(
         transformer=distilled.cpu().to(torch.float16),
-        vae=pipe.vae.cpu(),
+        vae=copy.deepcopy(pipe.vae).cpu().to(torch.float16),
         text_encoder=pipe.text_encoder.cpu(),
         tokenizer=pipe.tokenizer,
     )
     out.mkdir(parents=True, exist_ok=True)
     out_pipe.save_pretrained(out, safe_serialization=True)
-    log(f"exported to {out}")
+    scorer = work / "scorer.safetensors"
+    if scorer.exists():  # shipped with the model, in fp16 like the rest
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.half() for k, v in load_file(str(scorer)).items()}, str(out / "scorer.safetensors"))
+    log(f"exported to {out} (weights stored in fp16; from_pretrained loads them as float32)")
 
 
 def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
@@ -403,7 +451,7 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["vae", "base", "distill", "all", "eval", "export"], required=True)
+    ap.add_argument("--stage", choices=["vae", "base", "distill", "all", "decoder", "eval", "export"], required=True)
     ap.add_argument("--scorer", default="runs/scorer", help="folder with scorer.safetensors (for eval)")
     ap.add_argument("--workdir", default="runs/toy")
     ap.add_argument("--out", default="dopsd_continual/toy/model")
@@ -434,12 +482,12 @@ def main(argv=None) -> None:
     log(f"rendered {len(caps)} scenes x2 in {time.time() - t:.1f}s")
     stages = ["vae", "base", "distill"] if args.stage == "all" else [args.stage]
     for st in stages:
-        if st != "vae":
+        if st not in ("vae", "decoder"):
             ctx["pipe"].vae.to(ctx["device"]).eval()
             if "tok_a" not in ctx:
                 prepare_tokens(ctx)
         log(f"stage {st}: budget {ctx['budget'][st]:.0f}s")
-        {"vae": train_vae, "base": train_base, "distill": train_distill}[st](ctx)
+        {"vae": train_vae, "base": train_base, "distill": train_distill, "decoder": train_decoder}[st](ctx)
     if args.stage == "all":
         export(ctx, Path(args.out))
         if (Path(args.scorer) / "scorer.safetensors").exists():
