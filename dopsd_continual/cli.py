@@ -180,6 +180,209 @@ def toy_pack(
         console.print(f"wrote {len(paths)} pairs to {out}")
 
 
+# ----------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    objective: Optional[str] = typer.Option(None, "--objective", help="dopsd (default) or sft"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps (recipe train.steps)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (recipe train.lr)"),
+    as_json: bool = typer.Option(False, "--json"),
+    wait: bool = typer.Option(False, "--wait", help="wait for a running round instead of exiting"),
+    state: Optional[Path] = STATE_OPT,
+) -> None:
+    """One round now on the queued samples, then the gate."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .rounds import run_round
+
+    st = _open(state)
+    if as_json:
+        result = run_round(st, objective, steps, lr, wait_for_lock=wait)
+        st.close()
+        emit_json({k: result[k] for k in ("version", "verdict", "reasons", "metrics", "parent", "samples", "active")})
+        return
+    with Progress(TextColumn("[bold]round[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("train", total=1, loss=0.0, rate=0.0)
+        import time as _t
+
+        t0 = _t.time()
+        batch = st.recipe["train"]["batch"]
+
+        def progress(step, total, loss):
+            bar.update(task, completed=step, total=total, loss=loss, rate=step * batch / max(_t.time() - t0, 1e-9))
+
+        result = run_round(st, objective, steps, lr, progress=progress, wait_for_lock=wait)
+    st.close()
+    colour = "green" if result["verdict"] == "accepted" else "red"
+    console.print(f"[{colour}]{result['verdict']}[/{colour}] {result['version']} (parent {result['parent']}); active is {result['active']}")
+    for r in result["reasons"]:
+        console.print(f"  - {r}")
+
+
+# -------------------------------------------------------------------------------------------- versions
+
+versions_app = typer.Typer(no_args_is_help=True, help="The versioned LoRA stack.")
+app.add_typer(versions_app, name="versions")
+
+
+@versions_app.command("list")
+def versions_list(as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+    """Every version, with status and the active flag."""
+    from .stack import list_versions
+
+    st = _open(state)
+    rows = list_versions(st)
+    st.close()
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table(title="versions")
+    for c in ("id", "parent", "status", "active", "objective", "samples", "retention", "concept"):
+        t.add_column(c)
+    for r in rows:
+        m = r["metrics"]
+        t.add_row(r["id"], r["parent"] or "-", r["status"], "*" if r["active"] else "", r["objective"] or "-",
+                  str(len(r["samples"])), _fmt(m.get("retention")), _fmt(m.get("concept_score")))
+    console.print(t)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+@versions_app.command("show")
+def versions_show(version: str, state: Optional[Path] = STATE_OPT) -> None:
+    """One version: parent, status, metrics, reasons, manifest."""
+    from .stack import get_version
+
+    st = _open(state)
+    v = get_version(st, version)
+    manifest = st.adapters / version / "manifest.json"
+    v["manifest"] = json.loads(manifest.read_text()) if manifest.exists() else None
+    for k in ("metrics", "reasons", "samples"):
+        v[k] = json.loads(v[k] or "null")
+    v["active"] = st.active_version == version
+    st.close()
+    emit_json(v)
+
+
+@versions_app.command("rollback")
+def versions_rollback(version: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
+                      state: Optional[Path] = STATE_OPT) -> None:
+    """Move the active pointer (default: to the active version's parent). Deletes nothing."""
+    from .stack import rollback
+
+    st = _open(state)
+    active = rollback(st, version)
+    st.close()
+    emit_json({"active": active}) if as_json else console.print(f"active: {active}")
+
+
+@versions_app.command("promote")
+def versions_promote(version: str, as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+    """Make a version active (a rejected one too: the user overrides the gate)."""
+    from .stack import promote
+
+    st = _open(state)
+    active = promote(st, version)
+    st.close()
+    emit_json({"active": active}) if as_json else console.print(f"active: {active}")
+
+
+@versions_app.command("squash")
+def versions_squash(version: Optional[str] = typer.Argument(None), rank: Optional[int] = typer.Option(None, "--rank"),
+                    as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+    """Fold a chain into one adapter (exact by concatenation; --rank truncates by SVD and reports the error)."""
+    from .stack import squash_version
+
+    st = _open(state)
+    out = squash_version(st, version, rank)
+    st.close()
+    emit_json(out) if as_json else console.print(out)
+
+
+@versions_app.command("export")
+def versions_export(version: str, fmt: str = typer.Option("diffusers", "--format"), out: Path = typer.Option(..., "--out"),
+                    state: Optional[Path] = STATE_OPT) -> None:
+    """Write a version's adapter (the chain, squashed) as diffusers or ComfyUI LoRA files."""
+    from .stack import export_version
+
+    st = _open(state)
+    path = export_version(st, version, fmt, out)
+    st.close()
+    console.print(f"wrote {path}")
+
+
+@versions_app.command("diff")
+def versions_diff(a: str, b: str, state: Optional[Path] = STATE_OPT) -> None:
+    """What changed between two versions: samples and metrics."""
+    from .stack import diff_versions
+
+    st = _open(state)
+    out = diff_versions(st, a, b)
+    st.close()
+    emit_json(out)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+
+
+@app.command()
+def sample(
+    prompt: str,
+    version: Optional[str] = typer.Option(None, "--version", help="default: the active version"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="default: the model's native step count"),
+    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(1, "-n", help="images (a grid, seeds seed..seed+n-1)"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+    as_json: bool = typer.Option(False, "--json"),
+    state: Optional[Path] = STATE_OPT,
+) -> None:
+    """Sample from any version (merged weights; PNG text chunks carry prompt, seed, steps, version, model)."""
+    from .sampling import sample as do_sample
+
+    st = _open(state)
+    res = do_sample(st, prompt, version, steps, seed, n, out)
+    st.close()
+    emit_json(res) if as_json else console.print(f"wrote {res['path']} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
+
+
+@app.command("eval")
+def eval_cmd(version: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
+             state: Optional[Path] = STATE_OPT) -> None:
+    """Run the gate's metrics for a version against its parent."""
+    from .gate import Gate
+    from .sampling import Sampler
+    from .stack import get_version
+
+    st = _open(state)
+    vid = version or st.active_version
+    v = get_version(st, vid)
+    if v["parent"] is None:
+        st.close()
+        fail(f"{vid} is the base model: it has no parent to compare with")
+    gate = Gate(st, Sampler(st))
+    samples = [dict(st.db["samples"].get(i)) for i in json.loads(v["samples"] or "[]")]
+    from .ingest import sample_image
+
+    m = st.recipe["model"]
+    rs = [{"caption": s["caption"], "sha256": s["sha256"], "image": sample_image(st, s).resize((m["width"], m["height"]))} for s in samples]
+    metrics = gate.metrics(vid, v["parent"], rs)
+    reasons = gate.verdict(metrics)
+    st.close()
+    out = {"version": vid, "parent": v["parent"], "verdict": "rejected" if reasons else "accepted", "reasons": reasons, "metrics": metrics}
+    if as_json:
+        emit_json(out)
+    else:
+        for k, val in metrics.items():
+            console.print(f"{k}: {_fmt(val)}")
+        console.print(f"would be [bold]{out['verdict']}[/bold]" + "".join(f"\n  - {r}" for r in reasons))
+
+
 # ---------------------------------------------------------------------------------------------- doctor
 
 
@@ -210,7 +413,7 @@ def _wrap_user_errors() -> None:
     """Every command: a UserError is one line on stderr and exit 1, never a traceback."""
     import functools
 
-    for group in (app, queue_app, toy_app):
+    for group in [app] + [g.typer_instance for g in app.registered_groups]:
         for cmd in group.registered_commands:
             cb = cmd.callback
 

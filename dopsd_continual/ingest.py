@@ -236,7 +236,7 @@ def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int
     except UnidentifiedImageError:
         raise Rejected("not an image (unrecognised format)") from None
     except Exception as e:  # verify() raises many types on damaged files
-        raise Rejected(f"damaged image: {e}") from None
+        raise Rejected(f"truncated or damaged image: {e}") from None
     try:
         load_rgb_bytes(data)
     except Exception as e:

@@ -36,3 +36,36 @@ def pipeline_class(backend: str):
     if backend not in PIPELINES:
         raise UserError(f"unknown backend {backend!r}; known: {', '.join(PIPELINES)}")
     return getattr(diffusers, PIPELINES[backend])
+
+
+def load_pipeline(recipe: dict, device: str | None = None):
+    """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache)."""
+    import torch
+
+    quiet_libraries()
+    model = recipe["model"]
+    cls = pipeline_class(model["backend"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, model["dtype"]) if device != "cpu" else torch.float32
+    source = resolve_source(model["source"])
+    try:
+        pipe = cls.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"cannot load model {model['name']} from {source}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def quiet_libraries() -> None:
+    """Loading bars and library chatter go nowhere near the user's terminal; our own output says what matters."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")

@@ -17,7 +17,7 @@ from .errors import UserError
 from .recipe import load_recipe, resolve_recipe_path
 
 SCHEMA_VERSION = 1
-SAMPLE_STATUSES = ("queued", "used", "rejected", "dropped", "set_aside")
+SAMPLE_STATUSES = ("queued", "training", "used", "dropped", "set_aside")
 
 
 def now() -> float:

@@ -1,0 +1,232 @@
+"""The regression gate: held-out prompts at fixed seeds, candidate vs parent, at the native step count.
+
+Metrics that need no downloads, each a plain function of image tensors (B, 3, H, W) in [0, 1]:
+- drift: mean absolute pixel change on held-out prompts (they have nothing to do with the new samples);
+- sharpness_ratio: high-frequency energy of the candidate over the parent's (the blur of naive tuning);
+- colour_shift: change of per-channel mean and std; seed_diversity_ratio: spread across seeds (collapse);
+- few_step_gap_ratio: |native-step - many-step| of the candidate over the parent's own gap;
+- concept_gap: on the round's own captions, distance of the text-only sample to the teacher's
+  reference-conditioned sample (did the student learn what the teacher shows), candidate vs parent.
+On the toy model the ground-truth scorer adds retention (held-out) and concept score (round captions).
+A candidate is accepted only if every guard holds; thresholds live in the recipe's [gate] table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .store import State, atomic_write
+
+TOY_HELD_OUT = 24
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype).view(1, 1, 3, 3)
+    g = x.mean(1, keepdim=True)
+    return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k).abs().mean(dim=(1, 2, 3))
+
+
+def drift(cand: torch.Tensor, parent: torch.Tensor) -> float:
+    return float((cand - parent).abs().mean())
+
+
+def sharpness_ratio(cand: torch.Tensor, parent: torch.Tensor) -> float:
+    return float(high_freq_energy(cand).mean() / high_freq_energy(parent).mean().clamp_min(1e-8))
+
+
+def colour_shift(cand: torch.Tensor, parent: torch.Tensor) -> float:
+    mc, mp = cand.mean(dim=(0, 2, 3)), parent.mean(dim=(0, 2, 3))
+    sc, sp = cand.std(dim=(0, 2, 3)), parent.std(dim=(0, 2, 3))
+    return float(((mc - mp).abs() + (sc - sp).abs()).mean())
+
+
+def seed_diversity(images: torch.Tensor, n_seeds: int) -> float:
+    """Mean per-pixel std across seeds of the same prompt (images ordered prompt-major)."""
+    x = images.view(-1, n_seeds, *images.shape[1:])
+    return float(x.std(dim=1).mean())
+
+
+def few_step_gap(native: torch.Tensor, many: torch.Tensor) -> float:
+    return float((native - many).abs().mean())
+
+
+def ratio(a: float, b: float, eps: float = 1e-3) -> float:
+    return (a + eps) / (b + eps)
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def held_out_prompts(recipe: dict) -> list[str]:
+    spec = recipe["gate"]["prompts"]
+    if isinstance(spec, list):
+        return [str(p) for p in spec]
+    if spec != "default":
+        path = Path(spec).expanduser()
+        if not path.exists():
+            from .errors import UserError
+
+            raise UserError(f"gate.prompts file not found: {path}")
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    if recipe["model"]["name"] == "toy-shapes":
+        from .toy.world import held_out_captions
+
+        caps = held_out_captions()
+        return caps[:: max(1, len(caps) // TOY_HELD_OUT)][:TOY_HELD_OUT]
+    from .recipe import RECIPES_DIR
+
+    return [ln.strip() for ln in (RECIPES_DIR / "prompts" / "general.txt").read_text().splitlines() if ln.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ gate
+
+
+class Gate:
+    def __init__(self, state: State, sampler):
+        self.state, self.sampler = state, sampler
+        self.recipe = state.recipe
+        self.g = self.recipe["gate"]
+        self.steps = self.recipe["model"]["steps"]
+        self.prompts = held_out_prompts(self.recipe)
+        self.seeds = [int(s) for s in self.g["seeds"]]
+        self.toy = self.recipe["model"]["name"] == "toy-shapes"
+        self._scorer = None
+
+    # samples of a version are deterministic: cache them per version and prompt set
+    def _cached(self, vid: str, tag: str, prompts: list[str], seeds: list[int], steps: int, refs=None) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        key = hashlib.sha256(json.dumps([tag, prompts, seeds, steps, refs is not None]).encode()).hexdigest()[:16]
+        path = self.state.cache / "gate" / f"{vid}-{key}.safetensors"
+        if path.exists():
+            try:
+                return load_file(str(path))["images"]
+            except Exception:
+                path.unlink(missing_ok=True)
+        imgs = self.sampler.images(prompts, seeds, steps, vid, references=refs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": imgs.contiguous()}, str(path))
+        return imgs
+
+    def held_out(self, vid: str) -> torch.Tensor:
+        prompts = [p for p in self.prompts for _ in self.seeds]
+        seeds = [s for _ in self.prompts for s in self.seeds]
+        return self._cached(vid, "held_out", prompts, seeds, self.steps)
+
+    def many_step(self, vid: str) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = self.prompts[:8]
+        seeds = [self.seeds[0]] * len(prompts)
+        native = self._cached(vid, "gap_native", prompts, seeds, self.steps)
+        many = self._cached(vid, "gap_many", prompts, seeds, self.steps * 8)
+        return native, many
+
+    def scorer(self):
+        if self._scorer is None:
+            from .models import resolve_source
+            from .toy.scorer import load_classifier
+
+            self._scorer = load_classifier(Path(resolve_source(self.recipe["model"]["source"])))
+        return self._scorer
+
+    def metrics(self, vid: str, parent: str, round_samples: list[dict]) -> dict:
+        t0 = time.time()
+        cand, par = self.held_out(vid), self.held_out(parent)
+        n_seeds = len(self.seeds)
+        m: dict = {
+            "drift": drift(cand, par),
+            "sharpness_ratio": sharpness_ratio(cand, par),
+            "colour_shift": colour_shift(cand, par),
+            "seed_diversity_ratio": ratio(seed_diversity(cand, n_seeds), seed_diversity(par, n_seeds)) if n_seeds > 1 else 1.0,
+        }
+        cn, cm = self.many_step(vid)
+        pn, pm = self.many_step(parent)
+        m["few_step_gap"] = few_step_gap(cn, cm)
+        m["few_step_gap_ratio"] = ratio(m["few_step_gap"], few_step_gap(pn, pm))
+        if round_samples:
+            caps = [s["caption"] for s in round_samples]
+            seeds = [1000 + i for i in range(len(caps))]
+            refs = [s["image"] for s in round_samples]
+            teacher = self._cached(parent, "teacher:" + ",".join(s["sha256"][:12] for s in round_samples), caps, seeds, self.steps, refs)
+            stud_c = self._cached(vid, "concept", caps, seeds, self.steps)
+            stud_p = self._cached(parent, "concept", caps, seeds, self.steps)
+            m["concept_gap"] = float((stud_c - teacher).abs().mean())
+            m["concept_gap_parent"] = float((stud_p - teacher).abs().mean())
+        if self.toy:
+            from .toy.scorer import score_images
+            from .toy.world import parse_caption
+
+            prompts = [p for p in self.prompts for _ in self.seeds]
+            m["retention"] = score_images(self.scorer(), cand, prompts).mean()["overall"]
+            m["retention_parent"] = score_images(self.scorer(), par, prompts).mean()["overall"]
+            m["retention_drop"] = m["retention_parent"] - m["retention"]
+            caps = [s["caption"] for s in round_samples if _single(parse_caption(s["caption"], self.recipe["ingest"]["trigger_word"]))]
+            if caps:
+                trig = self.recipe["ingest"]["trigger_word"]
+                seeds = [2000 + i for i in range(len(caps))]
+                c = self._cached(vid, "concept_score", caps, seeds, self.steps)
+                p = self._cached(parent, "concept_score", caps, seeds, self.steps)
+                m["concept_score"] = score_images(self.scorer(), c, caps, trig).mean()["overall"]
+                m["concept_score_parent"] = score_images(self.scorer(), p, caps, trig).mean()["overall"]
+                m["concept_gain"] = m["concept_score"] - m["concept_score_parent"]
+        m["gate_seconds"] = time.time() - t0
+        return m
+
+    def verdict(self, m: dict) -> list[str]:
+        g, reasons = self.g, []
+        if m["drift"] > g["max_drift"]:
+            reasons.append(f"drift {m['drift']:.3f} on held-out prompts > {g['max_drift']}")
+        if m["sharpness_ratio"] < g["min_sharpness_ratio"]:
+            reasons.append(f"sharpness ratio {m['sharpness_ratio']:.2f} < {g['min_sharpness_ratio']} (few-step blur)")
+        if m["colour_shift"] > g["max_colour_shift"]:
+            reasons.append(f"colour shift {m['colour_shift']:.3f} > {g['max_colour_shift']}")
+        if m["seed_diversity_ratio"] < g["min_seed_diversity_ratio"]:
+            reasons.append(f"seed diversity ratio {m['seed_diversity_ratio']:.2f} < {g['min_seed_diversity_ratio']} (collapse)")
+        if m["few_step_gap_ratio"] > g["max_few_step_gap_ratio"]:
+            reasons.append(f"few-step gap ratio {m['few_step_gap_ratio']:.2f} > {g['max_few_step_gap_ratio']}")
+        if "retention_drop" in m and m["retention_drop"] > g["max_retention_drop"]:
+            reasons.append(f"retention dropped {m['retention_drop']:.3f} > {g['max_retention_drop']}")
+        if "concept_gain" in m and m["concept_gain"] < g["min_concept_gain"]:
+            reasons.append(f"concept gain {m['concept_gain']:.3f} < {g['min_concept_gain']}")
+        return reasons
+
+    def report(self, vid: str, parent: str, m: dict, reasons: list[str], round_samples: list[dict]) -> Path:
+        """reports/<vid>.json and reports/<vid>.png (rows: parent, candidate; held-out then concept prompts)."""
+        from .sampling import to_pil
+
+        verdict = "rejected" if reasons else "accepted"
+        body = {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": m,
+                "thresholds": self.g, "held_out_prompts": self.prompts, "seeds": self.seeds}
+        atomic_write(self.state.reports / f"{vid}.json", json.dumps(body, indent=2).encode())
+        k = min(len(self.prompts), 12)
+        cols = [self.held_out(parent)[:: len(self.seeds)][:k], self.held_out(vid)[:: len(self.seeds)][:k]]
+        if round_samples:
+            caps = [s["caption"] for s in round_samples]
+            seeds = [1000 + i for i in range(len(caps))]
+            cols[0] = torch.cat([cols[0], self._cached(parent, "concept", caps, seeds, self.steps)[:6]])
+            cols[1] = torch.cat([cols[1], self._cached(vid, "concept", caps, seeds, self.steps)[:6]])
+        rows = [np.concatenate([np.asarray(to_pil(x)) for x in c], axis=1) for c in cols]
+        from PIL import Image
+
+        sheet = Image.fromarray(np.concatenate(rows, axis=0))
+        if sheet.height < 256:
+            sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
+        import io
+
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        atomic_write(self.state.reports / f"{vid}.png", buf.getvalue())
+        return self.state.reports / f"{vid}.json"
+
+
+def _single(scene) -> bool:
+    return scene is not None and (scene.logo or len(scene.things) == 1)

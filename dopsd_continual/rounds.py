@@ -1,0 +1,219 @@
+"""A round: lock, select samples, load, train, save candidate, gate, commit. And recovery after a crash."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import RoundBusy, UserError
+from .ingest import _history, sample_image
+from .recipe import recipe_hash
+from .stack import get_version, next_version_id, write_version
+from .store import State, now
+
+
+@contextmanager
+def round_lock(state: State, wait: bool = False):
+    """An OS lock (flock) shared by `dopsd train` and the daemon: one round at a time per state dir."""
+    path = state.root / "round.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                raise RoundBusy(f"another round is running (pid {holder or '?'}); try again when it finishes") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, also when the process dies
+
+
+def recover(state: State) -> list[str]:
+    """Rounds whose process died: mark interrupted, quarantine candidate files, samples back to the queue.
+
+    Only called with the round lock held, so a row still 'running' belongs to a dead process.
+    """
+    done = []
+    for r in list(state.db["rounds"].rows_where("status = 'running'")):
+        vid = r["version"]
+        with state.db.conn:
+            state.db.execute("BEGIN IMMEDIATE")
+            state.db["rounds"].update(r["id"], {"status": "interrupted", "finished_at": now(),
+                                                "message": "the round's process died"})
+            try:
+                v = get_version(state, vid)
+                if v["status"] == "candidate":
+                    state.db["versions"].update(vid, {"status": "interrupted"})
+            except UserError:
+                state.db["versions"].insert({"id": vid, "parent": None, "status": "interrupted", "created_at": now(),
+                                             "samples": r["samples"], "metrics": "{}",
+                                             "reasons": json.dumps(["the round's process died"])}, replace=True)
+            for sid in json.loads(r["samples"] or "[]"):
+                row = state.db["samples"].get(sid)
+                if row["status"] == "training":
+                    state.db["samples"].update(sid, {"status": "queued", "history": _history(row["history"], {"event": f"round {vid} interrupted"})})
+        if (state.adapters / vid).exists():
+            q = state.root / "quarantine"
+            q.mkdir(exist_ok=True)
+            shutil.move(str(state.adapters / vid), str(q / f"{vid}-{int(now())}"))
+        done.append(vid)
+    for tmp in state.adapters.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in state.root.rglob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    if state.db.execute("pragma quick_check").fetchone()[0] != "ok":
+        raise UserError(f"the database {state.root / 'dopsd.sqlite'} failed its integrity check")
+    return done
+
+
+def select_samples(state: State, max_new: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Queued samples, and replay candidates: samples used by the versions on the active chain."""
+    from .stack import chain
+
+    new = [dict(r) for r in state.db["samples"].rows_where("status = 'queued'", order_by="id")]
+    if max_new:
+        new = new[:max_new]
+    used = set()
+    for v in chain(state, state.active_version):
+        used |= set(json.loads(get_version(state, v)["samples"] or "[]"))
+    replay = [dict(r) for r in state.db["samples"].rows_where("status = 'used'", order_by="id") if r["id"] in used]
+    return new, replay
+
+
+def run_round(
+    state: State,
+    objective: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    wait_for_lock: bool = False,
+    sampler=None,
+) -> dict:
+    from .gate import Gate
+    from .sampling import Sampler
+    from .training import FeatureCache, KleinBackend, train_delta
+
+    recipe = state.recipe
+    train = dict(recipe["train"])
+    if objective:
+        if objective not in ("dopsd", "sft"):
+            raise UserError(f"unknown objective {objective!r}: dopsd or sft")
+        train["objective"] = objective
+    if steps is not None:
+        train["steps"] = steps
+    if lr is not None:
+        train["lr"] = lr
+    with round_lock(state, wait=wait_for_lock):
+        recover(state)
+        new, replay = select_samples(state)
+        if not new:
+            raise UserError("no queued samples: drop image + caption pairs into a watched folder and run `dopsd ingest`")
+        parent = state.active_version
+        vid = next_version_id(state)
+        ids = [s["id"] for s in new]
+        with state.db.conn:
+            state.db.execute("BEGIN IMMEDIATE")
+            rid = state.db["rounds"].insert({"version": vid, "status": "running", "pid": os.getpid(), "started_at": now(),
+                                             "progress": 0.0, "samples": json.dumps(ids)}).last_pk
+            for s in new:
+                state.db["samples"].update(s["id"], {"status": "training"})
+        sampler = sampler or Sampler(state)
+        sampler.switch.set(state, parent)  # train on top of the active chain, merged
+        backend = KleinBackend(sampler.pipe, recipe, sampler.pipe.device)
+        cache = FeatureCache(state.cache / "features", backend.encoder_id)
+        to_t = _image_tensor(recipe)
+        feats_new = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in new]
+        feats_replay = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in replay]
+
+        def report(step, total, loss):
+            state.db["rounds"].update(rid, {"progress": step / total})
+            if progress:
+                progress(step, total, loss)
+
+        result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
+        sampler.switch.current = None  # the transformer's weights are the parent's merge; force a re-set
+        meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": ids,
+                "replay_samples": [s["id"] for s in replay], "train": train,
+                "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+        write_version(state, vid, parent, result.delta, meta)
+        state.db["versions"].insert({"id": vid, "parent": parent, "status": "candidate", "created_at": now(),
+                                     "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
+                                     "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
+                                     "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
+        metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
+                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits}
+        reasons: list[str] = []
+        if recipe["gate"]["enabled"]:
+            gate = Gate(state, sampler)
+            round_samples = [{"caption": s["caption"], "sha256": s["sha256"], "image": sample_image(state, s).resize(
+                (recipe["model"]["width"], recipe["model"]["height"]))} for s in new]
+            m = gate.metrics(vid, parent, round_samples)
+            reasons = gate.verdict(m)
+            metrics.update(m)
+            gate.report(vid, parent, metrics, reasons, round_samples)
+        else:
+            reasons = []
+            metrics["gate"] = "disabled in the recipe: accepted without checks"
+        verdict = "rejected" if reasons else "accepted"
+        commit_verdict(state, rid, vid, new, verdict, reasons, metrics)
+        return {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": metrics,
+                "samples": ids, "active": state.active_version}
+
+
+def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: str, reasons: list[str], metrics: dict) -> None:
+    limit = state.recipe["gate"]["max_rejections_per_sample"]
+    with state.db.conn:
+        state.db.execute("BEGIN IMMEDIATE")
+        state.db["versions"].update(vid, {"status": verdict, "metrics": json.dumps(metrics), "reasons": json.dumps(reasons)})
+        for s in new:
+            row = state.db["samples"].get(s["id"])
+            rounds = json.loads(row["rounds"] or "[]") + [vid]
+            if verdict == "accepted":
+                upd = {"status": "used", "rounds": json.dumps(rounds)}
+            else:
+                n = (row["rejections"] or 0) + 1
+                upd = {"status": "set_aside" if n >= limit else "queued", "rejections": n, "rounds": json.dumps(rounds)}
+            upd["history"] = _history(row["history"], {"event": f"round {vid} {verdict}"})
+            upd["updated_at"] = now()
+            state.db["samples"].update(s["id"], upd)
+        if verdict == "accepted":
+            state.db["meta"].upsert({"key": "active_version", "value": vid}, pk="key")
+        state.db["rounds"].update(rid, {"status": "done", "finished_at": now(), "progress": 1.0, "message": verdict})
+
+
+def _image_tensor(recipe: dict):
+    from PIL import Image
+
+    h, w = recipe["model"]["height"], recipe["model"]["width"]
+
+    def to_t(im: Image.Image) -> torch.Tensor:
+        if im.size != (w, h):
+            im = _center_crop_resize(im, w, h)
+        import numpy as np
+
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+    return to_t
+
+
+def _center_crop_resize(im, w: int, h: int):
+    from PIL import Image
+
+    sw, sh = im.size
+    scale = max(w / sw, h / sh)
+    im = im.resize((max(w, round(sw * scale)), max(h, round(sh * scale))), Image.LANCZOS)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((left, top, left + w, top + h))

@@ -1,0 +1,205 @@
+"""The versioned LoRA stack: immutable versions in a tree, an `active` pointer, verify-on-load.
+
+A version's folder adapters/<id>/ holds delta.safetensors and manifest.json (sha256 of every file, rank,
+targets, recipe hash, samples, parent, created). It is written into a temp folder, fsynced and renamed
+into place, so a crash never leaves a half-written version visible. Rollback and promote move the
+`active` pointer; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+from .lora import Delta, merge_into, squash
+from .store import State, fsync_dir, now
+
+STATUSES = ("candidate", "accepted", "rejected", "interrupted", "corrupt")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def get_version(state: State, vid: str) -> dict:
+    try:
+        row = state.db["versions"].get(vid)
+    except Exception:
+        raise UserError(f"no version {vid!r} (see `dopsd versions list`)") from None
+    return dict(row)
+
+
+def next_version_id(state: State) -> str:
+    ids = [int(r["id"][1:]) for r in state.db["versions"].rows if r["id"][1:].isdigit()]
+    return f"v{max(ids, default=0) + 1}"
+
+
+def write_version(state: State, vid: str, parent: str, delta: Delta, meta: dict) -> Path:
+    """Atomically create adapters/<vid>/ (temp folder, fsync, rename). Never overwrites a version."""
+    final = state.adapters / vid
+    if final.exists():
+        raise UserError(f"version {vid} already exists")
+    tmp = state.adapters / f".tmp-{vid}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    delta.save(tmp / "delta.safetensors", {"version": vid, "parent": parent})
+    manifest = {
+        "version": vid,
+        "parent": parent,
+        "rank": delta.rank,
+        "scale": delta.scale,
+        "targets": sorted(delta.weights),
+        "created_at": now(),
+        **meta,
+        "files": {"delta.safetensors": _sha(tmp / "delta.safetensors")},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, final)
+    fsync_dir(state.adapters)
+    return final
+
+
+def load_delta(state: State, vid: str) -> Delta:
+    """Verify the manifest's hashes, then load. A damaged version is marked corrupt and never loaded."""
+    folder = state.adapters / vid
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for name, digest in manifest["files"].items():
+            if _sha(folder / name) != digest:
+                raise ValueError(f"{name} does not match its manifest sha256")
+        return Delta.load(folder / "delta.safetensors")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        state.db["versions"].update(vid, {"status": "corrupt", "reasons": json.dumps([f"corrupt: {e}"])})
+        raise UserError(f"version {vid} is corrupt ({e}); it is marked corrupt and will not be loaded") from None
+
+
+def chain(state: State, vid: str) -> list[str]:
+    """Version ids from the root's first child down to vid (v0, the base, has no adapter)."""
+    out = []
+    cur = vid
+    while cur and cur != "v0":
+        out.append(cur)
+        cur = get_version(state, cur)["parent"]
+    return list(reversed(out))
+
+
+def chain_deltas(state: State, vid: str) -> list[Delta]:
+    get_version(state, vid)
+    return [load_delta(state, v) for v in chain(state, vid)]
+
+
+class WeightSwitcher:
+    """Keeps the base weights of a transformer and sets it to any version's merged weights, exactly."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.base = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+        self.current: str | None = "v0"
+
+    def set(self, state: State, vid: str) -> None:
+        if vid == self.current:
+            return
+        deltas = chain_deltas(state, vid)
+        self.transformer.load_state_dict(self.base)
+        merge_into(self.transformer, deltas)
+        self.current = vid
+
+
+def list_versions(state: State) -> list[dict]:
+    active = state.active_version
+    out = []
+    for r in state.db["versions"].rows_where(order_by="created_at"):
+        out.append({"id": r["id"], "parent": r["parent"], "status": r["status"], "active": r["id"] == active,
+                    "metrics": json.loads(r["metrics"] or "{}"), "reasons": json.loads(r["reasons"] or "[]"),
+                    "objective": r["objective"], "samples": json.loads(r["samples"] or "[]"),
+                    "created_at": r["created_at"]})
+    return sorted(out, key=lambda v: (int(v["id"][1:]) if v["id"][1:].isdigit() else 0))
+
+
+def set_active(state: State, vid: str) -> None:
+    v = get_version(state, vid)
+    if v["status"] in ("corrupt", "interrupted"):
+        raise UserError(f"version {vid} is {v['status']} and cannot be made active")
+    if vid != "v0":
+        chain_deltas(state, vid)  # verifies every adapter on the chain
+    state.set_meta("active_version", vid)
+
+
+def rollback(state: State, vid: str | None = None) -> str:
+    target = vid or get_version(state, state.active_version)["parent"]
+    if target is None:
+        raise UserError("the active version is the base model (v0): nothing to roll back to")
+    set_active(state, target)
+    return target
+
+
+def promote(state: State, vid: str) -> str:
+    v = get_version(state, vid)
+    if v["status"] in ("rejected", "candidate"):
+        state.db["versions"].update(vid, {"status": "accepted", "reasons": json.dumps(
+            json.loads(v["reasons"] or "[]") + ["promoted by the user"])})
+    set_active(state, vid)
+    return vid
+
+
+def squash_version(state: State, vid: str | None = None, rank: int | None = None) -> dict:
+    """A new version, child of v0, whose one adapter equals the chain to vid (exact unless rank truncates)."""
+    from .lora import truncate
+
+    vid = vid or state.active_version
+    deltas = chain_deltas(state, vid)
+    if not deltas:
+        raise UserError("nothing to squash: v0 has no adapter")
+    folded = squash(deltas)
+    error = 0.0
+    if rank is not None:
+        folded, error = truncate(folded, rank)
+    new = next_version_id(state)
+    src = get_version(state, vid)
+    write_version(state, new, "v0", folded, {"squash_of": chain(state, vid), "truncation_error": error})
+    state.db["versions"].insert({"id": new, "parent": "v0", "status": "accepted", "created_at": now(),
+                                 "objective": "squash", "recipe_hash": src["recipe_hash"], "samples": src["samples"],
+                                 "metrics": src["metrics"], "reasons": json.dumps([f"squash of {vid}"]),
+                                 "adapter_dir": str((state.adapters / new).relative_to(state.root))})
+    return {"version": new, "of": vid, "rank": folded.rank, "relative_error": error}
+
+
+def export_version(state: State, vid: str, fmt: str, out: Path) -> Path:
+    from .lora import export_comfyui, export_diffusers
+
+    deltas = chain_deltas(state, vid)
+    if not deltas:
+        raise UserError("v0 is the base model: there is no adapter to export")
+    delta = deltas[0] if len(deltas) == 1 else squash(deltas)
+    if fmt == "diffusers":
+        return export_diffusers(delta, out)
+    if fmt == "comfyui":
+        return export_comfyui(delta, out)
+    raise UserError(f"unknown export format {fmt!r}: diffusers or comfyui")
+
+
+def diff_versions(state: State, a: str, b: str) -> dict:
+    va, vb = get_version(state, a), get_version(state, b)
+    sa, sb = set(_all_samples(state, a)), set(_all_samples(state, b))
+    ma, mb = json.loads(va["metrics"] or "{}"), json.loads(vb["metrics"] or "{}")
+    return {
+        "from": a, "to": b,
+        "samples_added": sorted(sb - sa), "samples_removed": sorted(sa - sb),
+        "metrics": {k: {"from": ma.get(k), "to": mb.get(k)} for k in sorted(set(ma) | set(mb))
+                    if isinstance(ma.get(k, 0), (int, float)) and isinstance(mb.get(k, 0), (int, float))},
+    }
+
+
+def _all_samples(state: State, vid: str) -> list[int]:
+    out = []
+    for v in chain(state, vid):
+        out += json.loads(get_version(state, v)["samples"] or "[]")
+    return out

@@ -1,0 +1,294 @@
+"""One round's training: a zero-initialised LoRA delta trained with D-OPSD (or SFT, the baseline).
+
+D-OPSD step, as ../shared/METHOD.md lists it:
+  1. conditions (cached per sample): student = the caption's text features; teacher = the same model's
+     reference-image context (caption + instruction, the target image's latents as reference tokens);
+  2. x ~ N(0, I); the model's own K-step sigmas;
+  3. for each roll-out step k (no back-propagation through time):
+       teacher (EMA adapter, no grad) and student (with grad) velocities at the *student's* state x;
+       x0 = x - sigma_k * v; loss_k = MSE(x0_S, x0_T); backward now (the graphs are disjoint);
+       x <- x + (sigma_{k+1} - sigma_k) * v_S, detached;
+  4. clip grad-norm 1.0; AdamW step;
+  5. teacher <- EMA of the student (both start equal: B = 0, so both are the active model at step 0).
+SFT trains the same adapter with the same loop around it, with the flow-matching loss on the user's images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from . import klein
+from .lora import Delta, from_peft, resolve_targets
+
+STUDENT, TEACHER = "student", "teacher"
+
+
+# ------------------------------------------------------------------------------------------- backend
+
+
+class KleinBackend:
+    """FLUX.2-klein (and the toy model, which is klein at a small size) behind the training interface."""
+
+    def __init__(self, pipe, recipe: dict, device: torch.device | str = "cpu"):
+        self.pipe = pipe
+        self.model = recipe["model"]
+        self.device = torch.device(device)
+        self.transformer = pipe.transformer
+        h, w = self.model["height"], self.model["width"]
+        f = pipe.vae_scale_factor * 2
+        self.grid = (h // f, w // f)
+
+    @property
+    def encoder_id(self) -> str:
+        """Identifies the encoders and the prompt template: part of every cache key."""
+        te = self.pipe.text_encoder.config.to_dict() if hasattr(self.pipe.text_encoder.config, "to_dict") else {}
+        ident = {
+            "source": str(self.model["source"]),
+            "te": {k: te.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+            "te_weights": _param_fingerprint(self.pipe.text_encoder),
+            "vae_weights": _param_fingerprint(self.pipe.vae),
+            "template": [self.model["max_sequence_length"], list(self.model["text_encoder_out_layers"]),
+                         self.model["teacher_instruction"], self.model["height"], self.model["width"]],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        emb, _ = klein.encode_prompts(self.pipe, captions, self.model["max_sequence_length"], self.model["text_encoder_out_layers"])
+        return emb
+
+    def features(self, caption: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything a round needs of one sample, computed once (then cached): no encoder runs while training."""
+        with torch.no_grad():
+            tokens, _ = klein.encode_images(self.pipe, image.unsqueeze(0).to(self.device))
+            return {
+                "student_text": self.encode([caption])[0].float().cpu(),
+                "teacher_text": self.encode([f"{self.model['teacher_instruction']} {caption}"])[0].float().cpu(),
+                "latents": tokens[0].float().cpu(),
+            }
+
+    def text_ids(self, batch: int, length: int) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._prepare_text_ids(torch.empty(batch, length, 1)).to(self.device)
+
+    def conditions(self, feats: list[dict], teacher: bool):
+        b = len(feats)
+        key = "teacher_text" if teacher else "student_text"
+        emb = torch.stack([f[key] for f in feats]).to(self.device, self.transformer.dtype)
+        cond = [emb, self.text_ids(b, emb.shape[1]), klein.latent_ids(b, self.grid, self.device)]
+        if teacher:
+            ref = torch.stack([f["latents"] for f in feats]).to(self.device)
+            return (*cond, ref, klein.reference_ids(b, self.grid, self.device))
+        return (*cond, None, None)
+
+    def velocity(self, x, sigma, cond) -> torch.Tensor:
+        return klein.velocity(self.transformer, x, sigma, *cond).float()
+
+    def sigmas(self, k: int, schedule="pipeline") -> list[float]:
+        if isinstance(schedule, list):
+            return [float(s) for s in schedule] + ([0.0] if schedule[-1] != 0 else [])
+        import numpy as np
+
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        sched = self.pipe.scheduler
+        mu = compute_empirical_mu(self.grid[0] * self.grid[1], k)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / k, k), mu=mu, device="cpu")
+        return [float(s) for s in sched.sigmas]
+
+
+def _param_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items())[:8]:
+        h.update(name.encode())
+        h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+    """state/cache/<encoder id>/<sample sha256>.safetensors"""
+
+    def __init__(self, root: Path, encoder_id: str):
+        self.dir = Path(root) / encoder_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def get(self, sha: str, caption: str, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        key = hashlib.sha256(f"{sha}\0{caption}".encode()).hexdigest()
+        path = self.dir / f"{key}.safetensors"
+        if path.exists():
+            try:
+                self.hits += 1
+                return load_file(str(path))
+            except Exception:
+                path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
+        self.misses += 1
+        feats = compute()
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        tmp.replace(path)
+        return feats
+
+
+# ------------------------------------------------------------------------------------------- adapters
+
+
+def add_adapters(transformer, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
+    """A zero-initialised `student` and an identical `teacher` LoRA; returns the student's parameters."""
+    from peft import LoraConfig
+
+    names = resolve_targets(transformer, targets)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights=True)
+    transformer.add_adapter(cfg, adapter_name=STUDENT)
+    transformer.add_adapter(cfg, adapter_name=TEACHER)
+    student, teacher = adapter_params(transformer, STUDENT), adapter_params(transformer, TEACHER)
+    with torch.no_grad():
+        for s, t in zip(student, teacher):
+            t.copy_(s)
+    use(transformer, STUDENT)
+    return student
+
+
+def adapter_params(model, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in sorted(model.named_parameters()) if f".{adapter}." in n and "lora_" in n]
+
+
+def use(model, adapter: str) -> None:
+    model.set_adapter(adapter)
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{STUDENT}." in n and "lora_" in n)
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.nn.Parameter], student: list[torch.nn.Parameter], decay: float) -> None:
+    for t, s in zip(teacher, student):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+def remove_adapters(transformer) -> None:
+    transformer.unload_lora()  # removes the peft wrappers: plain Linear layers again
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def dopsd_loss_and_backward(backend: KleinBackend, feats: list[dict], sigmas: list[float], noise: torch.Tensor,
+                            per_step_backward: bool = True, teacher_same_as_student: bool = False) -> float:
+    """Steps 2-3: the K-step roll-out with the teacher at the student's state; gradients accumulate."""
+    tr = backend.transformer
+    cond_s = backend.conditions(feats, teacher=False)
+    cond_t = cond_s if teacher_same_as_student else backend.conditions(feats, teacher=True)
+    x = noise
+    k_steps = len(sigmas) - 1
+    total, losses = 0.0, []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        sig = torch.full((x.shape[0],), s, device=x.device)
+        use(tr, TEACHER)
+        with torch.no_grad():
+            v_t = backend.velocity(x, sig, cond_t)
+        use(tr, STUDENT)
+        v_s = backend.velocity(x, sig, cond_s)
+        x0_s, x0_t = x - s * v_s, x - s * v_t
+        loss = F.mse_loss(x0_s, x0_t) / k_steps
+        if per_step_backward:
+            loss.backward()
+        else:
+            losses.append(loss)
+        total += loss.item()
+        x = (x + (s_next - s) * v_s).detach()
+    if not per_step_backward:
+        torch.stack(losses).sum().backward()
+    return total
+
+
+def sft_loss_and_backward(backend: KleinBackend, feats: list[dict], noise: torch.Tensor, sigma: torch.Tensor) -> float:
+    """Plain flow matching toward the user's image: the baseline objective."""
+    use(backend.transformer, STUDENT)
+    x0 = torch.stack([f["latents"] for f in feats]).to(noise.device)
+    s = sigma.view(-1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    v = backend.velocity(xt, sigma, backend.conditions(feats, teacher=False))
+    loss = F.mse_loss(v, noise - x0)
+    loss.backward()
+    return loss.item()
+
+
+@dataclass
+class TrainResult:
+    delta: Delta
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+
+
+def train_delta(
+    backend: KleinBackend,
+    new: list[dict],
+    replay: list[dict],
+    train: dict,
+    objective: str,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train a new delta on top of the backend's current weights. `new`/`replay`: cached features."""
+    tr = backend.transformer
+    gen = torch.Generator("cpu").manual_seed(int(train["seed"]))
+    rank, alpha = int(train["rank"]), float(train["alpha"])
+    student = add_adapters(tr, rank, alpha, train["targets"])
+    teacher = adapter_params(tr, TEACHER)
+    if train.get("gradient_checkpointing"):
+        tr.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
+    sigmas = backend.sigmas(int(train["K"]), train["schedule"])
+    steps, bs = int(train["steps"]), int(train["batch"])
+    amp = train.get("mixed_precision", "no") != "no" and backend.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
+    losses: list[float] = []
+    t0 = time.time()
+    tr.train()
+    for step in range(steps):
+        if should_stop and should_stop():
+            raise InterruptedError("round stopped")
+        feats = pick_batch(new, replay, bs, float(train["replay_ratio"]), gen)
+        noise = torch.randn((len(feats), *feats[0]["latents"].shape), generator=gen).to(backend.device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=amp):
+            if objective == "dopsd":
+                loss = dopsd_loss_and_backward(backend, feats, sigmas, noise)
+            else:
+                u = torch.rand(len(feats), generator=gen)
+                sig = torch.tensor(sigmas[:-1])[torch.randint(len(sigmas) - 1, (len(feats),), generator=gen)]
+                sig = torch.where(torch.rand(len(feats), generator=gen) < 0.5, sig, u).to(backend.device)
+                loss = sft_loss_and_backward(backend, feats, noise, sig)
+        torch.nn.utils.clip_grad_norm_(student, 1.0)
+        opt.step()
+        ema_update(teacher, student, float(train["ema_decay"]))
+        losses.append(loss)
+        if progress:
+            progress(step + 1, steps, loss)
+    tr.eval()
+    seconds = time.time() - t0
+    delta = from_peft(tr, STUDENT, alpha / rank)
+    remove_adapters(tr)
+    return TrainResult(delta, losses, seconds, steps * bs / max(seconds, 1e-9))
+
+
+def pick_batch(new: list[dict], replay: list[dict], bs: int, replay_ratio: float, gen: torch.Generator) -> list[dict]:
+    out = []
+    for _ in range(bs):
+        pool = replay if replay and float(torch.rand(1, generator=gen)) < replay_ratio else new
+        out.append(pool[int(torch.randint(len(pool), (1,), generator=gen))])
+    return out

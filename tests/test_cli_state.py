@@ -1,0 +1,96 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_pair
+from dopsd_continual.cli import app
+from dopsd_continual.errors import UserError
+from dopsd_continual.recipe import validate
+from dopsd_continual.store import SCHEMA_VERSION, open_db
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_init_creates_state_with_wal_and_schema(tmp_path, watch):
+    r = run("init", "--state", tmp_path / "s", "--watch", watch)
+    assert r.exit_code == 0, r.output
+    for d in ("blobs", "adapters", "cache", "reports", "logs"):
+        assert (tmp_path / "s" / d).is_dir()
+    db = open_db(tmp_path / "s" / "dopsd.sqlite")
+    assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+    assert db.execute("select value from meta where key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert db["versions"].get("v0")["status"] == "accepted"
+    # re-running init keeps what is there
+    assert run("init", "--state", tmp_path / "s").exit_code == 0
+    assert str(watch) in (tmp_path / "s" / "dopsd.toml").read_text()
+
+
+def test_bad_recipe_and_paths_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nlr = "fast"\n[model]\nname="x"\nbackend="flux2-klein"\nsource="y"\n')
+    r = run("init", "--state", tmp_path / "s", "--recipe", bad)
+    assert r.exit_code == 1 and "train.lr" in r.output and "Traceback" not in r.output
+    r = run("init", "--state", tmp_path / "s", "--watch", tmp_path / "nope")
+    assert r.exit_code == 1 and "nope" in r.output
+    r = run("queue", "list", "--state", tmp_path / "missing")
+    assert r.exit_code == 1 and "dopsd init" in r.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    r = run("init", "--state", tmp_path / "s", "--recipe", broken)
+    assert r.exit_code == 1 and "not valid TOML" in r.output
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"model": {"backend": "flux2-klein", "source": "x"}}, "model.name"),
+        ({"model": {"name": "a", "backend": "nope", "source": "x"}}, "model.backend"),
+        ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "train": {"bogus": 1}}, "train.bogus"),
+        ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "train": {"rank": 0}}, "train.rank"),
+        ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "weird": {}}, "[weird]"),
+    ],
+)
+def test_recipe_validation_names_the_key(raw, key):
+    with pytest.raises(UserError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        validate(raw)
+
+
+def test_shipped_recipes_are_valid():
+    from dopsd_continual.recipe import RECIPES_DIR, load_recipe
+
+    for p in RECIPES_DIR.glob("*.toml"):
+        load_recipe(p)
+
+
+def test_ingest_json_queue_list_retry_drop(tmp_path, watch):
+    run("init", "--state", tmp_path / "s", "--watch", watch)
+    make_pair(watch, "a")
+    (watch / "b.png").write_bytes(b"")
+    (watch / "b.txt").write_text("x")
+    r = run("ingest", "--state", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out) >= {"queued", "duplicates", "ignored", "rejected"}
+    assert out["rejected"][0]["reason"].startswith("empty file") and out["rejected"][0]["path"].endswith("b.png")
+    rows = json.loads(run("queue", "list", "--state", tmp_path / "s", "--json").stdout)
+    assert [set(r) >= {"id", "status", "sha256", "caption", "source_path"} for r in rows] == [True]
+    sid = rows[0]["id"]
+    assert run("queue", "drop", sid, "--state", tmp_path / "s").exit_code == 0
+    assert json.loads(run("queue", "list", "--status", "queued", "--state", tmp_path / "s", "--json").stdout) == []
+    assert run("queue", "retry", sid, "--state", tmp_path / "s").exit_code == 0
+    assert len(json.loads(run("queue", "list", "--status", "queued", "--state", tmp_path / "s", "--json").stdout)) == 1
+    assert run("queue", "drop", 999, "--state", tmp_path / "s").exit_code == 1
+    assert run("queue", "list", "--status", "nope", "--state", tmp_path / "s").exit_code == 1
+
+
+def test_ingest_given_paths_and_missing_path(tmp_path, watch):
+    run("init", "--state", tmp_path / "s")
+    make_pair(watch, "a")
+    out = json.loads(run("ingest", watch, tmp_path / "gone", "--state", tmp_path / "s", "--json").stdout)
+    assert len(out["queued"]) == 1
+    assert out["rejected"] == [{"path": str(tmp_path / "gone"), "reason": "path does not exist"}]
