@@ -133,7 +133,8 @@ def export_diffusers(delta: Delta, out_dir: Path) -> Path:
     for name, (a, b) in delta.weights.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float().contiguous()
-    meta = {"lora_adapter_metadata": json.dumps({"transformer": adapter_config(delta)}), "format": "pt"}
+    cfg = {f"transformer.{k}": v for k, v in adapter_config(delta).items()}  # diffusers packs keys with a prefix
+    meta = {"lora_adapter_metadata": json.dumps(cfg), "format": "pt"}
     path = out_dir / "pytorch_lora_weights.safetensors"
     save_file(tensors, str(path), metadata=meta)
     return path

@@ -1,0 +1,140 @@
+"""Versions, rollback, the tree, squash, corruption, export round trip: real rounds on the toy model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dopsd_continual.errors import UserError
+from dopsd_continual.ingest import ingest_paths
+from dopsd_continual.rounds import run_round
+from dopsd_continual.sampling import Sampler, sample
+from dopsd_continual.stack import chain, list_versions, load_delta, rollback, squash_version, set_active
+from dopsd_continual.toy.packs import write_pack
+
+PROMPT = "a large red heart on the left, black background"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from dopsd_continual.store import init_state
+
+    root = tmp_path_factory.mktemp("stack")
+    write_pack("heart", root / "drop")
+    st = init_state(root / "state", None, [root / "drop"])
+    ingest_paths(st)
+    sampler = Sampler(st)
+    yield st, sampler, root
+    st.close()
+
+
+def _requeue(st):
+    for row in list(st.db["samples"].rows):
+        st.db["samples"].update(row["id"], {"status": "queued"})
+
+
+def _img(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_versions_rollback_tree_squash_export(world, tmp_path):
+    st, sampler, root = world
+    base_png = tmp_path / "v0.png"
+    sample(st, PROMPT, "v0", None, 7, 1, base_png, sampler)
+
+    r1 = run_round(st, steps=6, lr=2e-3, sampler=sampler)
+    assert r1["version"] == "v1" and r1["parent"] == "v0"
+    set_active(st, "v1")  # whatever the gate said, continue the chain from v1
+    _requeue(st)
+    r2 = run_round(st, steps=6, lr=2e-3, sampler=sampler)
+    assert r2["parent"] == "v1"
+    set_active(st, "v2")
+    assert chain(st, "v2") == ["v1", "v2"]
+
+    # squash by concatenation reproduces the chain
+    sq = squash_version(st, "v2")
+    a = sampler.images([PROMPT], [3], 4, "v2")
+    b = sampler.images([PROMPT], [3], 4, sq["version"])
+    assert sq["relative_error"] == 0.0
+    assert (a - b).abs().max() < 1e-4
+
+    # rollback to the base reproduces its picture exactly; the rolled-back versions still exist
+    assert rollback(st, "v0") == "v0"
+    again = tmp_path / "again.png"
+    res = sample(st, PROMPT, None, None, 7, 1, again, sampler)
+    assert res["version"] == "v0"
+    assert np.array_equal(_img(base_png), _img(again))
+    ids = {v["id"] for v in list_versions(st)}
+    assert {"v1", "v2"} <= ids and (st.adapters / "v1").is_dir()
+
+    # a tree: a new round after the rollback branches from v0; both branches are kept
+    _requeue(st)
+    r4 = run_round(st, steps=4, sampler=sampler)
+    assert r4["parent"] == "v0"
+    assert chain(st, "v2") == ["v1", "v2"] and chain(st, r4["version"]) == [r4["version"]]
+
+    # PNG metadata
+    meta = Image.open(again).text
+    assert meta["prompt"] == PROMPT and meta["seed"] == "7" and meta["steps"] == "4" and meta["version"] == "v0"
+    assert meta["model"] == "toy-shapes"
+
+    # diffusers export loads in plain diffusers and reproduces our sample within 1/255 mean
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd_continual.models import resolve_source
+    from dopsd_continual.stack import export_version
+
+    out = tmp_path / "export"
+    export_version(st, "v2", "diffusers", out)
+    plain = Flux2KleinPipeline.from_pretrained(resolve_source(st.recipe["model"]["source"]))
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(out)
+    img = plain(prompt=PROMPT, num_inference_steps=4, height=64, width=64, max_sequence_length=40,
+                text_encoder_out_layers=(1, 2, 3), generator=torch.Generator("cpu").manual_seed(3), output_type="pt").images
+    ours = sampler.images([PROMPT], [3], 4, "v2")
+    assert (img.float() - ours).abs().mean() < 1 / 255
+    base_img = sampler.images([PROMPT], [3], 4, "v0")
+    assert (ours - base_img).abs().mean() > (img.float() - ours).abs().mean()  # the LoRA was really applied
+
+    # ComfyUI naming
+    from safetensors import safe_open
+
+    cpath = export_version(st, "v2", "comfyui", tmp_path / "comfy")
+    with safe_open(str(cpath), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".alpha") for k in keys)
+
+
+def test_corrupted_adapter_is_detected_and_never_loaded(world):
+    st, sampler, _ = world
+    vid = next(v["id"] for v in list_versions(st) if v["id"] != "v0" and v["status"] != "corrupt")
+    path = st.adapters / vid / "delta.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        load_delta(st, vid)
+    assert st.db["versions"].get(vid)["status"] == "corrupt"
+    with pytest.raises(UserError):
+        set_active(st, vid)
+
+
+def test_cli_versions_json_shapes(world):
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+
+    st, _, _ = world
+    r = CliRunner().invoke(app, ["versions", "list", "--json", "--state", str(st.root)])
+    rows = json.loads(r.stdout)
+    assert rows[0]["id"] == "v0" and rows[0]["status"] == "accepted"
+    assert all({"id", "parent", "status", "active", "metrics"} <= set(v) for v in rows)
+    assert sum(v["active"] for v in rows) == 1
+    r = CliRunner().invoke(app, ["versions", "rollback", "v0", "--json", "--state", str(st.root)])
+    assert json.loads(r.stdout) == {"active": "v0"}
+    r = CliRunner().invoke(app, ["versions", "rollback", "--state", str(st.root)])
+    assert r.exit_code == 1 and "nothing to roll back" in r.output
+    r = CliRunner().invoke(app, ["versions", "show", "v99", "--state", str(st.root)])
+    assert r.exit_code == 1 and "no version" in r.output

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from dopsd_continual.toy.packs import PACKS, pack_eval_captions, write_pack
+from dopsd_continual.toy.world import (
+    Scene,
+    Thing,
+    all_base_captions,
+    held_out_captions,
+    parse_caption,
+    random_scene,
+    randomise,
+    render,
+    render_scenes,
+)
+
+
+def test_renderer_is_deterministic():
+    rng = np.random.default_rng(3)
+    scenes = [random_scene(rng) for _ in range(16)]
+    a = render_scenes(scenes)
+    b = render_scenes(scenes)
+    assert torch.equal(a, b) and a.shape == (16, 3, 64, 64)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_caption_grammar_round_trip():
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        s = random_scene(rng)
+        assert parse_caption(s.caption()) == s.nominal()
+    for name in PACKS:
+        for cap in pack_eval_captions(name, "zxq"):
+            assert parse_caption(cap, "zxq") is not None
+    assert parse_caption("a photo of my dog") is None
+    assert parse_caption("a large red circle in the center, blue background") == Scene(
+        "blue", (Thing("circle", "red", "large", "center"),))
+
+
+def test_vocabulary_and_held_out_split():
+    caps = all_base_captions()
+    assert len(caps) == 8 * 7 * 3 * 2 * 5 * 2
+    held = held_out_captions()
+    assert len(held) == 200 and set(held) <= set(caps)
+    words = " ".join(caps)
+    for w in ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "circle", "square",
+              "triangle", "small", "large", "left", "right", "center", "top", "bottom"):
+        assert w in words
+
+
+def test_pack_writer_output_is_ingestible(tmp_path):
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.store import init_state
+
+    for name in PACKS:
+        write_pack(name, tmp_path / "drop" / name)
+    st = init_state(tmp_path / "state", None, [tmp_path / "drop"])
+    rep = ingest_paths(st)
+    assert len(rep.queued) == sum(len(p.train) for p in PACKS.values())
+    assert not rep.rejected and not rep.ignored
+    caps = [q["caption"] for q in rep.queued]
+    assert any(c.startswith("my zxq logo") for c in caps)  # [trigger] replaced by the recipe's trigger word
+    st.close()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from dopsd_continual.models import resolve_source
+    from dopsd_continual.toy.scorer import load_classifier
+
+    return load_classifier(resolve_source("embedded:toy-shapes"))
+
+
+def test_scorer_ranks_the_renderers_image_above_a_perturbed_one(classifier):
+    from dopsd_continual.toy.scorer import score_images
+
+    caps = held_out_captions()[:40]
+    rng = np.random.default_rng(0)
+    truth = render_scenes([randomise(parse_caption(c), rng) for c in caps])
+    blurred = torch.nn.functional.avg_pool2d(truth, 5, stride=1, padding=2)
+    wrong = torch.roll(truth, shifts=20, dims=3)  # objects moved sideways
+    s_truth = score_images(classifier, truth, caps).mean()
+    assert s_truth["overall"] > 0.9
+    assert s_truth["overall"] > score_images(classifier, blurred, caps).mean()["overall"]
+    assert s_truth["overall"] > score_images(classifier, wrong, caps).mean()["overall"]
+    assert s_truth["sharpness"] > score_images(classifier, blurred, caps).mean()["sharpness"]
+
+
+def test_model_loads_offline_through_the_pipeline_and_draws_the_prompt(tmp_path, classifier, monkeypatch):
+    from diffusers import Flux2KleinPipeline
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+    from dopsd_continual.models import resolve_source
+    from dopsd_continual.toy.scorer import score_images
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = Flux2KleinPipeline.from_pretrained(resolve_source("embedded:toy-shapes"))
+    assert pipe.config.is_distilled and type(pipe.transformer).__name__ == "Flux2Transformer2DModel"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", "--state", str(tmp_path / "s")]).exit_code == 0
+    prompt = "a large red circle in the center, blue background"
+    r = runner.invoke(app, ["sample", prompt, "--steps", "4", "-n", "4", "--out", str(tmp_path / "x.png"),
+                            "--state", str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(tmp_path / "x.png").convert("RGB"))
+    assert sheet.shape == (64, 256, 3)  # a grid of 4
+    imgs = torch.stack([torch.from_numpy(sheet[:, i * 64 : (i + 1) * 64].copy()) for i in range(4)])
+    imgs = imgs.permute(0, 3, 1, 2).float() / 255
+    s = score_images(classifier, imgs, [prompt] * len(imgs)).mean()
+    assert s["background"] == 1.0 and s["colour"] >= 0.75 and s["position"] == 1.0
