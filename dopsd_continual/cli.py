@@ -383,6 +383,81 @@ def eval_cmd(version: Optional[str] = typer.Argument(None), as_json: bool = type
         console.print(f"would be [bold]{out['verdict']}[/bold]" + "".join(f"\n  - {r}" for r in reasons))
 
 
+# ---------------------------------------------------------------------------------------------- daemon
+
+daemon_app = typer.Typer(no_args_is_help=True, help="The background daemon: watch folders, schedule rounds.")
+app.add_typer(daemon_app, name="daemon")
+
+
+@daemon_app.command("start")
+def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="run in this terminal"),
+                 state: Optional[Path] = STATE_OPT) -> None:
+    """Start the daemon (detached unless --foreground)."""
+    from .daemon import Daemon, start_background
+    from .store import state_dir
+
+    root = state_dir(state)
+    _open(state).close()  # a clear error if the state dir is missing
+    if foreground:
+        Daemon(root, foreground=True).run_forever()
+        return
+    pid = start_background(root)
+    console.print(f"daemon running (pid {pid}); logs in {root / 'logs'}")
+
+
+@daemon_app.command("stop")
+def daemon_stop(state: Optional[Path] = STATE_OPT) -> None:
+    """Stop the daemon (SIGTERM; a running round is abandoned safely, its samples go back to the queue)."""
+    from .daemon import stop_background
+    from .store import state_dir
+
+    stopped = stop_background(state_dir(state))
+    console.print("daemon stopped" if stopped else "no daemon is running")
+
+
+@daemon_app.command("status")
+def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+    """Running or not, active version, queue counts, the round in progress, the next round."""
+    from .daemon import status
+
+    st = _open(state)
+    s = status(st)
+    st.close()
+    if as_json:
+        emit_json(s)
+        return
+    console.print(f"running: {s['running']}" + (f" (pid {s['pid']})" if s["pid"] else ""))
+    console.print(f"active version: {s['active_version']}; queue: {s['queue']}")
+    if s["round"]:
+        console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
+    if s["next_round_at"]:
+        console.print(f"next round: {s['next_round_at']}")
+
+
+@daemon_app.command("install-service")
+def daemon_install_service(unit_dir: Optional[Path] = typer.Option(None, "--unit-dir", help="default ~/.config/systemd/user"),
+                           state: Optional[Path] = STATE_OPT) -> None:
+    """Write a systemd user unit for this state dir and print how to enable it."""
+    from .daemon import install_service
+    from .store import state_dir
+
+    _open(state).close()
+    path = install_service(state_dir(state), unit_dir)
+    console.print(f"wrote {path}\nenable it with:\n  systemctl --user daemon-reload\n  systemctl --user enable --now dopsd.service\n"
+                  "  loginctl enable-linger $USER   # keep it running when you log out")
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+@app.command()
+def demo(state: Optional[Path] = typer.Option(None, "--state", help="folder for the demo (default ./dopsd-demo)")) -> None:
+    """The whole loop on the embedded toy model, on the CPU: ingest, daemon rounds, gate, before/after."""
+    from .demo import run_demo
+
+    run_demo(state, console)
+
+
 # ---------------------------------------------------------------------------------------------- doctor
 
 

@@ -45,30 +45,7 @@ def recover(state: State) -> list[str]:
 
     Only called with the round lock held, so a row still 'running' belongs to a dead process.
     """
-    done = []
-    for r in list(state.db["rounds"].rows_where("status = 'running'")):
-        vid = r["version"]
-        with state.db.conn:
-            state.db.execute("BEGIN IMMEDIATE")
-            state.db["rounds"].update(r["id"], {"status": "interrupted", "finished_at": now(),
-                                                "message": "the round's process died"})
-            try:
-                v = get_version(state, vid)
-                if v["status"] == "candidate":
-                    state.db["versions"].update(vid, {"status": "interrupted"})
-            except UserError:
-                state.db["versions"].insert({"id": vid, "parent": None, "status": "interrupted", "created_at": now(),
-                                             "samples": r["samples"], "metrics": "{}",
-                                             "reasons": json.dumps(["the round's process died"])}, replace=True)
-            for sid in json.loads(r["samples"] or "[]"):
-                row = state.db["samples"].get(sid)
-                if row["status"] == "training":
-                    state.db["samples"].update(sid, {"status": "queued", "history": _history(row["history"], {"event": f"round {vid} interrupted"})})
-        if (state.adapters / vid).exists():
-            q = state.root / "quarantine"
-            q.mkdir(exist_ok=True)
-            shutil.move(str(state.adapters / vid), str(q / f"{vid}-{int(now())}"))
-        done.append(vid)
+    done = [_interrupt(state, dict(r), "the round's process died") for r in list(state.db["rounds"].rows_where("status = 'running'"))]
     for tmp in state.adapters.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     for tmp in state.root.rglob(".*.tmp-*"):
@@ -76,6 +53,35 @@ def recover(state: State) -> list[str]:
     if state.db.execute("pragma quick_check").fetchone()[0] != "ok":
         raise UserError(f"the database {state.root / 'dopsd.sqlite'} failed its integrity check")
     return done
+
+
+def abandon_running(state: State, message: str) -> list[str]:
+    """This process's own running round, stopped on purpose (SIGTERM) or failed: same clean-up as a crash."""
+    rows = state.db["rounds"].rows_where("status = 'running' and pid = ?", [os.getpid()])
+    return [_interrupt(state, dict(r), message) for r in list(rows)]
+
+
+def _interrupt(state: State, r: dict, message: str) -> str:
+    vid = r["version"]
+    with state.db.conn:
+        state.db.execute("BEGIN IMMEDIATE")
+        state.db["rounds"].update(r["id"], {"status": "interrupted", "finished_at": now(), "message": message})
+        try:
+            v = get_version(state, vid)
+            if v["status"] == "candidate":
+                state.db["versions"].update(vid, {"status": "interrupted", "reasons": json.dumps([message])})
+        except UserError:
+            state.db["versions"].insert({"id": vid, "parent": None, "status": "interrupted", "created_at": now(),
+                                         "samples": r["samples"], "metrics": "{}", "reasons": json.dumps([message])})
+        for sid in json.loads(r["samples"] or "[]"):
+            row = state.db["samples"].get(sid)
+            if row["status"] == "training":
+                state.db["samples"].update(sid, {"status": "queued", "history": _history(row["history"], {"event": f"round {vid} interrupted"})})
+    if (state.adapters / vid).exists():  # a candidate written before the crash: kept aside, never active
+        q = state.root / "quarantine"
+        q.mkdir(exist_ok=True)
+        shutil.move(str(state.adapters / vid), str(q / f"{vid}-{int(now())}"))
+    return vid
 
 
 def select_samples(state: State, max_new: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -143,8 +149,11 @@ def run_round(
             if progress:
                 progress(step, total, loss)
 
-        result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
-        sampler.switch.current = None  # the transformer's weights are the parent's merge; force a re-set
+        try:
+            result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
+        except BaseException:
+            abandon_running(state, "the round stopped before it finished")
+            raise
         meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": ids,
                 "replay_samples": [s["id"] for s in replay], "train": train,
                 "loss_first": result.losses[0], "loss_last": result.losses[-1]}

@@ -259,6 +259,21 @@ def train_delta(
     losses: list[float] = []
     t0 = time.time()
     tr.train()
+    try:
+        _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
+                    steps, bs, amp, amp_dtype, losses)
+    except BaseException:
+        remove_adapters(tr)
+        raise
+    tr.eval()
+    seconds = time.time() - t0
+    delta = from_peft(tr, STUDENT, alpha / rank)
+    remove_adapters(tr)
+    return TrainResult(delta, losses, seconds, steps * bs / max(seconds, 1e-9))
+
+
+def _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
+                steps, bs, amp, amp_dtype, losses) -> None:
     for step in range(steps):
         if should_stop and should_stop():
             raise InterruptedError("round stopped")
@@ -279,11 +294,6 @@ def train_delta(
         losses.append(loss)
         if progress:
             progress(step + 1, steps, loss)
-    tr.eval()
-    seconds = time.time() - t0
-    delta = from_peft(tr, STUDENT, alpha / rank)
-    remove_adapters(tr)
-    return TrainResult(delta, losses, seconds, steps * bs / max(seconds, 1e-9))
 
 
 def pick_batch(new: list[dict], replay: list[dict], bs: int, replay_ratio: float, gen: torch.Generator) -> list[dict]:

@@ -1,0 +1,401 @@
+"""The daemon: watch folders, rescan, schedule rounds, survive crashes.
+
+One daemon per state dir, held by an OS lock on state/daemon.lock (the kernel drops it when the process
+dies, so a dead daemon's leftovers never make `status` say running). Watchdog observers and a periodic
+rescan feed the same ingestion code as `dopsd ingest`; APScheduler runs the jobs (max_instances=1,
+coalesce, generous misfire grace). A round runs when the schedule fires or when enough new samples have
+arrived, and only after a quiet period since the last drop. SIGTERM/SIGINT stop new work, abandon a
+running round at its next training step (its samples go back to the queue) and exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+from .errors import UserError
+from .store import State, atomic_write, now, open_state
+
+log = logging.getLogger("dopsd.daemon")
+
+
+def _lock_path(root: Path) -> Path:
+    return root / "daemon.lock"
+
+
+def daemon_running(root: Path) -> bool:
+    """True if a live process holds the daemon lock (tested by trying to take it)."""
+    path = _lock_path(root)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_status_file(root: Path) -> dict:
+    try:
+        return json.loads((root / "daemon.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def status(state: State) -> dict:
+    running = daemon_running(state.root)
+    info = read_status_file(state.root) if running else {}
+    queue = {r[0]: r[1] for r in state.db.execute("select status, count(*) from samples group by status")}
+    rnd = None
+    row = state.db.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
+    if row and running:
+        rnd = {"id": row[0], "progress": row[1]}
+    return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
+            "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
+            "heartbeat_at": info.get("heartbeat_at") if running else None}
+
+
+def setup_logging(state: State, foreground: bool) -> None:
+    state.logs.mkdir(exist_ok=True)
+    root = logging.getLogger("dopsd")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fh = RotatingFileHandler(state.logs / "daemon.log", maxBytes=5_000_000, backupCount=3)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(fh)
+    if foreground:
+        from rich.logging import RichHandler
+
+        root.addHandler(RichHandler(show_path=False))
+
+
+class Daemon:
+    def __init__(self, root: Path, foreground: bool = False, on_round=None, install_signals: bool = True):
+        self.root = Path(root)
+        self.state = open_state(self.root)
+        self.cfg = self.state.recipe["daemon"]
+        self.foreground = foreground
+        self.stop_event = threading.Event()
+        self.last_drop = 0.0
+        self.rounds_started = 0
+        self.on_round = on_round  # callback(result dict), used by the demo to print verdicts
+        self.install_signals = install_signals
+        self._lock_fd: int | None = None
+        self._sampler = None
+        self._sampler_used = 0.0
+        self.round_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def acquire(self) -> None:
+        fd = os.open(_lock_path(self.root), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            info = read_status_file(self.root)
+            raise UserError(f"a daemon is already running for {self.root} (pid {info.get('pid', '?')})") from None
+        self._lock_fd = fd
+
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from .rounds import recover, round_lock
+
+        self.acquire()
+        setup_logging(self.state, self.foreground)
+        with round_lock(self.state, wait=True):
+            interrupted = recover(self.state)
+        if interrupted:
+            log.info("recovered interrupted rounds: %s", ", ".join(interrupted))
+        self.scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600})
+        cron = self.cfg["cron"]
+        trigger = CronTrigger.from_crontab(cron) if cron else IntervalTrigger(seconds=float(self.cfg["interval_minutes"]) * 60)
+        self.scheduler.add_job(self.round_job, trigger, id="round", kwargs={"reason": "schedule"})
+        self.scheduler.add_job(self.rescan_job, IntervalTrigger(seconds=float(self.cfg["rescan_seconds"])), id="rescan",
+                               next_run_time=datetime.now())
+        self.scheduler.add_job(self.heartbeat, IntervalTrigger(seconds=2), id="heartbeat", next_run_time=datetime.now())
+        self.scheduler.start()
+        self.observers = self._start_observers()
+        if self.install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info("daemon started (pid %d), watching %d folder(s)", os.getpid(), len(self.state.watch_dirs))
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: stopping", signum)
+        self.stop_event.set()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        self.stop_event.set()
+        for o in getattr(self, "observers", []):
+            o.stop()
+        if hasattr(self, "scheduler"):
+            self.scheduler.shutdown(wait=False)
+        t = time.time()
+        while self.round_lock.locked() and time.time() - t < timeout:  # the round abandons at its next step
+            time.sleep(0.1)
+        for o in getattr(self, "observers", []):
+            o.join(timeout=5)
+        (self.root / "daemon.json").unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("daemon stopped")
+
+    # -------------------------------------------------------------------------------------------- watch
+    def _start_observers(self):
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        daemon = self
+
+        class Dropped(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+                    return
+                daemon.file_event()
+
+        observers = []
+        for folder in self.state.watch_dirs:
+            if not folder.is_dir():
+                log.warning("watched folder %s is missing; the rescan will pick it up when it is back", folder)
+                continue
+            o = PollingObserver(timeout=1) if self.cfg["polling"] else Observer()
+            o.schedule(Dropped(), str(folder), recursive=True)
+            o.start()
+            observers.append(o)
+        return observers
+
+    def file_event(self) -> None:
+        """Debounce: an ingest runs once files have been quiet for the stability period."""
+        from .ingest import stability_seconds
+
+        self.last_drop = time.time()
+        if self.stop_event.is_set():
+            return
+        delay = stability_seconds(self.state) + 0.5
+        self.scheduler.add_job(self.rescan_job, "date", run_date=datetime.now() + timedelta(seconds=delay),
+                               id="ingest-soon", replace_existing=True)
+
+    # --------------------------------------------------------------------------------------------- jobs
+    def rescan_job(self) -> None:
+        from .ingest import ingest_paths
+
+        if self.stop_event.is_set():
+            return
+        try:
+            st = open_state(self.root)
+            try:
+                rep = ingest_paths(st)
+            finally:
+                st.close()
+        except Exception:  # a bad file or a vanished folder never stops the daemon
+            log.exception("ingest failed")
+            return
+        if rep.queued or rep.rejected or rep.updated:
+            log.info("ingest: %d queued, %d duplicates, %d rejected, %d pending", len(rep.queued), len(rep.duplicates),
+                     len(rep.rejected), len(rep.pending))
+            for r in rep.rejected:
+                log.info("rejected %s: %s", r["path"], r["reason"])
+        if rep.queued:
+            self.last_drop = time.time()
+        if rep.pending:
+            self.file_event()
+        self.maybe_trigger_round()
+
+    def queued_count(self) -> int:
+        return self.state.db.execute("select count(*) from samples where status='queued'").fetchone()[0]
+
+    def maybe_trigger_round(self) -> None:
+        """The sample threshold: enough new samples and a quiet period since the last drop."""
+        if self.queued_count() >= int(self.cfg["min_new_samples"]):
+            quiet = float(self.cfg["quiet_seconds"]) - (time.time() - self.last_drop)
+            run_at = datetime.now() + timedelta(seconds=max(0.0, quiet))
+            self.scheduler.add_job(self.round_job, "date", run_date=run_at, id="round-threshold",
+                                   replace_existing=True, kwargs={"reason": "threshold"})
+
+    def round_job(self, reason: str = "schedule") -> dict | None:
+        from .errors import RoundBusy
+        from .rounds import run_round
+
+        if self.stop_event.is_set() or not self.round_lock.acquire(blocking=False):
+            return None
+        try:
+            if self.queued_count() < (1 if reason == "schedule" else int(self.cfg["min_new_samples"])):
+                return None
+            if time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
+                self.maybe_trigger_round()  # try again after the quiet period
+                return None
+            self.rounds_started += 1
+            log.info("round starting (%s): %d queued sample(s)", reason, self.queued_count())
+            st = open_state(self.root)
+            try:
+                result = run_round(st, sampler=self.sampler(st), should_stop=self.stop_event.is_set)
+            except RoundBusy as e:
+                log.info("%s", e)
+                return None
+            except InterruptedError:
+                from .rounds import abandon_running
+
+                abandon_running(st, "the daemon was stopped")
+                log.info("round abandoned: the daemon is stopping")
+                return None
+            except Exception:
+                log.exception("round failed")
+                from .rounds import abandon_running
+
+                abandon_running(st, "the round failed; see logs/daemon.log")
+                return None
+            finally:
+                st.close()
+            log.info("round %s %s%s", result["version"], result["verdict"],
+                     "" if not result["reasons"] else ": " + "; ".join(result["reasons"]))
+            if self.on_round:
+                self.on_round(result)
+            return result
+        finally:
+            self._sampler_used = time.time()
+            if float(self.cfg["keep_warm_seconds"]) <= 0:
+                self.release_model()
+            self.round_lock.release()
+
+    def sampler(self, st: State):
+        from .sampling import Sampler
+
+        if self._sampler is None:
+            self._sampler = Sampler(st)
+        self._sampler.state = st
+        return self._sampler
+
+    def release_model(self) -> None:
+        if self._sampler is not None:
+            self._sampler = None
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:
+                pass
+
+    def heartbeat(self) -> None:
+        if self._sampler is not None and not self.round_lock.locked():
+            if time.time() - self._sampler_used > float(self.cfg["keep_warm_seconds"]):
+                self.release_model()
+        job = self.scheduler.get_job("round")
+        nxt = job.next_run_time.isoformat() if job and job.next_run_time else None
+        thr = self.scheduler.get_job("round-threshold")
+        if thr and thr.next_run_time and (nxt is None or thr.next_run_time.isoformat() < nxt):
+            nxt = thr.next_run_time.isoformat()
+        info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt}
+        self._started = info["started_at"]
+        atomic_write(self.root / "daemon.json", json.dumps(info).encode())
+
+
+def start_background(root: Path, timeout: float = 30.0) -> int:
+    """Start a detached daemon process and wait until it holds the lock."""
+    import subprocess
+
+    if daemon_running(root):
+        info = read_status_file(root)
+        raise UserError(f"a daemon is already running for {root} (pid {info.get('pid', '?')})")
+    (root / "logs").mkdir(exist_ok=True)
+    out = open(root / "logs" / "daemon.stdout", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(root)],
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc.poll() is not None:
+            raise UserError(f"the daemon exited at start (code {proc.returncode}); see {root / 'logs' / 'daemon.stdout'}")
+        if daemon_running(root) and read_status_file(root).get("pid") == proc.pid:
+            return proc.pid
+        time.sleep(0.2)
+    raise UserError(f"the daemon did not start within {timeout:.0f}s; see {root / 'logs'}")
+
+
+def stop_background(root: Path, timeout: float = 120.0) -> bool:
+    if not daemon_running(root):
+        return False
+    pid = read_status_file(root).get("pid")
+    if not pid:
+        raise UserError("a daemon holds the lock but wrote no pid yet; try again in a moment")
+    os.kill(pid, signal.SIGTERM)
+    t = time.time()
+    while time.time() - t < timeout:
+        if not daemon_running(root):
+            return True
+        time.sleep(0.2)
+    raise UserError(f"the daemon (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+SERVICE = """[Unit]
+Description=dopsd-continual daemon ({root})
+
+[Service]
+ExecStart={python} -m dopsd_continual.daemon --state {root}
+Restart=on-failure
+KillSignal=SIGTERM
+TimeoutStopSec=180
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def install_service(root: Path, unit_dir: Path | None = None) -> Path:
+    unit_dir = unit_dir or Path.home() / ".config" / "systemd" / "user"
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / "dopsd.service"
+    atomic_write(path, SERVICE.format(root=root, python=sys.executable).encode())
+    return path
+
+
+def main() -> None:
+    import argparse
+
+    from .store import state_dir
+
+    ap = argparse.ArgumentParser(description="run the dopsd daemon in this process")
+    ap.add_argument("--state", default=None)
+    ap.add_argument("--foreground", action="store_true")
+    a = ap.parse_args()
+    try:
+        Daemon(state_dir(a.state), foreground=a.foreground).run_forever()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
