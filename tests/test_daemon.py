@@ -1,0 +1,182 @@
+"""The daemon and crash safety, with real processes, real signals and real folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_pair
+from dopsd_continual.daemon import Daemon, daemon_running, start_background, status, stop_background
+from dopsd_continual.recipe import RECIPES_DIR
+from dopsd_continual.store import init_state, open_state
+from dopsd_continual.toy.packs import write_pack
+
+
+def fast_recipe(tmp_path: Path, steps=3, gate=False, **daemon) -> Path:
+    text = (RECIPES_DIR / "toy-shapes.toml").read_text().replace("steps = 150", f"steps = {steps}")
+    d = {"interval_minutes": 60, "min_new_samples": 2, "quiet_seconds": 0, "rescan_seconds": 1, **daemon}
+    text += "\n[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+    text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\n"
+    p = tmp_path / "fast.toml"
+    p.write_text(text)
+    return p
+
+
+def wait_for(cond, timeout=60.0, every=0.2):
+    t = time.time()
+    while time.time() - t < timeout:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def count(root, where):
+    st = open_state(root)
+    try:
+        return st.db.execute(f"select count(*) from {where}").fetchone()[0]
+    finally:
+        st.close()
+
+
+def test_dropped_file_is_queued_and_the_threshold_runs_one_round(tmp_path, watch):
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=3)), [watch])
+    d = Daemon(st.root, install_signals=False)
+    d.start()
+    try:
+        make_pair(watch, "one", seed=1)
+        assert wait_for(lambda: count(st.root, "samples where status='queued'") == 1, 20)
+        assert count(st.root, "versions") == 1  # below the threshold: no round yet
+        make_pair(watch, "two", seed=2)
+        (watch / "sub").mkdir()
+        make_pair(watch / "sub", "three", seed=3)
+        assert wait_for(lambda: count(st.root, "versions where status='accepted'") == 2, 90)
+        assert d.rounds_started == 1
+        # not twice at once: two concurrent calls, one round
+        for i in range(3):
+            make_pair(watch, f"more{i}", seed=10 + i)
+        assert wait_for(lambda: count(st.root, "samples where status='queued'") >= 2 or count(st.root, "versions") > 2, 20)
+        before = d.rounds_started
+        threads = [threading.Thread(target=d.round_job, kwargs={"reason": "threshold"}) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert d.rounds_started - before <= 1
+    finally:
+        d.shutdown()
+    assert not daemon_running(st.root)
+    st.close()
+
+
+def test_round_runs_on_schedule(tmp_path, watch):
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=100, interval_minutes=0.03)), [watch])
+    make_pair(watch, "one", seed=1)
+    d = Daemon(st.root, install_signals=False)
+    d.start()
+    try:
+        assert wait_for(lambda: count(st.root, "versions where status='accepted'") == 2, 90)
+    finally:
+        d.shutdown()
+    st.close()
+
+
+def _train_proc(root: Path):
+    return subprocess.Popen([sys.executable, "-m", "dopsd_continual.cli_entry", "train", "--json", "--state", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("when", ["features", "training", "gate"])
+def test_kill_9_of_a_round_leaves_everything_recoverable(tmp_path, when):
+    drop = tmp_path / "drop"
+    write_pack("heart", drop)
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, steps=60, gate=(when == "gate"))), [drop])
+    from dopsd_continual.ingest import ingest_paths
+
+    ingest_paths(st)
+    active = st.active_version
+    proc = _train_proc(st.root)
+    conds = {
+        "features": lambda: count(st.root, "rounds where status='running'") == 1,
+        "training": lambda: count(st.root, "rounds where status='running' and progress > 0.2") == 1,
+        "gate": lambda: count(st.root, "versions where status='candidate'") == 1,
+    }
+    assert wait_for(conds[when], 120, every=0.05), proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    st2 = open_state(st.root)
+    assert st2.active_version == active
+    from dopsd_continual.rounds import recover, round_lock
+
+    with round_lock(st2):
+        assert recover(st2) == ["v1"]
+    assert st2.db["rounds"].get(1)["status"] == "interrupted"
+    assert st2.db["versions"].get("v1")["status"] == "interrupted"
+    assert not (st2.adapters / "v1").exists()
+    assert st2.db.execute("select count(*) from samples where status != 'queued'").fetchone()[0] == 0
+    # the next round succeeds (short)
+    from dopsd_continual.rounds import run_round
+
+    r = run_round(st2, steps=2)
+    assert r["version"] == "v2" and r["verdict"] == "accepted" and st2.active_version == "v2"
+    st2.close()
+    st.close()
+
+
+def test_kill_9_of_the_daemon_then_status_and_restart(tmp_path, watch):
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    pid = start_background(st.root)
+    assert status(st)["running"] and status(st)["pid"] == pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not daemon_running(st.root), 10)
+    s = status(st)
+    assert s["running"] is False and s["pid"] is None
+    pid2 = start_background(st.root)
+    assert pid2 != pid and status(st)["running"]
+    assert stop_background(st.root)
+    assert not status(st)["running"]
+    st.close()
+
+
+def test_sigterm_exits_cleanly_and_one_daemon_per_state(tmp_path, watch):
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: daemon_running(st.root) and (st.root / "daemon.json").exists(), 30)
+    second = subprocess.run([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "already running" in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert not daemon_running(st.root)
+    st.close()
+
+
+def test_cli_round_while_another_holds_the_lock(tmp_path, watch):
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+    from dopsd_continual.rounds import round_lock
+
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    make_pair(watch, "a")
+    with round_lock(st):
+        r = CliRunner().invoke(app, ["train", "--json", "--state", str(st.root)])
+    assert r.exit_code == 1 and "another round is running" in r.output
+    st.close()
+
+
+def test_install_service_writes_a_unit(tmp_path, watch):
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+
+    init_state(tmp_path / "s", None, [watch]).close()
+    r = CliRunner().invoke(app, ["daemon", "install-service", "--unit-dir", str(tmp_path / "units"), "--state", str(tmp_path / "s")])
+    assert r.exit_code == 0
+    unit = (tmp_path / "units" / "dopsd.service").read_text()
+    assert "ExecStart=" in unit and str(tmp_path / "s") in unit and "systemctl --user enable" in r.output
