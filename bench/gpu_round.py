@@ -1,0 +1,218 @@
+"""D-OPSD step time and peak memory on the real-size FLUX.2-klein-4B architecture (random weights).
+
+Times, in one run on one card, at 1024 px (4096 image tokens, 4096 reference tokens), 256 text tokens,
+batch 1, LoRA rank 64 (alpha 128) on the attention projections:
+  (a) the authors' way: K=4 roll-out, every step re-runs the encoders (Qwen3-4B text encoder for the
+      student and teacher prompts, the VAE for the reference image), teacher forward with the reference,
+      student forward, and one backward of the summed loss at the end; gradient checkpointing on;
+  (b) this project's round code (dopsd_continual.training.dopsd_loss_and_backward): cached features, no
+      encoders in memory, a backward per roll-out step; with and without gradient checkpointing.
+Writes bench/results/gpu_round.json (or --out). `--tiny` runs the same code on a tiny config (CPU check).
+Z-Image-Turbo is not measured here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dopsd_continual import klein  # noqa: E402
+from dopsd_continual.training import (  # noqa: E402
+    KleinBackend,
+    add_adapters,
+    adapter_params,
+    dopsd_loss_and_backward,
+    ema_update,
+    remove_adapters,
+    use,
+)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+           "to_qkv_mlp_proj", "attn.to_out"]
+
+
+def configs(tiny: bool):
+    if tiny:
+        tr = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=3 * 64, timestep_guidance_channels=256,
+                  axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+        te = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, vocab_size=512)
+        return tr, te, (1, 2, 3), 64, 16
+    # FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, Qwen3-4B text encoder (2560 x 36 layers)
+    tr = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=3 * 2560, timestep_guidance_channels=256,
+              axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False)
+    te = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=128, vocab_size=151936)
+    return tr, te, (9, 18, 27), 1024, 256
+
+
+def build(tiny: bool, device, dtype):
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    trc, tec, layers, px, txt = configs(tiny)
+    with torch.device(device):
+        tr = Flux2Transformer2DModel(**trc).to(dtype)
+        te = Qwen3ForCausalLM(Qwen3Config(**tec, max_position_embeddings=4096)).to(dtype).eval()
+        vae = (AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if tiny else AutoencoderKLFlux2()).to(dtype).eval()
+    tr.requires_grad_(False)
+    te.requires_grad_(False)
+    vae.requires_grad_(False)
+    return tr, te, vae, layers, px, txt
+
+
+def encode_text(te, ids, layers):
+    out = te(input_ids=ids, output_hidden_states=True, use_cache=False)
+    h = torch.stack([out.hidden_states[k] for k in layers], dim=1)
+    b, c, n, d = h.shape
+    return h.permute(0, 2, 1, 3).reshape(b, n, c * d)
+
+
+def encode_image(vae, img):
+    from diffusers import Flux2KleinPipeline
+
+    lat = vae.encode(img).latent_dist.mode()
+    lat = Flux2KleinPipeline._patchify_latents(lat)
+    return Flux2KleinPipeline._pack_latents(lat)
+
+
+def authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher):
+    """(a): encoders every step, teacher recomputed with the reference, one backward of the summed loss."""
+    b = image.shape[0]
+    dev = image.device
+    x = torch.randn(b, grid[0] * grid[1], 128, device=dev, dtype=tr.dtype)
+    losses = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        with torch.no_grad():
+            emb_s = encode_text(te, ids_s, layers)
+            emb_t = encode_text(te, ids_t, layers)
+            ref = encode_image(vae, image)
+        txt_ids = klein.latent_ids(b, (1, 1), dev)[:, :1].expand(b, emb_s.shape[1], 4).clone()
+        txt_ids[..., 3] = torch.arange(emb_s.shape[1], device=dev)
+        img_ids = klein.latent_ids(b, grid, dev)
+        ref_ids = klein.reference_ids(b, grid, dev)
+        sig = torch.full((b,), s, device=dev)
+        use(tr, "teacher")
+        with torch.no_grad():
+            v_t = klein.velocity(tr, x, sig, emb_t, txt_ids, img_ids, ref, ref_ids).float()
+        use(tr, "student")
+        v_s = klein.velocity(tr, x, sig, emb_s, txt_ids, img_ids).float()
+        losses.append(torch.nn.functional.mse_loss(x.float() - s * v_s, x.float() - s * v_t) / (len(sigmas) - 1))
+        x = (x.float() + (s_next - s) * v_s).detach().to(tr.dtype)
+    torch.stack(losses).sum().backward()
+    torch.nn.utils.clip_grad_norm_(student, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(teacher, student, 0.9999)
+
+
+def project_step(backend, feats, sigmas, opt, student, teacher):
+    """(b): the round's own code path."""
+    noise = torch.randn(len(feats), *feats[0]["latents"].shape, device=backend.device)
+    dopsd_loss_and_backward(backend, feats, sigmas, noise)
+    torch.nn.utils.clip_grad_norm_(student, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(teacher, student, 0.9999)
+
+
+def timed(fn, n: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_round.json"))
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available() and not a.tiny
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.time()
+    tr, te, vae, layers, px, txt = build(a.tiny, dev, dtype)
+    print(f"built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params", flush=True)
+    grid = (px // 16, px // 16)
+    rank = 8 if a.tiny else 64
+    student = add_adapters(tr, rank, 2 * rank, TARGETS)
+    teacher = adapter_params(tr, "teacher")
+    opt = torch.optim.AdamW(student, lr=2e-5)
+    sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
+    ids_s = torch.randint(0, 500, (1, txt), device=dev)
+    ids_t = torch.randint(0, 500, (1, txt), device=dev)
+    image = torch.rand(1, 3, px, px, device=dev, dtype=dtype) * 2 - 1
+    results: dict = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+                     "date": time.strftime("%Y-%m-%d"), "resolution": px, "text_tokens": txt, "lora_rank": rank, "K": 4,
+                     "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                                  "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},
+                     "models": {"flux2-klein-4b": {}}}
+    row = results["models"]["flux2-klein-4b"]
+
+    def peak_reset():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+    def save():
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+    # (a) the authors' way, gradient checkpointing on
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    peak_reset()
+    row["baseline_step_s"] = timed(lambda: authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher), a.steps, sync)
+    row["baseline_peak_gib"] = peak()
+    print("authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
+    save()
+    # features for (b) computed once, then the encoders leave the GPU
+    with torch.no_grad():
+        feats = [{"student_text": encode_text(te, ids_s, layers)[0], "teacher_text": encode_text(te, ids_t, layers)[0],
+                  "latents": encode_image(vae, image)[0].float()}]
+    te.to("cpu")
+    vae.to("cpu")
+    backend = KleinBackend.__new__(KleinBackend)
+    backend.transformer, backend.device, backend.grid = tr, dev, grid
+    for label, gc in (("dopsd", True), ("dopsd_no_ckpt", False)):
+        if gc:
+            tr.enable_gradient_checkpointing()
+        else:
+            tr.disable_gradient_checkpointing()
+        peak_reset()
+        try:
+            row[f"{label}_step_s"] = timed(lambda: project_step(backend, feats, sigmas, opt, student, teacher), a.steps, sync)
+            row[f"{label}_peak_gib"] = peak()
+        except torch.OutOfMemoryError:
+            row[f"{label}_step_s"] = None
+            row[f"{label}_peak_gib"] = "out of memory"
+        print(label, row[f"{label}_step_s"], row[f"{label}_peak_gib"], flush=True)
+        save()
+    if row.get("dopsd_step_s") and row.get("baseline_step_s"):
+        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
+    remove_adapters(tr)
+    save()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
