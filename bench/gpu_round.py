@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_continual import klein  # noqa: E402
-from dopsd_continual.training import (  # noqa: E402
+from dopsd_continual import klein
+from dopsd_continual.training import (
     KleinBackend,
-    add_adapters,
     adapter_params,
+    add_adapters,
     dopsd_loss_and_backward,
     ema_update,
     remove_adapters,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +32,7 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _open(state: Optional[Path]):
+def _open(state: Path | None):
     from .store import open_state, state_dir
 
     return open_state(state_dir(state))
@@ -44,9 +43,9 @@ def _open(state: Optional[Path]):
 
 @app.command()
 def init(
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="recipe TOML path or shipped name"),
+    recipe: str | None = typer.Option(None, "--recipe", help="recipe TOML path or shipped name"),
     watch: list[Path] = typer.Option([], "--watch", help="folder to watch (repeatable)"),
-    state: Optional[Path] = STATE_OPT,
+    state: Path | None = STATE_OPT,
 ) -> None:
     """Create the state directory (config, SQLite, blobs/)."""
     from .store import init_state, state_dir
@@ -63,7 +62,7 @@ def init(
 def ingest(
     paths: list[Path] = typer.Argument(None, help="files or folders (default: the watched folders)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
-    state: Optional[Path] = STATE_OPT,
+    state: Path | None = STATE_OPT,
 ) -> None:
     """One scan now: queue new pairs, report duplicates, ignored and rejected files."""
     from .ingest import ingest_paths
@@ -93,9 +92,9 @@ def ingest(
 
 @queue_app.command("list")
 def queue_list(
-    status: Optional[str] = typer.Option(None, "--status", help="queued, used, rejected, dropped, set_aside"),
+    status: str | None = typer.Option(None, "--status", help="queued, used, rejected, dropped, set_aside"),
     as_json: bool = typer.Option(False, "--json"),
-    state: Optional[Path] = STATE_OPT,
+    state: Path | None = STATE_OPT,
 ) -> None:
     """List samples (all statuses by default)."""
     from .store import SAMPLE_STATUSES
@@ -121,7 +120,7 @@ def queue_list(
     console.print(t)
 
 
-def _set_status(state: Optional[Path], sample_id: int, status: str, event: str) -> None:
+def _set_status(state: Path | None, sample_id: int, status: str, event: str) -> None:
     from .ingest import _history
     from .store import now
 
@@ -137,13 +136,13 @@ def _set_status(state: Optional[Path], sample_id: int, status: str, event: str) 
 
 
 @queue_app.command("retry")
-def queue_retry(sample_id: int, state: Optional[Path] = STATE_OPT) -> None:
+def queue_retry(sample_id: int, state: Path | None = STATE_OPT) -> None:
     """Put a sample back in the queue."""
     _set_status(state, sample_id, "queued", "retry")
 
 
 @queue_app.command("drop")
-def queue_drop(sample_id: int, state: Optional[Path] = STATE_OPT) -> None:
+def queue_drop(sample_id: int, state: Path | None = STATE_OPT) -> None:
     """Take a sample out of training (its blob and record stay)."""
     _set_status(state, sample_id, "dropped", "dropped by user")
 
@@ -153,8 +152,8 @@ def queue_drop(sample_id: int, state: Optional[Path] = STATE_OPT) -> None:
 
 @toy_app.command("pack")
 def toy_pack(
-    name: Optional[str] = typer.Argument(None, help="pack name"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder to write the pairs into"),
+    name: str | None = typer.Argument(None, help="pack name"),
+    out: Path | None = typer.Option(None, "--out", help="folder to write the pairs into"),
     list_: bool = typer.Option(False, "--list", help="list the packs"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -185,12 +184,12 @@ def toy_pack(
 
 @app.command()
 def train(
-    objective: Optional[str] = typer.Option(None, "--objective", help="dopsd (default) or sft"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps (recipe train.steps)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (recipe train.lr)"),
+    objective: str | None = typer.Option(None, "--objective", help="dopsd (default) or sft"),
+    steps: int | None = typer.Option(None, "--steps", help="optimiser steps (recipe train.steps)"),
+    lr: float | None = typer.Option(None, "--lr", help="learning rate (recipe train.lr)"),
     as_json: bool = typer.Option(False, "--json"),
     wait: bool = typer.Option(False, "--wait", help="wait for a running round instead of exiting"),
-    state: Optional[Path] = STATE_OPT,
+    state: Path | None = STATE_OPT,
 ) -> None:
     """One round now on the queued samples, then the gate."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -230,7 +229,7 @@ app.add_typer(versions_app, name="versions")
 
 
 @versions_app.command("list")
-def versions_list(as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+def versions_list(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Every version, with status and the active flag."""
     from .stack import list_versions
 
@@ -255,7 +254,7 @@ def _fmt(v) -> str:
 
 
 @versions_app.command("show")
-def versions_show(version: str, state: Optional[Path] = STATE_OPT) -> None:
+def versions_show(version: str, state: Path | None = STATE_OPT) -> None:
     """One version: parent, status, metrics, reasons, manifest."""
     from .stack import get_version
 
@@ -271,8 +270,8 @@ def versions_show(version: str, state: Optional[Path] = STATE_OPT) -> None:
 
 
 @versions_app.command("rollback")
-def versions_rollback(version: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
-                      state: Optional[Path] = STATE_OPT) -> None:
+def versions_rollback(version: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
+                      state: Path | None = STATE_OPT) -> None:
     """Move the active pointer (default: to the active version's parent). Deletes nothing."""
     from .stack import rollback
 
@@ -283,7 +282,7 @@ def versions_rollback(version: Optional[str] = typer.Argument(None), as_json: bo
 
 
 @versions_app.command("promote")
-def versions_promote(version: str, as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+def versions_promote(version: str, as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Make a version active (a rejected one too: the user overrides the gate)."""
     from .stack import promote
 
@@ -294,8 +293,8 @@ def versions_promote(version: str, as_json: bool = typer.Option(False, "--json")
 
 
 @versions_app.command("squash")
-def versions_squash(version: Optional[str] = typer.Argument(None), rank: Optional[int] = typer.Option(None, "--rank"),
-                    as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+def versions_squash(version: str | None = typer.Argument(None), rank: int | None = typer.Option(None, "--rank"),
+                    as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Fold a chain into one adapter (exact by concatenation; --rank truncates by SVD and reports the error)."""
     from .stack import squash_version
 
@@ -307,7 +306,7 @@ def versions_squash(version: Optional[str] = typer.Argument(None), rank: Optiona
 
 @versions_app.command("export")
 def versions_export(version: str, fmt: str = typer.Option("diffusers", "--format"), out: Path = typer.Option(..., "--out"),
-                    state: Optional[Path] = STATE_OPT) -> None:
+                    state: Path | None = STATE_OPT) -> None:
     """Write a version's adapter (the chain, squashed) as diffusers or ComfyUI LoRA files."""
     from .stack import export_version
 
@@ -318,7 +317,7 @@ def versions_export(version: str, fmt: str = typer.Option("diffusers", "--format
 
 
 @versions_app.command("diff")
-def versions_diff(a: str, b: str, state: Optional[Path] = STATE_OPT) -> None:
+def versions_diff(a: str, b: str, state: Path | None = STATE_OPT) -> None:
     """What changed between two versions: samples and metrics."""
     from .stack import diff_versions
 
@@ -334,13 +333,13 @@ def versions_diff(a: str, b: str, state: Optional[Path] = STATE_OPT) -> None:
 @app.command()
 def sample(
     prompt: str,
-    version: Optional[str] = typer.Option(None, "--version", help="default: the active version"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="default: the model's native step count"),
+    version: str | None = typer.Option(None, "--version", help="default: the active version"),
+    steps: int | None = typer.Option(None, "--steps", help="default: the model's native step count"),
     seed: int = typer.Option(0, "--seed"),
     n: int = typer.Option(1, "-n", help="images (a grid, seeds seed..seed+n-1)"),
-    out: Optional[Path] = typer.Option(None, "--out"),
+    out: Path | None = typer.Option(None, "--out"),
     as_json: bool = typer.Option(False, "--json"),
-    state: Optional[Path] = STATE_OPT,
+    state: Path | None = STATE_OPT,
 ) -> None:
     """Sample from any version (merged weights; PNG text chunks carry prompt, seed, steps, version, model)."""
     from .sampling import sample as do_sample
@@ -352,8 +351,8 @@ def sample(
 
 
 @app.command("eval")
-def eval_cmd(version: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
-             state: Optional[Path] = STATE_OPT) -> None:
+def eval_cmd(version: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json"),
+             state: Path | None = STATE_OPT) -> None:
     """Run the gate's metrics for a version against its parent."""
     from .gate import Gate
     from .sampling import Sampler
@@ -391,7 +390,7 @@ app.add_typer(daemon_app, name="daemon")
 
 @daemon_app.command("start")
 def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="run in this terminal"),
-                 state: Optional[Path] = STATE_OPT) -> None:
+                 state: Path | None = STATE_OPT) -> None:
     """Start the daemon (detached unless --foreground)."""
     from .daemon import Daemon, start_background
     from .store import state_dir
@@ -406,7 +405,7 @@ def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="ru
 
 
 @daemon_app.command("stop")
-def daemon_stop(state: Optional[Path] = STATE_OPT) -> None:
+def daemon_stop(state: Path | None = STATE_OPT) -> None:
     """Stop the daemon (SIGTERM; a running round is abandoned safely, its samples go back to the queue)."""
     from .daemon import stop_background
     from .store import state_dir
@@ -416,7 +415,7 @@ def daemon_stop(state: Optional[Path] = STATE_OPT) -> None:
 
 
 @daemon_app.command("status")
-def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Running or not, active version, queue counts, the round in progress, the next round."""
     from .daemon import status
 
@@ -435,8 +434,8 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Optional
 
 
 @daemon_app.command("install-service")
-def daemon_install_service(unit_dir: Optional[Path] = typer.Option(None, "--unit-dir", help="default ~/.config/systemd/user"),
-                           state: Optional[Path] = STATE_OPT) -> None:
+def daemon_install_service(unit_dir: Path | None = typer.Option(None, "--unit-dir", help="default ~/.config/systemd/user"),
+                           state: Path | None = STATE_OPT) -> None:
     """Write a systemd user unit for this state dir and print how to enable it."""
     from .daemon import install_service
     from .store import state_dir
@@ -451,7 +450,7 @@ def daemon_install_service(unit_dir: Optional[Path] = typer.Option(None, "--unit
 
 
 @app.command()
-def demo(state: Optional[Path] = typer.Option(None, "--state", help="folder for the demo (default ./dopsd-demo)")) -> None:
+def demo(state: Path | None = typer.Option(None, "--state", help="folder for the demo (default ./dopsd-demo)")) -> None:
     """The whole loop on the embedded toy model, on the CPU: ingest, daemon rounds, gate, before/after."""
     from .demo import run_demo
 
@@ -462,7 +461,7 @@ def demo(state: Optional[Path] = typer.Option(None, "--state", help="folder for 
 
 
 @app.command()
-def doctor(as_json: bool = typer.Option(False, "--json"), state: Optional[Path] = STATE_OPT) -> None:
+def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """What is missing on this box (GPU, weights, disk)."""
     from .doctor import diagnose
 

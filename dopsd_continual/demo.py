@@ -46,6 +46,7 @@ def write_demo_recipe(folder: Path) -> Path:
 
     text = (RECIPES_DIR / "toy-shapes.toml").read_text()
     text = text.replace("stability_seconds = 5 ", "stability_seconds = 1 ")
+    text = text.split("\n[daemon]")[0]  # the demo's own [daemon] table follows
     path = folder / "demo-recipe.toml"
     path.write_text(text + DEMO_RECIPE_EXTRA)
     return path

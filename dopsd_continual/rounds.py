@@ -7,9 +7,8 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -96,7 +96,6 @@ class KleinBackend:
         if isinstance(schedule, list):
             return [float(s) for s in schedule] + ([0.0] if schedule[-1] != 0 else [])
         import numpy as np
-
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         sched = self.pipe.scheduler

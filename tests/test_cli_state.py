@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from conftest import make_pair
 from typer.testing import CliRunner
 
-from conftest import make_pair
 from dopsd_continual.cli import app
 from dopsd_continual.errors import UserError
 from dopsd_continual.recipe import validate

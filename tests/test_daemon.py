@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_pair
+
 from dopsd_continual.daemon import Daemon, daemon_running, start_background, status, stop_background
 from dopsd_continual.recipe import RECIPES_DIR
 from dopsd_continual.store import init_state, open_state
@@ -20,6 +20,7 @@ from dopsd_continual.toy.packs import write_pack
 
 def fast_recipe(tmp_path: Path, steps=3, gate=False, **daemon) -> Path:
     text = (RECIPES_DIR / "toy-shapes.toml").read_text().replace("steps = 150", f"steps = {steps}")
+    text = text.split("\n[gate]")[0]  # the shipped [gate] and [daemon] tables are replaced below
     d = {"interval_minutes": 60, "min_new_samples": 2, "quiet_seconds": 0, "rescan_seconds": 1, **daemon}
     text += "\n[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
     text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\n"

@@ -9,9 +9,9 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_image, make_pair, tree_snapshot
 from PIL import Image
 
-from conftest import make_image, make_pair, tree_snapshot
 from dopsd_continual.ingest import ingest_paths, load_rgb_bytes, sample_image
 
 

@@ -11,7 +11,7 @@ from dopsd_continual.errors import UserError
 from dopsd_continual.ingest import ingest_paths
 from dopsd_continual.rounds import run_round
 from dopsd_continual.sampling import Sampler, sample
-from dopsd_continual.stack import chain, list_versions, load_delta, rollback, squash_version, set_active
+from dopsd_continual.stack import chain, list_versions, load_delta, rollback, set_active, squash_version
 from dopsd_continual.toy.packs import write_pack
 
 PROMPT = "a large red heart on the left, black background"

@@ -11,7 +11,6 @@ from dopsd_continual.toy.world import (
     parse_caption,
     random_scene,
     randomise,
-    render,
     render_scenes,
 )
 

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .. import klein
 from . import model as toy_model
-from .world import held_out_captions, randomise, random_scene, render_scenes
+from .world import held_out_captions, random_scene, randomise, render_scenes
 
 DEFAULT_BUDGET = {"vae": 75.0, "base": 210.0, "distill": 140.0, "decoder": 0.0}
 
