@@ -10,8 +10,6 @@ import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 
-import torch
-
 from .errors import RoundBusy, UserError
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
@@ -203,6 +201,7 @@ def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: s
 
 
 def _image_tensor(recipe: dict):
+    import torch
     from PIL import Image
 
     h, w = recipe["model"]["height"], recipe["model"]["width"]

@@ -13,10 +13,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .lora import Delta, merge_into, squash
 from .store import State, fsync_dir, now
+
+if TYPE_CHECKING:  # torch stays out of processes that only list versions or idle (the daemon)
+    from .lora import Delta
 
 STATUSES = ("candidate", "accepted", "rejected", "interrupted", "corrupt")
 
@@ -75,6 +78,8 @@ def load_delta(state: State, vid: str) -> Delta:
         for name, digest in manifest["files"].items():
             if _sha(folder / name) != digest:
                 raise ValueError(f"{name} does not match its manifest sha256")
+        from .lora import Delta
+
         return Delta.load(folder / "delta.safetensors")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         state.db["versions"].update(vid, {"status": "corrupt", "reasons": json.dumps([f"corrupt: {e}"])})
@@ -107,6 +112,8 @@ class WeightSwitcher:
     def set(self, state: State, vid: str) -> None:
         if vid == self.current:
             return
+        from .lora import merge_into
+
         deltas = chain_deltas(state, vid)
         self.transformer.load_state_dict(self.base)
         merge_into(self.transformer, deltas)
@@ -152,7 +159,7 @@ def promote(state: State, vid: str) -> str:
 
 def squash_version(state: State, vid: str | None = None, rank: int | None = None) -> dict:
     """A new version, child of v0, whose one adapter equals the chain to vid (exact unless rank truncates)."""
-    from .lora import truncate
+    from .lora import squash, truncate
 
     vid = vid or state.active_version
     deltas = chain_deltas(state, vid)
@@ -173,7 +180,7 @@ def squash_version(state: State, vid: str | None = None, rank: int | None = None
 
 
 def export_version(state: State, vid: str, fmt: str, out: Path) -> Path:
-    from .lora import export_comfyui, export_diffusers
+    from .lora import export_comfyui, export_diffusers, squash
 
     deltas = chain_deltas(state, vid)
     if not deltas:
