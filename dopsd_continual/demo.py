@@ -116,8 +116,9 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
         daemon.shutdown()
     after_version = st.active_version
     after = sampler.images(DEMO_PROMPTS, list(range(len(DEMO_PROMPTS))), st.recipe["model"]["steps"], after_version)
-    save_png(grid([to_pil(x) for x in before] + [to_pil(x) for x in after], cols=len(DEMO_PROMPTS)),
-             pictures / "before_after.png", {"prompts": DEMO_PROMPTS, "rows": [before_version, after_version]})
+    sheet = grid([to_pil(x) for x in before] + [to_pil(x) for x in after], cols=len(DEMO_PROMPTS))
+    sheet = sheet.resize((sheet.width * 3, sheet.height * 3), 0)  # nearest: 64-px pictures stay readable
+    save_png(sheet, pictures / "before_after.png", {"prompts": DEMO_PROMPTS, "rows": [before_version, after_version]})
     table = Table(title="versions")
     for c in ("id", "parent", "status", "active", "samples", "concept", "retention", "report"):
         table.add_column(c)

@@ -138,3 +138,43 @@ def test_cli_versions_json_shapes(world):
     assert r.exit_code == 1 and "nothing to roll back" in r.output
     r = CliRunner().invoke(app, ["versions", "show", "v99", "--state", str(st.root)])
     assert r.exit_code == 1 and "no version" in r.output
+
+
+def test_diffusers_export_keeps_the_scale_when_alpha_differs_from_rank(tmp_path):
+    """alpha != rank: without the adapter metadata a reloaded LoRA would have the wrong scale."""
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd_continual.lora import Delta, export_diffusers, merge_into, resolve_targets
+    from dopsd_continual.models import resolve_source
+
+    src = resolve_source("embedded:toy-shapes")
+    pipe = Flux2KleinPipeline.from_pretrained(src)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    mods = dict(pipe.transformer.named_modules())
+    weights = {n: (torch.randn(4, mods[n].in_features, generator=g) * 0.05,
+                   torch.randn(mods[n].out_features, 4, generator=g) * 0.05)
+               for n in resolve_targets(pipe.transformer, ["to_q", "to_v", "attn.to_out"])}
+    delta = Delta(weights, 2.0)  # alpha 8, rank 4
+    export_diffusers(delta, tmp_path / "lora")
+    from dopsd_continual import klein
+
+    emb, tids = klein.encode_prompts(pipe, [PROMPT], 40, (1, 2, 3))
+    x = torch.randn(1, 16, 128, generator=g)
+    ids = klein.latent_ids(1, (4, 4), "cpu")
+    sig = torch.tensor([0.7])
+
+    def v(tr):
+        with torch.no_grad():
+            return klein.velocity(tr, x, sig, emb, tids, ids)
+
+    base = v(pipe.transformer)
+    with torch.no_grad():
+        merge_into(pipe.transformer, [delta])
+    merged = v(pipe.transformer)
+    plain = Flux2KleinPipeline.from_pretrained(src)
+    plain.load_lora_weights(tmp_path / "lora")
+    loaded = v(plain.transformer)
+    effect = (merged - base).abs().mean()
+    assert effect > 1e-3
+    assert (loaded - merged).abs().mean() < 0.01 * effect  # a wrong scale (1 instead of 2) would be 0.5 * effect
