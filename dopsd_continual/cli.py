@@ -366,11 +366,9 @@ def eval_cmd(version: str | None = typer.Argument(None), as_json: bool = typer.O
         fail(f"{vid} is the base model: it has no parent to compare with")
     gate = Gate(st, Sampler(st))
     samples = [dict(st.db["samples"].get(i)) for i in json.loads(v["samples"] or "[]")]
-    from .ingest import sample_image
+    from .rounds import gate_samples
 
-    m = st.recipe["model"]
-    rs = [{"caption": s["caption"], "sha256": s["sha256"], "image": sample_image(st, s).resize((m["width"], m["height"]))} for s in samples]
-    metrics = gate.metrics(vid, v["parent"], rs)
+    metrics = gate.metrics(vid, v["parent"], gate_samples(st, samples))
     reasons = gate.verdict(metrics)
     st.close()
     out = {"version": vid, "parent": v["parent"], "verdict": "rejected" if reasons else "accepted", "reasons": reasons, "metrics": metrics}

@@ -164,8 +164,7 @@ def run_round(
         reasons: list[str] = []
         if recipe["gate"]["enabled"]:
             gate = Gate(state, sampler)
-            round_samples = [{"caption": s["caption"], "sha256": s["sha256"], "image": sample_image(state, s).resize(
-                (recipe["model"]["width"], recipe["model"]["height"]))} for s in new]
+            round_samples = gate_samples(state, new)
             m = gate.metrics(vid, parent, round_samples)
             reasons = gate.verdict(m)
             metrics.update(m)
@@ -200,6 +199,12 @@ def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: s
         state.db["rounds"].update(rid, {"status": "done", "finished_at": now(), "progress": 1.0, "message": verdict})
 
 
+def gate_samples(state: State, samples: list[dict]) -> list[dict]:
+    """The round's samples as the gate needs them: caption, hash and the picture at the model's size."""
+    h, w = state.recipe["model"]["height"], state.recipe["model"]["width"]
+    return [{"caption": s["caption"], "sha256": s["sha256"], "image": fit(sample_image(state, s), w, h)} for s in samples]
+
+
 def _image_tensor(recipe: dict):
     import torch
     from PIL import Image
@@ -207,8 +212,7 @@ def _image_tensor(recipe: dict):
     h, w = recipe["model"]["height"], recipe["model"]["width"]
 
     def to_t(im: Image.Image) -> torch.Tensor:
-        if im.size != (w, h):
-            im = _center_crop_resize(im, w, h)
+        im = fit(im, w, h)
         import numpy as np
 
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
@@ -216,9 +220,12 @@ def _image_tensor(recipe: dict):
     return to_t
 
 
-def _center_crop_resize(im, w: int, h: int):
+def fit(im, w: int, h: int):
+    """Scale to cover w x h, then centre-crop: the same framing for training features and the gate."""
     from PIL import Image
 
+    if im.size == (w, h):
+        return im
     sw, sh = im.size
     scale = max(w / sw, h / sh)
     im = im.resize((max(w, round(sw * scale)), max(h, round(sh * scale))), Image.LANCZOS)

@@ -107,6 +107,23 @@ def test_versions_rollback_tree_squash_export(world, tmp_path):
     assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".alpha") for k in keys)
 
 
+def test_eval_runs_the_gate_metrics_for_a_version(world):
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+
+    st, _, _ = world
+    r = CliRunner().invoke(app, ["eval", "v1", "--json", "--state", str(st.root)])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["version"] == "v1" and out["parent"] == "v0" and out["verdict"] in ("accepted", "rejected")
+    for k in ("drift", "sharpness_ratio", "colour_shift", "seed_diversity_ratio", "few_step_gap_ratio",
+              "concept_gap", "retention", "concept_score"):
+        assert k in out["metrics"]
+    r = CliRunner().invoke(app, ["eval", "v0", "--state", str(st.root)])
+    assert r.exit_code == 1 and "base model" in r.output
+
+
 def test_corrupted_adapter_is_detected_and_never_loaded(world):
     st, sampler, _ = world
     vid = next(v["id"] for v in list_versions(st) if v["id"] != "v0" and v["status"] != "corrupt")
