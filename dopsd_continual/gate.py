@@ -152,7 +152,7 @@ class Gate:
         pn, pm = self.many_step(parent)
         m["few_step_gap"] = few_step_gap(cn, cm)
         m["few_step_gap_ratio"] = ratio(m["few_step_gap"], few_step_gap(pn, pm))
-        if round_samples:
+        if round_samples and self.recipe["model"]["backend"] == "flux2-klein":  # needs the reference-image path
             caps = [s["caption"] for s in round_samples]
             seeds = [1000 + i for i in range(len(caps))]
             refs = [s["image"] for s in round_samples]

@@ -107,7 +107,7 @@ def run_round(
 ) -> dict:
     from .gate import Gate
     from .sampling import Sampler
-    from .training import FeatureCache, KleinBackend, train_delta
+    from .training import FeatureCache, make_backend, train_delta
 
     recipe = state.recipe
     train = dict(recipe["train"])
@@ -135,11 +135,13 @@ def run_round(
                 state.db["samples"].update(s["id"], {"status": "training"})
         sampler = sampler or Sampler(state)
         sampler.switch.set(state, parent)  # train on top of the active chain, merged
-        backend = KleinBackend(sampler.pipe, recipe, sampler.pipe.device)
+        backend = make_backend(sampler.pipe, recipe, sampler.pipe.device)
         cache = FeatureCache(state.cache / "features", backend.encoder_id)
         to_t = _image_tensor(recipe)
         feats_new = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in new]
         feats_replay = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in replay]
+        if hasattr(backend, "release_encoders"):
+            backend.release_encoders()
 
         def report(step, total, loss):
             state.db["rounds"].update(rid, {"progress": step / total})

@@ -104,6 +104,16 @@ class KleinBackend:
         return [float(s) for s in sched.sigmas]
 
 
+def make_backend(pipe, recipe: dict, device):
+    """The training backend for the recipe's model family."""
+    if recipe["model"]["backend"] == "z-image-turbo":
+        from .zimage import ZImageBackend, load_teacher_encoder
+
+        vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device)
+        return ZImageBackend(pipe, recipe, device, vl, processor)
+    return KleinBackend(pipe, recipe, device)
+
+
 def _param_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items())[:8]:
@@ -217,7 +227,7 @@ def sft_loss_and_backward(backend: KleinBackend, feats: list[dict], noise: torch
     """Plain flow matching toward the user's image: the baseline objective."""
     use(backend.transformer, STUDENT)
     x0 = torch.stack([f["latents"] for f in feats]).to(noise.device)
-    s = sigma.view(-1, 1, 1)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))  # tokens (klein) or latent maps (Z-Image)
     xt = (1 - s) * x0 + s * noise
     v = backend.velocity(xt, sigma, backend.conditions(feats, teacher=False))
     loss = F.mse_loss(v, noise - x0)

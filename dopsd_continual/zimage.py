@@ -1,0 +1,146 @@
+"""Z-Image-Turbo behind the training interface.
+
+Student condition: the pipeline's own prompt encoding (Qwen3 text encoder, hidden_states[-2], padding
+removed). Teacher condition: the features of [image, prompt] from a Qwen3-VL encoder whose language model
+carries Z-Image's Qwen3 text-encoder weights (copied by matching keys; any mismatch is a clear error), so
+the teacher speaks the student's feature language but has seen the target image.
+Velocity: `ZImagePipeline.__call__` feeds t = 1 - sigma and negates the transformer's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def _suffix(key: str) -> str:
+    for prefix in ("model.language_model.", "language_model.", "model.", ""):
+        if key.startswith(prefix) and (key[len(prefix):].startswith(("layers.", "norm.", "embed_tokens."))):
+            return key[len(prefix):]
+    return key
+
+
+def load_text_weights_into_vl(vl_model, text_encoder) -> int:
+    """Copy the Qwen3 text encoder's weights into the Qwen3-VL language model, key by key."""
+    src = {_suffix(k): v for k, v in text_encoder.state_dict().items() if not k.startswith("lm_head")}
+    lm = vl_model.model.language_model
+    dst = {_suffix(k): k for k in lm.state_dict()}
+    missing = sorted(set(dst) - set(src))
+    extra = sorted(set(src) - set(dst))
+    if missing or extra:
+        raise UserError(
+            "the teacher encoder's language model does not match Z-Image's text encoder: "
+            f"{len(missing)} key(s) missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    state = lm.state_dict()
+    for suffix, key in dst.items():
+        if state[key].shape != src[suffix].shape:
+            raise UserError(f"the teacher encoder's {key} has shape {tuple(state[key].shape)}, "
+                            f"Z-Image's text encoder has {tuple(src[suffix].shape)}")
+        state[key] = src[suffix]
+    lm.load_state_dict(state)
+    return len(dst)
+
+
+class ZImageBackend:
+    def __init__(self, pipe, recipe: dict, device, teacher_model, processor):
+        self.pipe, self.model, self.device = pipe, recipe["model"], torch.device(device)
+        self.transformer = pipe.transformer
+        self.teacher_model, self.processor = teacher_model, processor
+        f = pipe.vae_scale_factor * 2
+        self.grid = (self.model["height"] // f, self.model["width"] // f)
+
+    @property
+    def encoder_id(self) -> str:
+        ident = {"source": str(self.model["source"]), "teacher": str(self.model["teacher_encoder"]),
+                 "template": [self.model["max_sequence_length"], self.model["teacher_instruction"], self.model["height"]]}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def release_encoders(self) -> None:
+        """Features are cached: the VL teacher encoder leaves memory before training starts."""
+        self.teacher_model = None
+
+    def student_text(self, caption: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pipe._encode_prompt([caption], device=self.device, max_sequence_length=self.model["max_sequence_length"])[0]
+
+    def teacher_text(self, caption: str, image: torch.Tensor) -> torch.Tensor:
+        """hidden_states[-2] of the VL encoder over [image, instruction + caption] (all tokens)."""
+        from PIL import Image
+
+        pil = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+        text = f"{self.model['teacher_instruction']} {caption}".strip()
+        inputs = {k: v.to(self.device) for k, v in vl_inputs(*self.processor, pil, text).items()}
+        with torch.no_grad():
+            out = self.teacher_model(**inputs, output_hidden_states=True)
+        return out.hidden_states[-2][0]
+
+    def latents(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with torch.no_grad():
+            lat = vae.encode((image.unsqueeze(0) * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode()
+        return ((lat - vae.config.shift_factor) * vae.config.scaling_factor)[0]
+
+    def features(self, caption: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"student_text": self.student_text(caption).float().cpu(),
+                "teacher_text": self.teacher_text(caption, image).float().cpu(),
+                "latents": self.latents(image).float().cpu()}
+
+    def conditions(self, feats: list[dict], teacher: bool):
+        key = "teacher_text" if teacher else "student_text"
+        return [f[key].to(self.device, self.transformer.dtype) for f in feats]
+
+    def velocity(self, x, sigma, cond) -> torch.Tensor:
+        xs = list(x.to(self.transformer.dtype).unsqueeze(2).unbind(0))
+        out = self.transformer(xs, (1 - sigma).to(self.transformer.dtype), cond, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
+    def sigmas(self, k: int, schedule="pipeline") -> list[float]:
+        if isinstance(schedule, list):
+            return [float(s) for s in schedule] + ([0.0] if schedule[-1] != 0 else [])
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+        sched = self.pipe.scheduler
+        seq = self.grid[0] * self.grid[1]
+        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
+                             sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=get_default_z_image_sigmas(k), mu=mu, device="cpu")
+        return [float(s) for s in sched.sigmas]
+
+
+def vl_inputs(tokenizer, image_processor, image, text: str) -> dict[str, torch.Tensor]:
+    """What Qwen3VLProcessor builds for one [image, text] user turn, without its video processor
+    (which needs torchvision): the image's patches, its grid, and one <|image_pad|> per merged patch."""
+    img = image_processor(images=[image], return_tensors="pt")
+    grid = img["image_grid_thw"]
+    n_tokens = int(grid.prod()) // (image_processor.merge_size**2)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if prompt.count("<|image_pad|>") != 1:
+        raise UserError("the teacher encoder's chat template must place exactly one <|image_pad|> for an image")
+    prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
+    ids = tokenizer(prompt, return_tensors="pt")
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    mm_types = (ids["input_ids"] == image_token).long()  # 1 marks image tokens (M-RoPE needs them), 0 text
+    return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "mm_token_type_ids": mm_types,
+            "pixel_values": img["pixel_values"], "image_grid_thw": grid}
+
+
+def load_teacher_encoder(source: str, text_encoder, device):
+    """Qwen3-VL from a Hugging Face id or folder, its language model replaced by Z-Image's text encoder."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    if not source:
+        raise UserError("model.teacher_encoder is not set: Z-Image's teacher needs a Qwen3-VL (id or folder)")
+    try:
+        vl = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=text_encoder.dtype)
+        processor = (AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source))
+    except OSError as e:
+        raise UserError(f"cannot load the teacher encoder {source}: {str(e).splitlines()[0]}") from None
+    load_text_weights_into_vl(vl, text_encoder)
+    return vl.to(device).eval(), processor
