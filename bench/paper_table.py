@@ -135,7 +135,7 @@ def write_results_md(out: dict) -> None:
             if not rs:
                 continue
 
-            def ms(k):
+            def ms(k, rs=rs):
                 v = [r[k] for r in rs]
                 return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
 

@@ -37,7 +37,12 @@ def text_config(vocab, layers=2):
 
 @pytest.fixture(scope="module")
 def zimage_dirs(tmp_path_factory):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
     from transformers import (
         Qwen2VLImageProcessorPil,
         Qwen3Config,
@@ -167,9 +172,9 @@ def test_a_full_round_on_tiny_zimage_through_the_cli(zimage_dirs, tmp_path):
     """Recipe -> from_pretrained -> features (VL teacher) -> D-OPSD round -> gate -> version -> sample."""
     import json
 
+    from conftest import make_pair
     from typer.testing import CliRunner
 
-    from conftest import make_pair
     from dopsd_continual.cli import app
     from dopsd_continual.recipe import RECIPES_DIR
 
