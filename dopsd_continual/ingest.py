@@ -330,7 +330,16 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
 def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, report: IngestReport) -> None:
     db = state.db
     rows: list[tuple[str, dict]] = []  # (kind, payload) applied in one transaction after the blobs are synced
+    writes: list[tuple[str, str, bytes]] = []  # blob copies, written in parallel (file creation dominates)
     wrote_blob = False
+
+    def flush_writes() -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(lambda w: _write_blob(state, *w), writes))
+        writes.clear()
+
     for c, sig in items:
         path = str(c.image)
         known = db.execute("select signature, outcome, reason, sample_id from files where path=?", [path]).fetchone()
@@ -361,8 +370,11 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             rows.append(("file", {"path": path, "sig": sig, "outcome": "duplicate", "sample_id": existing[0]}))
             report.duplicates.append({"path": path, "of": existing[0], "reason": "same image already ingested"})
             continue
-        img_blob = _write_blob(state, digest, IMAGE_EXTS[c.image.suffix.lower()] and c.image.suffix.lower(), data)
-        cap_blob = _write_blob(state, cap_digest, ".txt", caption_raw)
+        ext = c.image.suffix.lower()
+        img_blob, cap_blob = _blob_path(state, digest, ext), _blob_path(state, cap_digest, ".txt")
+        writes += [(digest, ext, data), (cap_digest, ".txt", caption_raw)]
+        if sum(len(w[2]) for w in writes) > 64_000_000:  # bound the memory a batch of large images holds
+            flush_writes()
         wrote_blob = True
         if existing:
             rows.append(("recaption", {"path": path, "sig": sig, "id": existing[0], "caption": caption,
@@ -377,6 +389,7 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             "rounds": "[]", "rejections": 0, "history": _history(None, {"event": "queued", "source": path}),
             "created_at": now(), "updated_at": now()}}))
     if wrote_blob:
+        flush_writes()
         os.sync()  # blobs durable before the rows that name them commit
         fsync_dir(state.blobs)
     with db.conn:
@@ -413,5 +426,10 @@ def _file_row(db, path: str, sig: str, outcome: str, reason: str | None, sample_
 
 
 def sample_image(state: State, sample: dict) -> Image.Image:
-    """A queued sample's picture as RGB, from its blob (the user's original may be gone)."""
-    return load_rgb_bytes((state.root / sample["image_blob"]).read_bytes())
+    """A queued sample's picture as RGB, from its blob (the user's original may be gone), hash-checked."""
+    from .errors import UserError
+
+    data = (state.root / sample["image_blob"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sample["sha256"]:
+        raise UserError(f"blob {sample['image_blob']} of sample {sample['id']} is damaged (sha256 mismatch)")
+    return load_rgb_bytes(data)
