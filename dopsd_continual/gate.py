@@ -6,7 +6,9 @@ Metrics that need no downloads, each a plain function of image tensors (B, 3, H,
 - colour_shift: change of per-channel mean and std; seed_diversity_ratio: spread across seeds (collapse);
 - few_step_gap_ratio: |native-step - many-step| of the candidate over the parent's own gap;
 - concept_gap: on the round's own captions, distance of the text-only sample to the teacher's
-  reference-conditioned sample (did the student learn what the teacher shows), candidate vs parent.
+  reference-conditioned sample (did the student learn what the teacher shows), candidate vs parent;
+  its ratio is the guard that separates a good round from plain SFT on the distilled model, which moves
+  the few-step outputs away from what the model's own reference path draws (bench/gate_validation.py).
 On the toy model the ground-truth scorer adds retention (held-out) and concept score (round captions).
 A candidate is accepted only if every guard holds; thresholds live in the recipe's [gate] table.
 """
@@ -161,6 +163,7 @@ class Gate:
             stud_p = self._cached(parent, "concept", caps, seeds, self.steps)
             m["concept_gap"] = float((stud_c - teacher).abs().mean())
             m["concept_gap_parent"] = float((stud_p - teacher).abs().mean())
+            m["concept_gap_ratio"] = ratio(m["concept_gap"], m["concept_gap_parent"], eps=1e-6)
         if self.toy:
             from .toy.scorer import score_images
             from .toy.world import parse_caption
@@ -193,6 +196,9 @@ class Gate:
             reasons.append(f"seed diversity ratio {m['seed_diversity_ratio']:.2f} < {g['min_seed_diversity_ratio']} (collapse)")
         if m["few_step_gap_ratio"] > g["max_few_step_gap_ratio"]:
             reasons.append(f"few-step gap ratio {m['few_step_gap_ratio']:.2f} > {g['max_few_step_gap_ratio']}")
+        if "concept_gap_ratio" in m and m["concept_gap_ratio"] > g["max_concept_gap_ratio"]:
+            reasons.append(f"the student did not move toward its reference-conditioned teacher on the round's samples "
+                           f"(gap ratio {m['concept_gap_ratio']:.2f} > {g['max_concept_gap_ratio']})")
         if "retention_drop" in m and m["retention_drop"] > g["max_retention_drop"]:
             reasons.append(f"retention dropped {m['retention_drop']:.3f} > {g['max_retention_drop']}")
         if "concept_gain" in m and m["concept_gain"] < g["min_concept_gain"]:

@@ -65,6 +65,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "min_seed_diversity_ratio": ((int, float), 0.5),
         "max_few_step_gap_ratio": ((int, float), 1.5),
         "min_concept_gain": ((int, float), -1.0),
+        "max_concept_gap_ratio": ((int, float), 0.9),
         "max_rejections_per_sample": (int, 3),
     },
     "daemon": {
