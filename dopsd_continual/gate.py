@@ -164,6 +164,24 @@ class Gate:
             m["concept_gap"] = float((stud_c - teacher).abs().mean())
             m["concept_gap_parent"] = float((stud_p - teacher).abs().mean())
             m["concept_gap_ratio"] = ratio(m["concept_gap"], m["concept_gap_parent"], eps=1e-6)
+        if self.g["clip_model"]:
+            from .embed_metrics import ClipScorer
+
+            clip = ClipScorer(self.g["clip_model"])
+            prompts = [p for p in self.prompts for _ in self.seeds]
+            m["clip_score"] = float(clip.text_image_scores(cand, prompts).mean())
+            m["clip_score_parent"] = float(clip.text_image_scores(par, prompts).mean())
+            m["clip_drop"] = m["clip_score_parent"] - m["clip_score"]
+        if self.g["dino_model"] and round_samples:
+            from .embed_metrics import DinoScorer
+            from .sampling import image_tensor
+
+            dino = DinoScorer(self.g["dino_model"])
+            caps = [s["caption"] for s in round_samples]
+            seeds = [1000 + i for i in range(len(caps))]
+            targets = torch.stack([image_tensor(s["image"]) for s in round_samples])
+            m["dino_concept"] = float(dino.similarity(self._cached(vid, "concept", caps, seeds, self.steps), targets).mean())
+            m["dino_concept_parent"] = float(dino.similarity(self._cached(parent, "concept", caps, seeds, self.steps), targets).mean())
         if self.toy:
             from .toy.scorer import score_images
             from .toy.world import parse_caption
@@ -199,6 +217,8 @@ class Gate:
         if "concept_gap_ratio" in m and m["concept_gap_ratio"] > g["max_concept_gap_ratio"]:
             reasons.append(f"the student did not move toward its reference-conditioned teacher on the round's samples "
                            f"(gap ratio {m['concept_gap_ratio']:.2f} > {g['max_concept_gap_ratio']})")
+        if "clip_drop" in m and m["clip_drop"] > g["max_clip_drop"]:
+            reasons.append(f"CLIP text-image score dropped {m['clip_drop']:.3f} > {g['max_clip_drop']}")
         if "retention_drop" in m and m["retention_drop"] > g["max_retention_drop"]:
             reasons.append(f"retention dropped {m['retention_drop']:.3f} > {g['max_retention_drop']}")
         if "concept_gain" in m and m["concept_gain"] < g["min_concept_gain"]:

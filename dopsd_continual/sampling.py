@@ -58,6 +58,10 @@ class Sampler:
         return torch.cat(out)
 
 
+def image_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
 def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
