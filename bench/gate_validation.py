@@ -33,6 +33,7 @@ KINDS = {"default": {}, "damaging": {"objective": "sft", "lr": 3e-3, "steps": 15
 
 def main() -> None:
     seeds = int(os.environ.get("SEEDS", "10"))
+    offset = int(os.environ.get("SEED_OFFSET", "100"))
     pack = os.environ.get("PACK", "heart")
     out_path = Path(__file__).parent / "results" / "gate_validation.json"
     out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -41,7 +42,7 @@ def main() -> None:
     try:
         write_pack(pack, tmp / "drop")
         sampler = None
-        for seed in range(seeds):
+        for seed in range(offset, offset + seeds):
             recipe = tmp / f"r{seed}.toml"
             recipe.write_text((RECIPES_DIR / "toy-shapes.toml").read_text().replace("seed = 0", f"seed = {seed}"))
             st = init_state(tmp / f"s{seed}", str(recipe), [tmp / "drop"])
@@ -66,7 +67,7 @@ def main() -> None:
             b = [x for x in done if x["kind"] == "damaging"]
             out["false_reject_rate"] = sum(x["verdict"] == "rejected" for x in d) / len(d)
             out["false_accept_rate"] = sum(x["verdict"] == "accepted" for x in b) / len(b)
-            out["seeds_done"] = seed + 1
+            out["seeds_done"] = seed - offset + 1
             out_path.write_text(json.dumps(out, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
