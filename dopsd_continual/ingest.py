@@ -330,15 +330,7 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
 def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, report: IngestReport) -> None:
     db = state.db
     rows: list[tuple[str, dict]] = []  # (kind, payload) applied in one transaction after the blobs are synced
-    writes: list[tuple[str, str, bytes]] = []  # blob copies, written in parallel (file creation dominates)
     wrote_blob = False
-
-    def flush_writes() -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(4) as ex:
-            list(ex.map(lambda w: _write_blob(state, *w), writes))
-        writes.clear()
 
     for c, sig in items:
         path = str(c.image)
@@ -370,11 +362,8 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             rows.append(("file", {"path": path, "sig": sig, "outcome": "duplicate", "sample_id": existing[0]}))
             report.duplicates.append({"path": path, "of": existing[0], "reason": "same image already ingested"})
             continue
-        ext = c.image.suffix.lower()
-        img_blob, cap_blob = _blob_path(state, digest, ext), _blob_path(state, cap_digest, ".txt")
-        writes += [(digest, ext, data), (cap_digest, ".txt", caption_raw)]
-        if sum(len(w[2]) for w in writes) > 64_000_000:  # bound the memory a batch of large images holds
-            flush_writes()
+        img_blob = _write_blob(state, digest, c.image.suffix.lower(), data)
+        cap_blob = _write_blob(state, cap_digest, ".txt", caption_raw)
         wrote_blob = True
         if existing:
             rows.append(("recaption", {"path": path, "sig": sig, "id": existing[0], "caption": caption,
@@ -389,7 +378,6 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             "rounds": "[]", "rejections": 0, "history": _history(None, {"event": "queued", "source": path}),
             "created_at": now(), "updated_at": now()}}))
     if wrote_blob:
-        flush_writes()
         os.sync()  # blobs durable before the rows that name them commit
         fsync_dir(state.blobs)
     with db.conn:
