@@ -1,0 +1,23 @@
+"""The toy model's training script end to end on the CPU with tiny budgets (about 10 s)."""
+
+import json
+
+
+
+def test_training_stages_resume_and_export(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd_continual.toy.train import main
+
+    args = ["--workdir", str(tmp_path / "w"), "--device", "cpu", "--pool", "64", "--workers", "1",
+            "--batch", "4", "--batch-vae", "4", "--batch-distill", "2", "--substeps", "1"]
+    main(["--stage", "all", "--budget", "vae=1", "--budget", "base=1", "--budget", "distill=1",
+          "--out", str(tmp_path / "model"), "--scorer", str(tmp_path / "none"), *args])
+    prog = json.loads((tmp_path / "w" / "progress.json").read_text())
+    assert all(prog[s]["done"] and prog[s]["steps"] > 0 for s in ("vae", "base", "distill"))
+    # resuming a stage continues from its checkpoint and its counters
+    steps = prog["base"]["steps"]
+    main(["--stage", "base", "--budget", "base=2", *args])
+    assert json.loads((tmp_path / "w" / "progress.json").read_text())["base"]["steps"] > steps
+    pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "model")
+    assert pipe.config.is_distilled
