@@ -3,7 +3,6 @@
 import json
 
 
-
 def test_training_stages_resume_and_export(tmp_path):
     from diffusers import Flux2KleinPipeline
 
