@@ -269,15 +269,27 @@ def _blob_path(state: State, digest: str, ext: str) -> Path:
 
 
 def _write_blob(state: State, digest: str, ext: str, data: bytes) -> Path:
-    """Content-addressed copy. Synced in batches by the caller (before the rows that name it commit)."""
+    """Content-addressed copy, synced in batches by the caller before the rows that name it commit.
+
+    A new blob is created exclusively (O_EXCL) and written in place: no row can name it before the sync,
+    so a crash can only leave an unnamed, short file. An existing blob of the wrong size (such a leftover,
+    or another writer's copy in progress) is replaced atomically through a temp file.
+    """
     path = _blob_path(state, digest, ext)
-    if path.exists() and path.stat().st_size == len(data):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _write_blob(state, digest, ext, data)
+    except FileExistsError:
+        if path.stat().st_size == len(data):
+            return path
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
     return path
 
 
