@@ -474,13 +474,6 @@ def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = S
     console.print("[green]ok[/green]" if report["ok"] else "[red]not ok[/red]")
 
 
-def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        fail(str(e))
-
-
 def _wrap_user_errors() -> None:
     """Every command: a UserError is one line on stderr and exit 1, never a traceback."""
     import functools
