@@ -22,20 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .store import State, atomic_write
+from .toy.scorer import high_freq_energy  # the same Laplacian measure the toy scorer uses
 
 TOY_HELD_OUT = 24
 
 
 # -------------------------------------------------------------------------------------------- metrics
-
-
-def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
-    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype).view(1, 1, 3, 3)
-    g = x.mean(1, keepdim=True)
-    return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k).abs().mean(dim=(1, 2, 3))
 
 
 def drift(cand: torch.Tensor, parent: torch.Tensor) -> float:

@@ -411,7 +411,6 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
                 dup = db.execute("select id from samples where sha256=?", [r["sample"]["sha256"]]).fetchone()
                 if dup:  # the same image twice in one batch
                     _file_row(db, r["path"], r["sig"], "duplicate", None, dup[0])
-                    report.queued = [q for q in report.queued if q["path"] != r["path"]]
                     report.duplicates.append({"path": r["path"], "of": dup[0], "reason": "same image already ingested"})
                     continue
                 sid = db["samples"].insert(r["sample"]).last_pk

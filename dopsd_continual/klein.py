@@ -33,14 +33,9 @@ def encode_images(pipe, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, 
 
 
 def latent_ids(batch: int, grid: tuple[int, int], device) -> torch.Tensor:
-    lat = torch.empty(batch, 1, grid[0], grid[1])
-    return _latent_ids_impl(lat).to(device)
-
-
-def _latent_ids_impl(lat: torch.Tensor) -> torch.Tensor:
     from diffusers import Flux2KleinPipeline
 
-    return Flux2KleinPipeline._prepare_latent_ids(lat)
+    return Flux2KleinPipeline._prepare_latent_ids(torch.empty(batch, 1, grid[0], grid[1])).to(device)
 
 
 def reference_ids(batch: int, grid: tuple[int, int], device) -> torch.Tensor:

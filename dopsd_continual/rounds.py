@@ -137,9 +137,16 @@ def run_round(
         sampler.switch.set(state, parent)  # train on top of the active chain, merged
         backend = make_backend(sampler.pipe, recipe, sampler.pipe.device)
         cache = FeatureCache(state.cache / "features", backend.encoder_id)
-        to_t = _image_tensor(recipe)
-        feats_new = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in new]
-        feats_replay = [cache.get(s["sha256"], s["caption"], lambda s=s: backend.features(s["caption"], to_t(sample_image(state, s)))) for s in replay]
+        from .sampling import image_tensor
+
+        h, w = recipe["model"]["height"], recipe["model"]["width"]
+
+        def features(s: dict) -> dict:
+            return cache.get(s["sha256"], s["caption"],
+                             lambda: backend.features(s["caption"], image_tensor(fit(sample_image(state, s), w, h))))
+
+        feats_new = [features(s) for s in new]
+        feats_replay = [features(s) for s in replay]
         if hasattr(backend, "release_encoders"):
             backend.release_encoders()
 
@@ -205,21 +212,6 @@ def gate_samples(state: State, samples: list[dict]) -> list[dict]:
     """The round's samples as the gate needs them: caption, hash and the picture at the model's size."""
     h, w = state.recipe["model"]["height"], state.recipe["model"]["width"]
     return [{"caption": s["caption"], "sha256": s["sha256"], "image": fit(sample_image(state, s), w, h)} for s in samples]
-
-
-def _image_tensor(recipe: dict):
-    import torch
-    from PIL import Image
-
-    h, w = recipe["model"]["height"], recipe["model"]["width"]
-
-    def to_t(im: Image.Image) -> torch.Tensor:
-        im = fit(im, w, h)
-        import numpy as np
-
-        return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-
-    return to_t
 
 
 def fit(im, w: int, h: int):
