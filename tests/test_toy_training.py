@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 
 def test_training_stages_resume_and_export(tmp_path):
     from diffusers import Flux2KleinPipeline
@@ -20,3 +22,12 @@ def test_training_stages_resume_and_export(tmp_path):
     assert json.loads((tmp_path / "w" / "progress.json").read_text())["base"]["steps"] > steps
     pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "model")
     assert pipe.config.is_distilled
+    # the decoder-only stage changes the decoder and nothing the transformer depends on
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "w" / "vae.safetensors"))
+    main(["--stage", "decoder", "--budget", "decoder=1", *args])
+    after = load_file(str(tmp_path / "w" / "vae.safetensors"))
+    assert json.loads((tmp_path / "w" / "progress.json").read_text())["decoder"]["steps"] > 0
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv", "bn.")))

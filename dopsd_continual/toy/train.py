@@ -123,78 +123,54 @@ def sigma_batch(b: int, device, shift: float = toy_model.SCHEDULER_SHIFT) -> tor
     return shift * u / (1 + (shift - 1) * u)
 
 
-def train_vae(ctx: dict) -> None:
+def train_vae(ctx: dict, decoder_only: bool = False) -> None:
+    """The VAE on rendered scenes (L1 + MSE). decoder_only: sharpen the decoder alone, so the encoder (and
+    the latent space the transformer learned) stays fixed, and so do the batch-norm statistics."""
+    stage = "decoder" if decoder_only else "vae"
     dev, work, prog = ctx["device"], ctx["workdir"], ctx["progress"]
-    p = prog.get("vae")
-    vae = ctx["pipe"].vae.to(dev).train()
+    p = prog.get(stage)
+    vae = ctx["pipe"].vae.to(dev)
     load_state(work / "vae.safetensors", vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=ctx["lr_vae"], weight_decay=0.0)
+    vae.train()
+    if decoder_only:
+        vae.eval()
+        vae.decoder.train()
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        if getattr(vae, "post_quant_conv", None) is not None:
+            vae.post_quant_conv.requires_grad_(True)
+    params = [q for q in vae.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ctx["lr_decoder" if decoder_only else "lr_vae"], weight_decay=0.0)
     pool = ctx["pool_a"]
     bs, t0, last_ck = ctx["batch_vae"], time.time(), time.time()
-    budget = ctx["budget"]["vae"] - p["seconds"]
+    budget = ctx["budget"][stage] - p["seconds"]
     while time.time() - t0 < budget:
         idx = torch.randint(len(pool), (bs,))
         x = pool[idx].to(dev).float() / 255 * 2 - 1
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ctx["amp"]):
-            z = vae.encode(x).latent_dist.mode()
+            with torch.set_grad_enabled(not decoder_only):
+                z = vae.encode(x).latent_dist.mode()
             rec = vae.decode(z).sample
-        loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + 1e-6 * z.float().pow(2).mean()
+        loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x)
+        if not decoder_only:
+            loss = loss + 1e-6 * z.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         p["steps"] += 1
         p["samples"] += bs
         if p["steps"] % 100 == 0:
-            psnr = -10 * math.log10(F.mse_loss((rec.float() + 1) / 2, (x + 1) / 2).item() + 1e-12)
-            log(f"vae step {p['steps']} loss {loss.item():.4f} psnr {psnr:.1f} dB")
-        if time.time() - last_ck > 60:
-            save_state(work / "vae.safetensors", vae)
-            last_ck = time.time()
-    p["seconds"] += time.time() - t0
-    vae.eval()
-    set_bn_statistics(ctx)
-    save_state(work / "vae.safetensors", vae)
-    p["done"] = True
-    prog.save()
-
-
-def train_decoder(ctx: dict) -> None:
-    """Sharpen the VAE decoder alone: the encoder (and so the latent space the transformer learned) stays fixed."""
-    dev, work, prog = ctx["device"], ctx["workdir"], ctx["progress"]
-    p = prog.get("decoder")
-    vae = ctx["pipe"].vae.to(dev)
-    vae.eval()
-    vae.decoder.train()
-    vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    if getattr(vae, "post_quant_conv", None) is not None:
-        vae.post_quant_conv.requires_grad_(True)
-    params = [q for q in vae.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ctx["lr_decoder"], weight_decay=0.0)
-    pool = ctx["pool_a"]
-    bs, t0, last_ck = ctx["batch_vae"], time.time(), time.time()
-    budget = ctx["budget"]["decoder"] - p["seconds"]
-    while time.time() - t0 < budget:
-        idx = torch.randint(len(pool), (bs,))
-        x = pool[idx].to(dev).float() / 255 * 2 - 1
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        p["steps"] += 1
-        p["samples"] += bs
-        if p["steps"] % 100 == 0:
-            psnr = -10 * math.log10(F.mse_loss((rec.detach() + 1) / 2, (x + 1) / 2).item() + 1e-12)
-            log(f"decoder step {p['steps']} loss {loss.item():.4f} psnr {psnr:.1f} dB")
-        if time.time() - last_ck > 120:
+            psnr = -10 * math.log10(F.mse_loss((rec.detach().float() + 1) / 2, (x + 1) / 2).item() + 1e-12)
+            log(f"{stage} step {p['steps']} loss {loss.item():.4f} psnr {psnr:.1f} dB")
+        if time.time() - last_ck > 60:  # checkpoint weights and the time spent, so a killed run resumes
             save_state(work / "vae.safetensors", vae)
             p["seconds"] += time.time() - last_ck
             last_ck = time.time()
             prog.save()
     p["seconds"] += time.time() - last_ck
+    vae.eval()
+    if not decoder_only:
+        set_bn_statistics(ctx)
     save_state(work / "vae.safetensors", vae)
     p["done"] = True
     prog.save()
@@ -487,7 +463,7 @@ def main(argv=None) -> None:
             if "tok_a" not in ctx:
                 prepare_tokens(ctx)
         log(f"stage {st}: budget {ctx['budget'][st]:.0f}s")
-        {"vae": train_vae, "base": train_base, "distill": train_distill, "decoder": train_decoder}[st](ctx)
+        {"vae": train_vae, "base": train_base, "distill": train_distill, "decoder": lambda c: train_vae(c, decoder_only=True)}[st](ctx)
     if args.stage == "all":
         export(ctx, Path(args.out))
         if (Path(args.scorer) / "scorer.safetensors").exists():
