@@ -6,9 +6,13 @@ batch 1, LoRA rank 64 (alpha 128) on the attention projections:
       student and teacher prompts, the VAE for the reference image), teacher forward with the reference,
       student forward, and one backward of the summed loss at the end; gradient checkpointing on;
   (b) this project's round code (dopsd_continual.training.dopsd_loss_and_backward): cached features, no
-      encoders in memory, a backward per roll-out step; with and without gradient checkpointing.
-Writes bench/results/gpu_round.json (or --out). `--tiny` runs the same code on a tiny config (CPU check).
-Z-Image-Turbo is not measured here yet.
+      encoders in memory, a backward per roll-out step; with gradient checkpointing of a share of the blocks
+      (1, 0.75, 0.5, 0.25, 0: `train.gradient_checkpointing` in the recipe).
+The same for the real-size Z-Image-Turbo-6B architecture: (a) re-runs its Qwen3-4B text encoder for the
+student and the Qwen3-VL-4B teacher encoder over [1024 px image, text] every roll-out step; (b) uses cached
+features. `dopsd_step_s` is the fastest (b) whose peak is within the budget: the authors' way's peak for
+klein, 22 GiB (a 24 GB card) for Z-Image.
+Writes bench/results/gpu_round.json (or --out). `--tiny` runs the same code on tiny configs (CPU check).
 """
 
 from __future__ import annotations
@@ -32,27 +36,74 @@ from dopsd_continual.training import (
     dopsd_loss_and_backward,
     ema_update,
     remove_adapters,
+    set_checkpointing,
     use,
 )
+from dopsd_continual.zimage import ZImageBackend
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-           "to_qkv_mlp_proj", "attn.to_out"]
+SHARES = [1.0, 0.75, 0.5, 0.25, 0.0]
+ZIMAGE_BUDGET_GIB = 22.0
+ZIMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "to_qkv_mlp_proj",
+    "attn.to_out",
+]
 
 
 def configs(tiny: bool):
     if tiny:
-        tr = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=32,
-                  num_attention_heads=2, joint_attention_dim=3 * 64, timestep_guidance_channels=256,
-                  axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
-        te = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32, vocab_size=512)
+        tr = dict(
+            patch_size=1,
+            in_channels=128,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=3 * 64,
+            timestep_guidance_channels=256,
+            axes_dims_rope=(8, 8, 8, 8),
+            guidance_embeds=False,
+        )
+        te = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=512,
+        )
         return tr, te, (1, 2, 3), 64, 16
     # FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, Qwen3-4B text encoder (2560 x 36 layers)
-    tr = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-              num_attention_heads=24, joint_attention_dim=3 * 2560, timestep_guidance_channels=256,
-              axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False)
-    te = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-              num_key_value_heads=8, head_dim=128, vocab_size=151936)
+    tr = dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3 * 2560,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=False,
+    )
+    te = dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    )
     return tr, te, (9, 18, 27), 1024, 256
 
 
@@ -64,7 +115,15 @@ def build(tiny: bool, device, dtype):
     with torch.device(device):
         tr = Flux2Transformer2DModel(**trc).to(dtype)
         te = Qwen3ForCausalLM(Qwen3Config(**tec, max_position_embeddings=4096)).to(dtype).eval()
-        vae = (AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if tiny else AutoencoderKLFlux2()).to(dtype).eval()
+        vae = (
+            (
+                AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+                if tiny
+                else AutoencoderKLFlux2()
+            )
+            .to(dtype)
+            .eval()
+        )
     tr.requires_grad_(False)
     te.requires_grad_(False)
     vae.requires_grad_(False)
@@ -107,7 +166,9 @@ def authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, st
             v_t = klein.velocity(tr, x, sig, emb_t, txt_ids, img_ids, ref, ref_ids).float()
         use(tr, "student")
         v_s = klein.velocity(tr, x, sig, emb_s, txt_ids, img_ids).float()
-        losses.append(torch.nn.functional.mse_loss(x.float() - s * v_s, x.float() - s * v_t) / (len(sigmas) - 1))
+        losses.append(
+            torch.nn.functional.mse_loss(x.float() - s * v_s, x.float() - s * v_t) / (len(sigmas) - 1)
+        )
         x = (x.float() + (s_next - s) * v_s).detach().to(tr.dtype)
     torch.stack(losses).sum().backward()
     torch.nn.utils.clip_grad_norm_(student, 1.0)
@@ -126,6 +187,171 @@ def project_step(backend, feats, sigmas, opt, student, teacher):
     ema_update(teacher, student, 0.9999)
 
 
+def zimage_configs(tiny: bool):
+    """Z-Image-Turbo-6B transformer, its Qwen3-4B text encoder, the Qwen3-VL-4B vision tower, px, text tokens."""
+    if tiny:
+        tr = dict(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=64,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=64,
+            axes_dims=[8, 12, 12],
+            axes_lens=[1024, 64, 64],
+        )
+        te = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=512,
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=64,
+        )
+        return tr, te, vision, 64, 16
+    tr = dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        cap_feat_dim=2560,
+        rope_theta=256.0,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1024, 512, 512],
+    )
+    te = dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    )
+    vision = dict(
+        depth=24,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_heads=16,
+        out_hidden_size=2560,
+        deepstack_visual_indexes=[5, 11, 17],
+        num_position_embeddings=2304,
+    )
+    return tr, te, vision, 1024, 256
+
+
+def build_zimage(tiny: bool, device, dtype):
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    trc, tec, vision, px, txt = zimage_configs(tiny)
+    v = tec["vocab_size"]
+    special = {
+        "image_token_id": v - 4,
+        "video_token_id": v - 3,
+        "vision_start_token_id": v - 2,
+        "vision_end_token_id": v - 1,
+    }
+    text = dict(
+        tec,
+        max_position_embeddings=8192,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [24, 20, 20] if not tiny else [8, 4, 4],
+            "mrope_interleaved": True,
+        },
+    )
+    vl_cfg = Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2),
+        **special,
+    )
+    with torch.device(device):
+        tr = ZImageTransformer2DModel(**trc).to(dtype)
+        te = Qwen3Model(Qwen3Config(**tec, max_position_embeddings=8192)).to(dtype).eval()
+        vl = Qwen3VLForConditionalGeneration(vl_cfg).to(dtype).eval()
+    for m in (tr, te, vl):
+        m.requires_grad_(False)
+    for p in tr.parameters():  # pad tokens are created with torch.empty: give every weight a finite value
+        if not torch.isfinite(p).all():
+            p.data.normal_(0, 0.02)
+    return tr, te, vl, special, px, txt
+
+
+def zimage_vl_inputs(special: dict, px: int, txt: int, device, dtype) -> dict:
+    """What the Qwen3-VL processor makes of one px x px image and txt text tokens (patch 16, merge 2)."""
+    g = px // 16
+    n_img = g * g // 4
+    ids = (
+        torch.cat(
+            [
+                torch.tensor([special["vision_start_token_id"]]),
+                torch.full((n_img,), special["image_token_id"]),
+                torch.tensor([special["vision_end_token_id"]]),
+                torch.randint(0, 500, (txt,)),
+            ]
+        )
+        .unsqueeze(0)
+        .to(device)
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == special["image_token_id"]).long(),
+        "pixel_values": torch.randn(g * g, 3 * 2 * 16 * 16, device=device, dtype=dtype),
+        "image_grid_thw": torch.tensor([[1, g, g]], device=device),
+    }
+
+
+def zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, student, teacher):
+    """(a) for Z-Image: both encoders every step, teacher with the VL context, one backward of the summed loss."""
+    dev = ids_s.device
+    backend = zimage_backend(tr, dev)
+    x = torch.randn(1, *latent_shape, device=dev)
+    losses = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        with torch.no_grad():
+            cond_s = [te(input_ids=ids_s, output_hidden_states=True).hidden_states[-2][0]]
+            cond_t = [vl(**vl_in, output_hidden_states=True).hidden_states[-2][0]]
+        sig = torch.full((1,), s, device=dev)
+        use(tr, "teacher")
+        with torch.no_grad():
+            v_t = backend.velocity(x, sig, cond_t)
+        use(tr, "student")
+        v_s = backend.velocity(x, sig, cond_s)
+        losses.append(torch.nn.functional.mse_loss(x - s * v_s, x - s * v_t) / (len(sigmas) - 1))
+        x = (x + (s_next - s) * v_s).detach()
+    torch.stack(losses).sum().backward()
+    torch.nn.utils.clip_grad_norm_(student, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(teacher, student, 0.9999)
+
+
+def zimage_backend(tr, dev):
+    backend = ZImageBackend.__new__(ZImageBackend)
+    backend.transformer, backend.device = tr, dev
+    return backend
+
+
 def timed(fn, n: int, sync) -> float:
     fn()  # warm-up
     sync()
@@ -136,19 +362,59 @@ def timed(fn, n: int, sync) -> float:
     return (time.perf_counter() - t) / n
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_round.json"))
-    a = ap.parse_args()
-    cuda = torch.cuda.is_available() and not a.tiny
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+def measure_shares(
+    row, backend, feats, sigmas, opt, student, teacher, steps, sync, cuda, budget_gib, save
+) -> None:
+    """(b) at every checkpointing share; the fastest within the memory budget becomes dopsd_step_s."""
+    tr = backend.transformer
+    for share in SHARES:
+        set_checkpointing(tr, share)
+        label = f"dopsd_ckpt_{share:g}"
+        peak_reset(cuda)
+        try:
+            row[f"{label}_step_s"] = timed(
+                lambda: project_step(backend, feats, sigmas, opt, student, teacher), steps, sync
+            )
+            row[f"{label}_peak_gib"] = peak(cuda)
+        except torch.OutOfMemoryError:
+            row[f"{label}_step_s"], row[f"{label}_peak_gib"] = None, "out of memory"
+            opt.zero_grad(set_to_none=True)
+        print(label, row[f"{label}_step_s"], row[f"{label}_peak_gib"], flush=True)
+        save()
+    set_checkpointing(tr, False)
+    fits = [
+        (row[f"dopsd_ckpt_{s:g}_step_s"], s)
+        for s in SHARES
+        if row[f"dopsd_ckpt_{s:g}_step_s"] and (not cuda or row[f"dopsd_ckpt_{s:g}_peak_gib"] <= budget_gib)
+    ]
+    if fits:
+        best, share = min(fits)
+        row.update(
+            dopsd_step_s=best,
+            dopsd_peak_gib=row[f"dopsd_ckpt_{share:g}_peak_gib"],
+            dopsd_checkpointing_share=share,
+            memory_budget_gib=budget_gib,
+        )
+    save()
+
+
+def peak_reset(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(cuda: bool) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def run_klein(a, dev, dtype, cuda, sync, row, save) -> None:
     t0 = time.time()
     tr, te, vae, layers, px, txt = build(a.tiny, dev, dtype)
-    print(f"built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params", flush=True)
+    print(
+        f"klein built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params",
+        flush=True,
+    )
     grid = (px // 16, px // 16)
     rank = 8 if a.tiny else 64
     student = add_adapters(tr, rank, 2 * rank, TARGETS)
@@ -158,59 +424,142 @@ def main() -> None:
     ids_s = torch.randint(0, 500, (1, txt), device=dev)
     ids_t = torch.randint(0, 500, (1, txt), device=dev)
     image = torch.rand(1, 3, px, px, device=dev, dtype=dtype) * 2 - 1
-    results: dict = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-                     "date": time.strftime("%Y-%m-%d"), "resolution": px, "text_tokens": txt, "lora_rank": rank, "K": 4,
-                     "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
-                                  "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},
-                     "models": {"flux2-klein-4b": {}}}
-    row = results["models"]["flux2-klein-4b"]
+    # (a) the authors' way, gradient checkpointing on
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    peak_reset(cuda)
+    row["baseline_step_s"] = timed(
+        lambda: authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher),
+        a.steps,
+        sync,
+    )
+    row["baseline_peak_gib"] = peak(cuda)
+    print("klein authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
+    save()
+    # features for (b) computed once, then the encoders leave the GPU
+    with torch.no_grad():
+        feats = [
+            {
+                "student_text": encode_text(te, ids_s, layers)[0],
+                "teacher_text": encode_text(te, ids_t, layers)[0],
+                "latents": encode_image(vae, image)[0].float(),
+            }
+        ]
+    te = vae = None  # the encoders leave memory (the timed lambda holds the names)
+    backend = KleinBackend.__new__(KleinBackend)
+    backend.transformer, backend.device, backend.grid = tr, dev, grid
+    measure_shares(
+        row,
+        backend,
+        feats,
+        sigmas,
+        opt,
+        student,
+        teacher,
+        a.steps,
+        sync,
+        cuda,
+        row["baseline_peak_gib"],
+        save,
+    )
+    if row.get("dopsd_step_s"):
+        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
+    remove_adapters(tr)
+    save()
 
-    def peak_reset():
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
 
-    def peak() -> float:
-        return torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
+    t0 = time.time()
+    tr, te, vl, special, px, txt = build_zimage(a.tiny, dev, dtype)
+    print(
+        f"z-image built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params",
+        flush=True,
+    )
+    rank = 8 if a.tiny else 64
+    student = add_adapters(tr, rank, 2 * rank, ZIMAGE_TARGETS)
+    teacher = adapter_params(tr, "teacher")
+    opt = torch.optim.AdamW(student, lr=1e-4)
+    sigmas = [1.0, 0.9, 0.75, 0.5, 0.0]  # the authors' Z-Image schedule
+    latent_shape = (16, px // 8, px // 8)
+    ids_s = torch.randint(0, 500, (1, txt), device=dev)
+    vl_in = zimage_vl_inputs(special, px, txt, dev, dtype)
+    row["teacher_context_tokens"] = int(vl_in["input_ids"].shape[1])
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    peak_reset(cuda)
+    row["baseline_step_s"] = timed(
+        lambda: zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, student, teacher),
+        a.steps,
+        sync,
+    )
+    row["baseline_peak_gib"] = peak(cuda)
+    print("z-image authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
+    save()
+    with torch.no_grad():
+        feats = [
+            {
+                "student_text": te(input_ids=ids_s, output_hidden_states=True).hidden_states[-2][0].float(),
+                "teacher_text": vl(**vl_in, output_hidden_states=True).hidden_states[-2][0].float(),
+                "latents": torch.randn(latent_shape, device=dev),
+            }
+        ]
+    te = vl = None
+    measure_shares(
+        row,
+        zimage_backend(tr, dev),
+        feats,
+        sigmas,
+        opt,
+        student,
+        teacher,
+        a.steps,
+        sync,
+        cuda,
+        ZIMAGE_BUDGET_GIB,
+        save,
+    )
+    if row.get("dopsd_step_s"):
+        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
+    remove_adapters(tr)
+    save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--models", default="flux2-klein-4b,z-image-turbo")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_round.json"))
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available() and not a.tiny
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    results: dict = {
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "resolution": 64 if a.tiny else 1024,
+        "lora_rank": 8 if a.tiny else 64,
+        "K": 4,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__,
+        },
+        "models": {},
+    }
 
     def save():
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2))
 
-    # (a) the authors' way, gradient checkpointing on
-    tr.enable_gradient_checkpointing()
-    tr.train()
-    peak_reset()
-    row["baseline_step_s"] = timed(lambda: authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher), a.steps, sync)
-    row["baseline_peak_gib"] = peak()
-    print("authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
-    save()
-    # features for (b) computed once, then the encoders leave the GPU
-    with torch.no_grad():
-        feats = [{"student_text": encode_text(te, ids_s, layers)[0], "teacher_text": encode_text(te, ids_t, layers)[0],
-                  "latents": encode_image(vae, image)[0].float()}]
-    te.to("cpu")
-    vae.to("cpu")
-    backend = KleinBackend.__new__(KleinBackend)
-    backend.transformer, backend.device, backend.grid = tr, dev, grid
-    for label, gc in (("dopsd", True), ("dopsd_no_ckpt", False)):
-        if gc:
-            tr.enable_gradient_checkpointing()
-        else:
-            tr.disable_gradient_checkpointing()
-        peak_reset()
-        try:
-            row[f"{label}_step_s"] = timed(lambda: project_step(backend, feats, sigmas, opt, student, teacher), a.steps, sync)
-            row[f"{label}_peak_gib"] = peak()
-        except torch.OutOfMemoryError:
-            row[f"{label}_step_s"] = None
-            row[f"{label}_peak_gib"] = "out of memory"
-        print(label, row[f"{label}_step_s"], row[f"{label}_peak_gib"], flush=True)
-        save()
-    if row.get("dopsd_step_s") and row.get("baseline_step_s"):
-        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
-    remove_adapters(tr)
-    save()
+    runners = {"flux2-klein-4b": run_klein, "z-image-turbo": run_zimage}
+    for name in a.models.split(","):
+        results["models"][name] = {}
+        runners[name](a, dev, dtype, cuda, sync, results["models"][name], save)
+        if cuda:
+            torch.cuda.empty_cache()
     print(json.dumps(results, indent=2))
 
 

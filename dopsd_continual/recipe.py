@@ -51,7 +51,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "replay_ratio": ((int, float), 0.25),
         "ema_decay": ((int, float), 0.9999),
         "mixed_precision": (str, "no"),
-        "gradient_checkpointing": (bool, False),
+        "gradient_checkpointing": ((bool, int, float), False),
         "seed": (int, 0),
     },
     "gate": {
@@ -147,6 +147,9 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
         raise UserError(f"{where}: train.replay_ratio must be in [0, 1)")
     if not 0 <= out["train"]["ema_decay"] <= 1:
         raise UserError(f"{where}: train.ema_decay must be in [0, 1]")
+    gc = out["train"]["gradient_checkpointing"]
+    if not isinstance(gc, bool) and not 0 <= gc <= 1:
+        raise UserError(f"{where}: train.gradient_checkpointing must be true/false or a share of blocks in [0, 1]")
     if out["ingest"]["stability_seconds"] < 0:
         raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from . import klein
@@ -187,6 +188,29 @@ def ema_update(teacher: list[torch.nn.Parameter], student: list[torch.nn.Paramet
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
 
+def set_checkpointing(transformer, share: bool | float) -> int:
+    """Gradient checkpointing of a share of the transformer's blocks; returns how many blocks are checkpointed.
+
+    False/0: none (fastest, most memory); True/1: every block (least memory); in between: the first
+    round(share x blocks) blocks in forward order and the rest kept in memory, so a card's spare memory buys
+    back recomputation. Checkpointing recomputes the same forward: loss and gradients are unchanged.
+    """
+    blocks = [b for _, child in transformer.named_children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    n = round(float(share) * len(blocks))
+    if n == 0:
+        transformer.disable_gradient_checkpointing()
+        return 0
+    chosen = {id(b) for b in blocks[:n]}
+
+    def checkpoint_some(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(checkpoint_some)
+    return n
+
+
 def remove_adapters(transformer) -> None:
     transformer.unload_lora()  # removes the peft wrappers: plain Linear layers again
 
@@ -258,8 +282,7 @@ def train_delta(
     rank, alpha = int(train["rank"]), float(train["alpha"])
     student = add_adapters(tr, rank, alpha, train["targets"])
     teacher = adapter_params(tr, TEACHER)
-    if train.get("gradient_checkpointing"):
-        tr.enable_gradient_checkpointing()
+    set_checkpointing(tr, train.get("gradient_checkpointing", False))
     opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
     sigmas = backend.sigmas(int(train["K"]), train["schedule"])
     steps, bs = int(train["steps"]), int(train["batch"])
@@ -272,9 +295,11 @@ def train_delta(
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
                     steps, bs, amp, amp_dtype, losses)
     except BaseException:
+        set_checkpointing(tr, False)
         remove_adapters(tr)
         raise
     tr.eval()
+    set_checkpointing(tr, False)
     seconds = time.time() - t0
     delta = from_peft(tr, STUDENT, alpha / rank)
     remove_adapters(tr)

@@ -53,6 +53,8 @@ def test_bad_recipe_and_paths_are_one_line_errors(tmp_path):
         ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "train": {"bogus": 1}}, "train.bogus"),
         ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "train": {"rank": 0}}, "train.rank"),
         ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "weird": {}}, "[weird]"),
+        ({"model": {"name": "a", "backend": "flux2-klein", "source": "x"}, "train": {"gradient_checkpointing": 1.5}},
+         "train.gradient_checkpointing"),
     ],
 )
 def test_recipe_validation_names_the_key(raw, key):

@@ -14,6 +14,7 @@ from dopsd_continual.training import (
     dopsd_loss_and_backward,
     ema_update,
     remove_adapters,
+    set_checkpointing,
     sft_loss_and_backward,
     train_delta,
     use,
@@ -86,6 +87,33 @@ def test_per_step_backward_equals_one_backward_of_the_summed_loss(backend, feats
     g2 = _grads(adapters)
     assert l1 == pytest.approx(l2, rel=1e-6)
     for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("share", [True, 0.5])
+def test_gradient_checkpointing_keeps_loss_and_gradients(backend, feats, adapters, share, monkeypatch):
+    b, _ = backend
+    with torch.no_grad():
+        for p in adapters:
+            p.add_(torch.randn_like(p) * 0.01)
+    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    l0 = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise)
+    g0 = _grads(adapters)
+    for p in adapters:
+        p.grad = None
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    n = set_checkpointing(b.transformer, share)
+    try:
+        l1 = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise)
+    finally:
+        set_checkpointing(b.transformer, False)
+    blocks = len(b.transformer.transformer_blocks) + len(b.transformer.single_transformer_blocks)
+    assert n == round(float(share) * blocks) and 0 < n
+    assert len({id(f.__self__) for f in calls}) == n  # exactly the chosen blocks were recomputed
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    for a, c in zip(g0, _grads(adapters)):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
 
 
