@@ -111,3 +111,18 @@ def test_model_loads_offline_through_the_pipeline_and_draws_the_prompt(tmp_path,
     imgs = imgs.permute(0, 3, 1, 2).float() / 255
     s = score_images(classifier, imgs, [prompt] * len(imgs)).mean()
     assert s["background"] == 1.0 and s["colour"] >= 0.75 and s["position"] == 1.0
+
+
+def test_trajectory_error_shrinks_with_more_sampling_steps():
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd_continual.models import resolve_source
+    from dopsd_continual.toy.evaluate import final_latents, trajectory_error
+
+    pipe = Flux2KleinPipeline.from_pretrained(resolve_source("embedded:toy-shapes"))
+    caps, seeds = held_out_captions()[:8], list(range(8))
+    ref = final_latents(pipe, pipe.transformer, caps, seeds, 64)
+    assert trajectory_error(ref, ref) == 0.0
+    assert trajectory_error(2 * ref, ref) == pytest.approx(1.0)
+    errs = [trajectory_error(final_latents(pipe, pipe.transformer, caps, seeds, k), ref) for k in (1, 4, 32)]
+    assert errs[0] > errs[1] > errs[2] > 0

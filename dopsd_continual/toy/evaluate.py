@@ -24,6 +24,28 @@ def pipeline_noise(seeds: list[int], device) -> torch.Tensor:
     return Flux2KleinPipeline._pack_latents(torch.cat(noise)).to(device)
 
 
+def final_latents(pipe, transformer, prompts: list[str], seeds: list[int], steps: int, batch: int = 256) -> torch.Tensor:
+    """The sampler's final latent tokens (before decoding) for each prompt and seed."""
+    dev = next(transformer.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i : i + batch], seeds[i : i + batch]
+        emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
+        ids = klein.latent_ids(len(ps), (4, 4), dev)
+        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev), toy_model.schedule_sigmas(steps), emb, text_ids, ids).cpu())
+    return torch.cat(out)
+
+
+def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative RMS distance of final latents to the reference solution of the same noise and prompt.
+
+    With the base model's 128-step solution as reference this is how far a few-step sampler lands from
+    where the flow actually goes: the error step distillation exists to remove, measured before the VAE
+    decoder (which at this model's size hides small latent differences from every image metric).
+    """
+    return float((x - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+
+
 def generate(
     pipe,
     transformer,

@@ -394,7 +394,7 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     """The model-card table: held-out prompts at several step counts, and the reference path on the packs."""
     from PIL import Image
 
-    from .evaluate import concept_rows, sample_sheet, score_prompts
+    from .evaluate import concept_rows, final_latents, sample_sheet, score_prompts, trajectory_error
     from .scorer import load_classifier
 
     pipe, dev, work = ctx["pipe"], ctx["device"], ctx["workdir"]
@@ -405,13 +405,17 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     distilled = copy.deepcopy(base)
     load_state(work / "transformer_distilled.safetensors", distilled)
     prompts = held_out_captions()
-    table: dict = {"held_out_prompts": len(prompts), "rows": []}
-    for label, tr, steps in [("base", base, 4), ("base", base, 32), ("distilled", distilled, 1),
+    table: dict = {"held_out_prompts": len(prompts), "rows": [], "trajectory_reference": "base @ 128 steps"}
+    seeds = list(range(len(prompts)))  # the seeds score_prompts uses
+    reference = final_latents(pipe, base, prompts, seeds, 128)
+    for label, tr, steps in [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
                              ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]:
         t = time.time()
         sc = score_prompts(pipe, tr, clf, prompts, steps)
+        sc["trajectory_error"] = trajectory_error(final_latents(pipe, tr, prompts, seeds, steps), reference)
         table["rows"].append({"model": label, "steps": steps, **sc})
-        log(f"eval {label} @ {steps} steps: overall {sc['overall']:.3f} ({time.time() - t:.1f}s)")
+        log(f"eval {label} @ {steps} steps: overall {sc['overall']:.3f}, trajectory error {sc['trajectory_error']:.3f} "
+            f"({time.time() - t:.1f}s)")
     table["concepts"] = {"base": concept_rows(pipe, base, clf), "distilled": concept_rows(pipe, distilled, clf)}
     for m, rows in table["concepts"].items():
         for name, r in rows.items():
