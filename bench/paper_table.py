@@ -123,12 +123,28 @@ def main() -> None:
     write_results_md(out)
 
 
+RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+
+
+def replace_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
+    """Rewrite the generated block `name` of docs/RESULTS.md; the hand-written analysis around it stays."""
+    begin, end = f"<!-- {name}:begin (generated) -->", f"<!-- {name}:end -->"
+    doc = path.read_text() if path.exists() else "# D-OPSD vs SFT on toy-shapes\n"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) :]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
 def write_results_md(out: dict) -> None:
-    lines = ["# D-OPSD vs SFT on toy-shapes", "",
-             f"Measured by `python bench/paper_table.py` on {out['machine']}, {out['date']}; raw rows in "
+    settings = ", ".join(f"{k} {out['recipe_train'][k]}" for k in ("steps", "lr", "K", "rank", "replay_ratio", "ema_decay"))
+    lines = [f"Measured by `python bench/paper_table.py` on {out['machine']}, {out['date']}; raw rows in "
              "`bench/results/paper_table.json`. One round from the shipped 4-step model per row, scored at 4 steps "
-             "by the ground-truth scorer (mean ± standard deviation over seeds).", "",
-             "| concept | method | steps | concept fidelity | retention | sharpness | seconds |", "|---|---|---|---|---|---|---|"]
+             "by the ground-truth scorer (mean ± standard deviation over seeds). Training settings: "
+             f"{settings}.",
+             "", "| concept | method | steps | concept fidelity | retention | sharpness | seconds |", "|---|---|---|---|---|---|---|"]
     for name in PACKS:
         for method in ("none", "dopsd", "sft", "sft_same_compute"):
             rs = [r for r in out["rows"] if r["concept"] == name and r["method"] == method]
@@ -140,12 +156,12 @@ def write_results_md(out: dict) -> None:
                 return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
 
             lines.append(f"| {name} | {method} | {rs[0]['steps']} | {ms('concept_fidelity')} | {ms('retention')} | {ms('sharpness')} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
-    lines += ["", "## Continual: heart -> striped -> logo (D-OPSD, seed 0)", "",
+    lines += ["", "### Continual: heart -> striped -> logo (D-OPSD, seed 0)", "",
               "| replay | after | heart fidelity | striped fidelity | logo fidelity | retention |", "|---|---|---|---|---|---|"]
     for r in out["continual"]:
         lines.append(f"| {r['replay']} | {r['after']} | {r.get('heart_fidelity', float('nan')):.3f} | "
                      f"{r.get('striped_fidelity', float('nan')):.3f} | {r.get('logo_fidelity', float('nan')):.3f} | {r['retention']:.3f} |")
-    Path(__file__).resolve().parents[1].joinpath("docs", "RESULTS.md").write_text("\n".join(lines) + "\n")
+    replace_section("paper_table", "\n".join(lines))
 
 
 if __name__ == "__main__":
