@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from dopsd_continual.toy.packs import write_pack
 
 
 def fast_recipe(tmp_path: Path, steps=3, gate=False, **daemon) -> Path:
-    text = (RECIPES_DIR / "toy-shapes.toml").read_text().replace("steps = 150", f"steps = {steps}")
+    text = (RECIPES_DIR / "toy-shapes.toml").read_text()
+    text, n = re.subn(r"(?m)^steps = \d+( +# optimiser steps)", rf"steps = {steps}\1", text)
+    assert n == 1  # the [train] section's steps
     text = text.split("\n[gate]")[0]  # the shipped [gate] and [daemon] tables are replaced below
     d = {"interval_minutes": 60, "min_new_samples": 2, "quiet_seconds": 0, "rescan_seconds": 1, **daemon}
     text += "\n[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
