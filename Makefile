@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint results clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# D-OPSD vs SFT, continual learning and the recipe sweep on the toy model: docs/RESULTS.md and
+# bench/results/{paper_table,recipe_sweep}.json (about an hour on 2 idle cores)
+results: setup
+	SEEDS=3 $(BIN)/python bench/paper_table.py
+	SEEDS=2 $(BIN)/python bench/recipe_sweep.py
 
 lint: setup
 	$(BIN)/ruff check dopsd_continual tests bench
