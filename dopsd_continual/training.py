@@ -156,14 +156,21 @@ class FeatureCache:
 # ------------------------------------------------------------------------------------------- adapters
 
 
-def add_adapters(transformer, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
-    """A zero-initialised `student` and an identical `teacher` LoRA; returns the student's parameters."""
+def add_adapters(transformer, rank: int, alpha: float, targets: list[str], seed: int | None = None) -> list[torch.nn.Parameter]:
+    """A zero-initialised `student` and an identical `teacher` LoRA; returns the student's parameters.
+
+    peft draws A from the global RNG: with `seed`, it draws from a forked, seeded one (same round, same
+    adapter, whatever ran before), and the caller's RNG state is left as it was.
+    """
     from peft import LoraConfig
 
     names = resolve_targets(transformer, targets)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights=True)
-    transformer.add_adapter(cfg, adapter_name=STUDENT)
-    transformer.add_adapter(cfg, adapter_name=TEACHER)
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        if seed is not None:
+            torch.manual_seed(seed)
+        transformer.add_adapter(cfg, adapter_name=STUDENT)
+        transformer.add_adapter(cfg, adapter_name=TEACHER)
     student, teacher = adapter_params(transformer, STUDENT), adapter_params(transformer, TEACHER)
     with torch.no_grad():
         for s, t in zip(student, teacher):
@@ -280,7 +287,7 @@ def train_delta(
     tr = backend.transformer
     gen = torch.Generator("cpu").manual_seed(int(train["seed"]))
     rank, alpha = int(train["rank"]), float(train["alpha"])
-    student = add_adapters(tr, rank, alpha, train["targets"])
+    student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
     teacher = adapter_params(tr, TEACHER)
     set_checkpointing(tr, train.get("gradient_checkpointing", False))
     opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
