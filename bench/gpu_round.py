@@ -58,53 +58,24 @@ TARGETS = [
 ]
 
 
+# Qwen3-4B (the text encoder of both models, and the language half of Qwen3-VL-4B), and a tiny stand-in
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936)
+TINY_TE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32, vocab_size=512)
+
+
 def configs(tiny: bool):
+    """FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, Qwen3-4B layers 9/18/27 as text features."""
     if tiny:
-        tr = dict(
-            patch_size=1,
-            in_channels=128,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=32,
-            num_attention_heads=2,
-            joint_attention_dim=3 * 64,
-            timestep_guidance_channels=256,
-            axes_dims_rope=(8, 8, 8, 8),
-            guidance_embeds=False,
-        )
-        te = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            vocab_size=512,
-        )
-        return tr, te, (1, 2, 3), 64, 16
-    # FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, Qwen3-4B text encoder (2560 x 36 layers)
-    tr = dict(
-        patch_size=1,
-        in_channels=128,
-        num_layers=5,
-        num_single_layers=20,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=3 * 2560,
-        timestep_guidance_channels=256,
-        axes_dims_rope=(32, 32, 32, 32),
-        guidance_embeds=False,
-    )
-    te = dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-    )
-    return tr, te, (9, 18, 27), 1024, 256
+        tr = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=3 * 64, timestep_guidance_channels=256,
+                  axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+        return tr, TINY_TE, (1, 2, 3), 64, 16
+    tr = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=3 * 2560, timestep_guidance_channels=256,
+              axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False)
+    return tr, QWEN3_4B, (9, 18, 27), 1024, 256
 
 
 def build(tiny: bool, device, dtype):
@@ -115,15 +86,8 @@ def build(tiny: bool, device, dtype):
     with torch.device(device):
         tr = Flux2Transformer2DModel(**trc).to(dtype)
         te = Qwen3ForCausalLM(Qwen3Config(**tec, max_position_embeddings=4096)).to(dtype).eval()
-        vae = (
-            (
-                AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
-                if tiny
-                else AutoencoderKLFlux2()
-            )
-            .to(dtype)
-            .eval()
-        )
+        vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if tiny else AutoencoderKLFlux2()
+        vae = vae.to(dtype).eval()
     tr.requires_grad_(False)
     te.requires_grad_(False)
     vae.requires_grad_(False)
@@ -190,71 +154,17 @@ def project_step(backend, feats, sigmas, opt, student, teacher):
 def zimage_configs(tiny: bool):
     """Z-Image-Turbo-6B transformer, its Qwen3-4B text encoder, the Qwen3-VL-4B vision tower, px, text tokens."""
     if tiny:
-        tr = dict(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=16,
-            dim=64,
-            n_layers=2,
-            n_refiner_layers=1,
-            n_heads=2,
-            n_kv_heads=2,
-            cap_feat_dim=64,
-            axes_dims=[8, 12, 12],
-            axes_lens=[1024, 64, 64],
-        )
-        te = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            vocab_size=512,
-        )
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            deepstack_visual_indexes=[0],
-            num_position_embeddings=64,
-        )
-        return tr, te, vision, 64, 16
-    tr = dict(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=3840,
-        n_layers=30,
-        n_refiner_layers=2,
-        n_heads=30,
-        n_kv_heads=30,
-        cap_feat_dim=2560,
-        rope_theta=256.0,
-        axes_dims=[32, 48, 48],
-        axes_lens=[1024, 512, 512],
-    )
-    te = dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-    )
-    vision = dict(
-        depth=24,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_heads=16,
-        out_hidden_size=2560,
-        deepstack_visual_indexes=[5, 11, 17],
-        num_position_embeddings=2304,
-    )
-    return tr, te, vision, 1024, 256
+        tr = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+                  n_heads=2, n_kv_heads=2, cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64])
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      deepstack_visual_indexes=[0], num_position_embeddings=64)
+        return tr, TINY_TE, vision, 64, 16
+    tr = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+              n_heads=30, n_kv_heads=30, cap_feat_dim=2560, rope_theta=256.0, axes_dims=[32, 48, 48],
+              axes_lens=[1024, 512, 512])
+    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                  deepstack_visual_indexes=[5, 11, 17], num_position_embeddings=2304)
+    return tr, QWEN3_4B, vision, 1024, 256
 
 
 def build_zimage(tiny: bool, device, dtype):
@@ -398,6 +308,15 @@ def measure_shares(
     save()
 
 
+def finish(row, backend, feats, sigmas, opt, student, teacher, a, sync, cuda, budget_gib, save) -> None:
+    """(b) at every share against the budget, the ratio to (a), adapters removed."""
+    measure_shares(row, backend, feats, sigmas, opt, student, teacher, a.steps, sync, cuda, budget_gib, save)
+    if row.get("dopsd_step_s"):
+        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
+    remove_adapters(backend.transformer)
+    save()
+
+
 def peak_reset(cuda: bool) -> None:
     if cuda:
         torch.cuda.empty_cache()
@@ -448,24 +367,7 @@ def run_klein(a, dev, dtype, cuda, sync, row, save) -> None:
     te = vae = None  # the encoders leave memory (the timed lambda holds the names)
     backend = KleinBackend.__new__(KleinBackend)
     backend.transformer, backend.device, backend.grid = tr, dev, grid
-    measure_shares(
-        row,
-        backend,
-        feats,
-        sigmas,
-        opt,
-        student,
-        teacher,
-        a.steps,
-        sync,
-        cuda,
-        row["baseline_peak_gib"],
-        save,
-    )
-    if row.get("dopsd_step_s"):
-        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
-    remove_adapters(tr)
-    save()
+    finish(row, backend, feats, sigmas, opt, student, teacher, a, sync, cuda, row["baseline_peak_gib"], save)
 
 
 def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
@@ -504,24 +406,7 @@ def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
             }
         ]
     te = vl = None
-    measure_shares(
-        row,
-        zimage_backend(tr, dev),
-        feats,
-        sigmas,
-        opt,
-        student,
-        teacher,
-        a.steps,
-        sync,
-        cuda,
-        ZIMAGE_BUDGET_GIB,
-        save,
-    )
-    if row.get("dopsd_step_s"):
-        row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
-    remove_adapters(tr)
-    save()
+    finish(row, zimage_backend(tr, dev), feats, sigmas, opt, student, teacher, a, sync, cuda, ZIMAGE_BUDGET_GIB, save)
 
 
 def main() -> None:

@@ -56,15 +56,20 @@ def score(pipe, clf, name, seed):
     return {"concept_fidelity": fid["overall"], "retention": ret["overall"], "sharpness": ret["sharpness"]}
 
 
-def main() -> None:
-    seeds = int(os.environ.get("SEEDS", "3"))
-    steps_override = os.environ.get("STEPS")
+def setup_toy():
+    """The shipped toy model with the default recipe on the CPU, its scorer, and a copy of its weights."""
     torch.set_num_threads(int(os.environ.get("THREADS", str(os.cpu_count() or 1))))
     recipe = load_recipe(resolve_recipe_path(None))
     pipe = load_pipeline(recipe, "cpu")
-    backend = KleinBackend(pipe, recipe)
     clf = load_classifier(Path(resolve_source(recipe["model"]["source"])))
     base_sd = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    return recipe, pipe, KleinBackend(pipe, recipe), clf, base_sd
+
+
+def main() -> None:
+    seeds = int(os.environ.get("SEEDS", "3"))
+    steps_override = os.environ.get("STEPS")
+    recipe, pipe, backend, clf, base_sd = setup_toy()
     out_path = Path(__file__).parent / "results" / "paper_table.json"
     out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d"), "recipe_train": recipe["train"], "rows": [], "continual": []}

@@ -30,19 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paper_table import pack_features, replace_section, score  # noqa: E402
+from paper_table import pack_features, replace_section, score, setup_toy  # noqa: E402
 
 from dopsd_continual.lora import from_peft, merge_into  # noqa: E402
-from dopsd_continual.models import load_pipeline, resolve_source  # noqa: E402
-from dopsd_continual.recipe import load_recipe, resolve_recipe_path  # noqa: E402
 from dopsd_continual.toy.packs import PACKS  # noqa: E402
-from dopsd_continual.toy.scorer import load_classifier  # noqa: E402
-from dopsd_continual.training import STUDENT, KleinBackend, train_delta  # noqa: E402
+from dopsd_continual.training import STUDENT, train_delta  # noqa: E402
 
 SNAPSHOTS = [10, 25, 50, 75, 100, 150, 200, 300]  # the default recipe's steps curve
 VARIANT_SNAPSHOTS = [25, 50, 100]  # the variants, around the cheap end of the curve
@@ -70,12 +65,7 @@ def main() -> None:
         write_md(out)
         return
     seeds = int(os.environ.get("SEEDS", "2"))
-    torch.set_num_threads(int(os.environ.get("THREADS", str(os.cpu_count() or 1))))
-    recipe = load_recipe(resolve_recipe_path(None))
-    pipe = load_pipeline(recipe, "cpu")
-    backend = KleinBackend(pipe, recipe)
-    clf = load_classifier(Path(resolve_source(recipe["model"]["source"])))
-    base_sd = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    recipe, pipe, backend, clf, base_sd = setup_toy()
     out_path = Path(__file__).parent / "results" / "recipe_sweep.json"
     out = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
