@@ -24,16 +24,37 @@ def pipeline_noise(seeds: list[int], device) -> torch.Tensor:
     return Flux2KleinPipeline._pack_latents(torch.cat(noise)).to(device)
 
 
-def final_latents(pipe, transformer, prompts: list[str], seeds: list[int], steps: int, batch: int = 256) -> torch.Tensor:
-    """The sampler's final latent tokens (before decoding) for each prompt and seed."""
+def final_latents(
+    pipe,
+    transformer,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    ref_images: torch.Tensor | None = None,
+    batch: int = 256,
+) -> torch.Tensor:
+    """The sampler's final latent tokens (before decoding). With ref_images, the prompts get the teacher
+    instruction and the images ride along as reference tokens."""
     dev = next(transformer.parameters()).device
+    sigmas = toy_model.schedule_sigmas(steps)
     out = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
+        ref = ref_ids = None
+        if ref_images is not None:
+            ps = [f"{toy_model.TEACHER_INSTRUCTION} {p}" for p in ps]
+            ref, _ = klein.encode_images(pipe, ref_images[i : i + batch].to(dev))
+            ref_ids = klein.reference_ids(len(ps), (4, 4), dev)
         emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
         ids = klein.latent_ids(len(ps), (4, 4), dev)
-        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev), toy_model.schedule_sigmas(steps), emb, text_ids, ids).cpu())
+        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev), sigmas, emb, text_ids, ids, ref, ref_ids))
     return torch.cat(out)
+
+
+def decode_latents(pipe, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Images (B, 3, 64, 64) in [0, 1] from final latent tokens, on the CPU."""
+    with torch.no_grad():
+        return torch.cat([klein.decode(pipe, x[i : i + batch], (4, 4)).cpu() for i in range(0, len(x), batch)])
 
 
 def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -56,22 +77,7 @@ def generate(
     batch: int = 256,
 ) -> torch.Tensor:
     """Images (B, 3, 64, 64) in [0, 1]. With ref_images, the prompts get the teacher instruction."""
-    dev = next(transformer.parameters()).device
-    sigmas = toy_model.schedule_sigmas(steps)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ps, ss = prompts[i : i + batch], seeds[i : i + batch]
-        ref = ref_ids = None
-        if ref_images is not None:
-            ps = [f"{toy_model.TEACHER_INSTRUCTION} {p}" for p in ps]
-            ref, _ = klein.encode_images(pipe, ref_images[i : i + batch].to(dev))
-            ref_ids = klein.reference_ids(len(ps), (4, 4), dev)
-        emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
-        ids = klein.latent_ids(len(ps), (4, 4), dev)
-        x = klein.euler_sample(transformer, pipeline_noise(ss, dev), sigmas, emb, text_ids, ids, ref, ref_ids)
-        with torch.no_grad():
-            out.append(klein.decode(pipe, x, (4, 4)).cpu())
-    return torch.cat(out)
+    return decode_latents(pipe, final_latents(pipe, transformer, prompts, seeds, steps, ref_images, batch), batch)
 
 
 def score_prompts(pipe, transformer, classifier, prompts, steps, seed0=0, ref_images=None) -> dict[str, float]:

@@ -394,8 +394,8 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     """The model-card table: held-out prompts at several step counts, and the reference path on the packs."""
     from PIL import Image
 
-    from .evaluate import concept_rows, final_latents, sample_sheet, score_prompts, trajectory_error
-    from .scorer import load_classifier
+    from .evaluate import concept_rows, decode_latents, final_latents, sample_sheet, trajectory_error
+    from .scorer import load_classifier, score_images
 
     pipe, dev, work = ctx["pipe"], ctx["device"], ctx["workdir"]
     pipe.vae.to(dev).eval()
@@ -406,13 +406,14 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     load_state(work / "transformer_distilled.safetensors", distilled)
     prompts = held_out_captions()
     table: dict = {"held_out_prompts": len(prompts), "rows": [], "trajectory_reference": "base @ 128 steps"}
-    seeds = list(range(len(prompts)))  # the seeds score_prompts uses
+    seeds = list(range(len(prompts)))
     reference = final_latents(pipe, base, prompts, seeds, 128)
     for label, tr, steps in [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
                              ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]:
         t = time.time()
-        sc = score_prompts(pipe, tr, clf, prompts, steps)
-        sc["trajectory_error"] = trajectory_error(final_latents(pipe, tr, prompts, seeds, steps), reference)
+        latents = final_latents(pipe, tr, prompts, seeds, steps)  # sampled once: scored and measured
+        sc = score_images(clf, decode_latents(pipe, latents), prompts).mean()
+        sc["trajectory_error"] = trajectory_error(latents, reference)
         table["rows"].append({"model": label, "steps": steps, **sc})
         log(f"eval {label} @ {steps} steps: overall {sc['overall']:.3f}, trajectory error {sc['trajectory_error']:.3f} "
             f"({time.time() - t:.1f}s)")
