@@ -109,6 +109,14 @@ def encode_image(vae, img):
     return Flux2KleinPipeline._pack_latents(lat)
 
 
+def optimiser_step(opt, student, teacher) -> None:
+    """Steps 4-5 of every way measured here: clip, AdamW, EMA teacher."""
+    torch.nn.utils.clip_grad_norm_(student, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(teacher, student, 0.9999)
+
+
 def authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher):
     """(a): encoders every step, teacher recomputed with the reference, one backward of the summed loss."""
     b = image.shape[0]
@@ -135,20 +143,14 @@ def authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, st
         )
         x = (x.float() + (s_next - s) * v_s).detach().to(tr.dtype)
     torch.stack(losses).sum().backward()
-    torch.nn.utils.clip_grad_norm_(student, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ema_update(teacher, student, 0.9999)
+    optimiser_step(opt, student, teacher)
 
 
 def project_step(backend, feats, sigmas, opt, student, teacher):
     """(b): the round's own code path."""
     noise = torch.randn(len(feats), *feats[0]["latents"].shape, device=backend.device)
     dopsd_loss_and_backward(backend, feats, sigmas, noise)
-    torch.nn.utils.clip_grad_norm_(student, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ema_update(teacher, student, 0.9999)
+    optimiser_step(opt, student, teacher)
 
 
 def zimage_configs(tiny: bool):
@@ -250,10 +252,7 @@ def zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, stu
         losses.append(torch.nn.functional.mse_loss(x - s * v_s, x - s * v_t) / (len(sigmas) - 1))
         x = (x + (s_next - s) * v_s).detach()
     torch.stack(losses).sum().backward()
-    torch.nn.utils.clip_grad_norm_(student, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ema_update(teacher, student, 0.9999)
+    optimiser_step(opt, student, teacher)
 
 
 def zimage_backend(tr, dev):
@@ -308,6 +307,17 @@ def measure_shares(
     save()
 
 
+def measure_baseline(row, tr, step, a, sync, cuda, save) -> None:
+    """(a): the authors' way, with gradient checkpointing on every block, as they train."""
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    peak_reset(cuda)
+    row["baseline_step_s"] = timed(step, a.steps, sync)
+    row["baseline_peak_gib"] = peak(cuda)
+    print("authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
+    save()
+
+
 def finish(row, backend, feats, sigmas, opt, student, teacher, a, sync, cuda, budget_gib, save) -> None:
     """(b) at every share against the budget, the ratio to (a), adapters removed."""
     measure_shares(row, backend, feats, sigmas, opt, student, teacher, a.steps, sync, cuda, budget_gib, save)
@@ -330,10 +340,7 @@ def peak(cuda: bool) -> float:
 def run_klein(a, dev, dtype, cuda, sync, row, save) -> None:
     t0 = time.time()
     tr, te, vae, layers, px, txt = build(a.tiny, dev, dtype)
-    print(
-        f"klein built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params",
-        flush=True,
-    )
+    print(f"klein built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params", flush=True)
     grid = (px // 16, px // 16)
     rank = 8 if a.tiny else 64
     student = add_adapters(tr, rank, 2 * rank, TARGETS)
@@ -343,18 +350,8 @@ def run_klein(a, dev, dtype, cuda, sync, row, save) -> None:
     ids_s = torch.randint(0, 500, (1, txt), device=dev)
     ids_t = torch.randint(0, 500, (1, txt), device=dev)
     image = torch.rand(1, 3, px, px, device=dev, dtype=dtype) * 2 - 1
-    # (a) the authors' way, gradient checkpointing on
-    tr.enable_gradient_checkpointing()
-    tr.train()
-    peak_reset(cuda)
-    row["baseline_step_s"] = timed(
-        lambda: authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher),
-        a.steps,
-        sync,
-    )
-    row["baseline_peak_gib"] = peak(cuda)
-    print("klein authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
-    save()
+    measure_baseline(row, tr, lambda: authors_step(tr, te, vae, layers, ids_s, ids_t, image, sigmas, grid, opt, student, teacher),
+                     a, sync, cuda, save)
     # features for (b) computed once, then the encoders leave the GPU
     with torch.no_grad():
         feats = [
@@ -373,10 +370,7 @@ def run_klein(a, dev, dtype, cuda, sync, row, save) -> None:
 def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
     t0 = time.time()
     tr, te, vl, special, px, txt = build_zimage(a.tiny, dev, dtype)
-    print(
-        f"z-image built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params",
-        flush=True,
-    )
+    print(f"z-image built in {time.time() - t0:.1f}s: transformer {sum(p.numel() for p in tr.parameters()) / 1e9:.2f} B params", flush=True)
     rank = 8 if a.tiny else 64
     student = add_adapters(tr, rank, 2 * rank, ZIMAGE_TARGETS)
     teacher = adapter_params(tr, "teacher")
@@ -386,17 +380,8 @@ def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
     ids_s = torch.randint(0, 500, (1, txt), device=dev)
     vl_in = zimage_vl_inputs(special, px, txt, dev, dtype)
     row["teacher_context_tokens"] = int(vl_in["input_ids"].shape[1])
-    tr.enable_gradient_checkpointing()
-    tr.train()
-    peak_reset(cuda)
-    row["baseline_step_s"] = timed(
-        lambda: zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, student, teacher),
-        a.steps,
-        sync,
-    )
-    row["baseline_peak_gib"] = peak(cuda)
-    print("z-image authors' way:", row["baseline_step_s"], row["baseline_peak_gib"], flush=True)
-    save()
+    measure_baseline(row, tr, lambda: zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, student, teacher),
+                     a, sync, cuda, save)
     with torch.no_grad():
         feats = [
             {
