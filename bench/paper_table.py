@@ -108,24 +108,32 @@ def main() -> None:
             out_path.write_text(json.dumps(out, indent=2))
 
     # continual: heart -> striped -> logo, merged after each round, with and without replay
-    order = list(PACKS)
+    train = dict(recipe["train"], seed=0)
+    if steps_override:
+        train["steps"] = int(steps_override)
     for replay in (False, True):
-        pipe.transformer.load_state_dict(base_sd)
-        seen: list[dict] = []
-        for i, name in enumerate(order):
-            train = dict(recipe["train"], seed=0)
-            if steps_override:
-                train["steps"] = int(steps_override)
-            res = train_delta(backend, feats[name], seen if replay else [], train, "dopsd")
-            merge_into(pipe.transformer, [res.delta])
-            seen += feats[name]
-            row = {"replay": replay, "after": name, **{f"{p}_fidelity": score(pipe, clf, p, 0)["concept_fidelity"] for p in order[: i + 1]}}
-            row["retention"] = score(pipe, clf, order[0], 0)["retention"]
-            out["continual"].append(row)
-            print("continual", row, flush=True)
+        for row in continual(pipe, backend, clf, feats, base_sd, train, replay):
+            out["continual"].append({"replay": replay, **row})
             out_path.write_text(json.dumps(out, indent=2))
-    pipe.transformer.load_state_dict(base_sd)
     write_results_md(out)
+
+
+def continual(pipe, backend, clf, feats, base_sd, train, replay: bool):
+    """The packs learned one after another from the shipped model, each round merged before the next;
+    with `replay`, each round also draws from the earlier packs' samples (train's replay_ratio). Yields,
+    after every round, the fidelity of each pack learned so far and the first pack's retention."""
+    order = list(PACKS)
+    pipe.transformer.load_state_dict(base_sd)
+    seen: list[dict] = []
+    for i, name in enumerate(order):
+        res = train_delta(backend, feats[name], seen if replay else [], train, "dopsd")
+        merge_into(pipe.transformer, [res.delta])
+        seen += feats[name]
+        row = {"after": name, **{f"{p}_fidelity": score(pipe, clf, p, 0)["concept_fidelity"] for p in order[: i + 1]}}
+        row["retention"] = score(pipe, clf, order[0], 0)["retention"]
+        print("continual", row, flush=True)
+        yield row
+    pipe.transformer.load_state_dict(base_sd)
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"

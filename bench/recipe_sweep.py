@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paper_table import pack_features, replace_section, score, setup_toy  # noqa: E402
+from paper_table import continual, pack_features, replace_section, score, setup_toy  # noqa: E402
 
 from dopsd_continual.lora import from_peft, merge_into  # noqa: E402
 from dopsd_continual.toy.packs import PACKS  # noqa: E402
@@ -144,22 +144,11 @@ def replay(out, recipe, pipe, backend, clf, feats, base_sd, out_path) -> None:
     train = dict(recipe["train"], **SWEEP_BASE, steps=best["steps"], seed=0)
     train["lr"] = float(train["lr"]) * v.get("lr_scale", 1.0)
     train.update({k: v[k] for k in ("K", "rank", "alpha") if k in v})
-    order = list(PACKS)
     out["continual"] = []
-    for ratio in REPLAY:
-        pipe.transformer.load_state_dict(base_sd)
-        seen: list[dict] = []
-        for i, name in enumerate(order):
-            res = train_delta(backend, feats[name], seen, dict(train, replay_ratio=ratio), "dopsd")
-            merge_into(pipe.transformer, [res.delta])
-            seen += feats[name]
-            row = {"replay_ratio": ratio, "after": name,
-                   **{f"{p}_fidelity": score(pipe, clf, p, 0)["concept_fidelity"] for p in order[: i + 1]}}
-            row["retention"] = score(pipe, clf, order[0], 0)["retention"]
-            out["continual"].append(row)
-            print("continual", row, flush=True)
+    for ratio in REPLAY:  # the earlier samples are always offered; the ratio decides how often they are drawn
+        for row in continual(pipe, backend, clf, feats, base_sd, dict(train, replay_ratio=ratio), replay=True):
+            out["continual"].append({"replay_ratio": ratio, **row})
             out_path.write_text(json.dumps(out, indent=2))
-    pipe.transformer.load_state_dict(base_sd)
     out["seconds_replay"] = time.time() - t_start
     out_path.write_text(json.dumps(out, indent=2))
     write_md(out)
