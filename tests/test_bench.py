@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,26 @@ def test_gpu_round_dry_run_on_tiny_configs(tmp_path):
         for share in ("1", "0.75", "0.5", "0.25", "0"):
             assert row[f"dopsd_ckpt_{share}_step_s"] > 0
     assert res["models"]["z-image-turbo"]["teacher_context_tokens"] > 16  # image tokens + text
+
+
+def test_recipe_sweep_picks_the_cheapest_setting_within_the_retention_limit_and_90_percent_of_the_best_gain():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from recipe_sweep import REFERENCE_STEPS, summarise
+
+    none = [{"concept": c, "seed": 0, "concept_fidelity": 0.5, "retention": 0.8} for c in ("heart", "striped", "logo")]
+
+    def rows(variant, steps, k, gain, drop, seconds):
+        return [{"variant": variant, "concept": c, "seed": 0, "steps": steps, "K": k, "lr": 1e-3, "rank": 8,
+                 "seconds": seconds, "concept_fidelity": 0.5 + gain, "retention": 0.8 - drop} for c in ("heart", "striped", "logo")]
+
+    out = {"none": none, "rows": [
+        *rows("default", REFERENCE_STEPS, 4, 0.10, 0.04, 50),   # best gain within the limit
+        *rows("default", 300, 4, 0.20, 0.08, 100),              # more gain, too much forgetting: not admissible
+        *rows("K 2", 100, 2, 0.091, 0.03, 20),                  # 91%: good, 200 passes
+        *rows("K 2", 50, 2, 0.089, 0.02, 10),                   # 89%: not good, though cheaper
+        *rows("lr x2", 50, 4, 0.095, 0.03, 25),                 # good, 200 passes too, but slower: the tie-break
+    ]}
+    sm = summarise(out)
+    assert sm["best_gain"] == pytest.approx(0.10)
+    assert (sm["cheapest_good"]["variant"], sm["cheapest_good"]["steps"]) == ("K 2", 100)
+    assert sm["default"]["steps"] == REFERENCE_STEPS
