@@ -11,7 +11,8 @@ batch 1, LoRA rank 64 (alpha 128) on the attention projections:
 The same for the real-size Z-Image-Turbo-6B architecture: (a) re-runs its Qwen3-4B text encoder for the
 student and the Qwen3-VL-4B teacher encoder over [1024 px image, text] every roll-out step; (b) uses cached
 features. `dopsd_step_s` is the fastest (b) whose peak is within the budget: the authors' way's peak for
-klein, 22 GiB (a 24 GB card) for Z-Image.
+klein, 22 GiB (a 24 GB card) for Z-Image. Then (b) again with the frozen base weights stored as int8
+(`train.base_weights = "int8"`) at shares 1, 0.5 and 0: the memory option for 24 GB cards.
 Writes bench/results/gpu_round.json (or --out). `--tiny` runs the same code on tiny configs (CPU check).
 """
 
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dopsd_continual import klein
+from dopsd_continual.quant import quantize_int8, restore
 from dopsd_continual.training import (
     KleinBackend,
     adapter_params,
@@ -42,6 +44,7 @@ from dopsd_continual.training import (
 from dopsd_continual.zimage import ZImageBackend
 
 SHARES = [1.0, 0.75, 0.5, 0.25, 0.0]
+INT8_SHARES = [1.0, 0.5, 0.0]
 ZIMAGE_BUDGET_GIB = 22.0
 ZIMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGETS = [
@@ -272,13 +275,13 @@ def timed(fn, n: int, sync) -> float:
 
 
 def measure_shares(
-    row, backend, feats, sigmas, opt, student, teacher, steps, sync, cuda, budget_gib, save
+    row, backend, feats, sigmas, opt, student, teacher, steps, sync, cuda, budget_gib, save, prefix="dopsd", shares=SHARES
 ) -> None:
-    """(b) at every checkpointing share; the fastest within the memory budget becomes dopsd_step_s."""
+    """(b) at every checkpointing share; the fastest within the memory budget becomes {prefix}_step_s."""
     tr = backend.transformer
-    for share in SHARES:
+    for share in shares:
         set_checkpointing(tr, share)
-        label = f"dopsd_ckpt_{share:g}"
+        label = f"{prefix}_ckpt_{share:g}"
         peak_reset(cuda)
         try:
             row[f"{label}_step_s"] = timed(
@@ -292,18 +295,18 @@ def measure_shares(
         save()
     set_checkpointing(tr, False)
     fits = [
-        (row[f"dopsd_ckpt_{s:g}_step_s"], s)
-        for s in SHARES
-        if row[f"dopsd_ckpt_{s:g}_step_s"] and (not cuda or row[f"dopsd_ckpt_{s:g}_peak_gib"] <= budget_gib)
+        (row[f"{prefix}_ckpt_{s:g}_step_s"], s)
+        for s in shares
+        if row[f"{prefix}_ckpt_{s:g}_step_s"] and (not cuda or row[f"{prefix}_ckpt_{s:g}_peak_gib"] <= budget_gib)
     ]
     if fits:
         best, share = min(fits)
-        row.update(
-            dopsd_step_s=best,
-            dopsd_peak_gib=row[f"dopsd_ckpt_{share:g}_peak_gib"],
-            dopsd_checkpointing_share=share,
-            memory_budget_gib=budget_gib,
-        )
+        row.update({
+            f"{prefix}_step_s": best,
+            f"{prefix}_peak_gib": row[f"{prefix}_ckpt_{share:g}_peak_gib"],
+            f"{prefix}_checkpointing_share": share,
+            "memory_budget_gib": budget_gib,
+        })
     save()
 
 
@@ -323,6 +326,10 @@ def finish(row, backend, feats, sigmas, opt, student, teacher, a, sync, cuda, bu
     measure_shares(row, backend, feats, sigmas, opt, student, teacher, a.steps, sync, cuda, budget_gib, save)
     if row.get("dopsd_step_s"):
         row["dopsd_vs_baseline"] = row["dopsd_step_s"] / row["baseline_step_s"]
+    originals = quantize_int8(backend.transformer)  # int8 base weights: the 24 GB card option
+    measure_shares(row, backend, feats, sigmas, opt, student, teacher, a.steps, sync, cuda, budget_gib, save,
+                   prefix="int8", shares=INT8_SHARES)
+    restore(backend.transformer, originals)
     remove_adapters(backend.transformer)
     save()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .quant import BASE_WEIGHTS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "toy-shapes"
@@ -52,6 +53,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "ema_decay": ((int, float), 0.9999),
         "mixed_precision": (str, "no"),
         "gradient_checkpointing": ((bool, int, float), False),
+        "base_weights": (str, "native"),
         "seed": (int, 0),
     },
     "gate": {
@@ -150,6 +152,8 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
     gc = out["train"]["gradient_checkpointing"]
     if not isinstance(gc, bool) and not 0 <= gc <= 1:
         raise UserError(f"{where}: train.gradient_checkpointing must be true/false or a share of blocks in [0, 1]")
+    if out["train"]["base_weights"] not in BASE_WEIGHTS:
+        raise UserError(f"{where}: train.base_weights must be one of {', '.join(BASE_WEIGHTS)}")
     if out["ingest"]["stability_seconds"] < 0:
         raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
     return out

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from . import klein
 from .lora import Delta, from_peft, resolve_targets
+from .quant import quantize_int8, restore
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -290,6 +291,7 @@ def train_delta(
     student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
     teacher = adapter_params(tr, TEACHER)
     set_checkpointing(tr, train.get("gradient_checkpointing", False))
+    originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}
     opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
     sigmas = backend.sigmas(int(train["K"]), train["schedule"])
     steps, bs = int(train["steps"]), int(train["batch"])
@@ -302,10 +304,12 @@ def train_delta(
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
                     steps, bs, amp, amp_dtype, losses)
     except BaseException:
+        restore(tr, originals)
         set_checkpointing(tr, False)
         remove_adapters(tr)
         raise
     tr.eval()
+    restore(tr, originals)
     set_checkpointing(tr, False)
     seconds = time.time() - t0
     delta = from_peft(tr, STUDENT, alpha / rank)

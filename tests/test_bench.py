@@ -26,6 +26,9 @@ def test_gpu_round_dry_run_on_tiny_configs(tmp_path):
         assert 0 <= row["dopsd_checkpointing_share"] <= 1
         for share in ("1", "0.75", "0.5", "0.25", "0"):
             assert row[f"dopsd_ckpt_{share}_step_s"] > 0
+        for share in ("1", "0.5", "0"):
+            assert row[f"int8_ckpt_{share}_step_s"] > 0
+        assert row["int8_step_s"] > 0
     assert res["models"]["z-image-turbo"]["teacher_context_tokens"] > 16  # image tokens + text
 
 
