@@ -4,10 +4,13 @@ import torch
 
 from dopsd_continual.toy.packs import PACKS, pack_eval_captions, write_pack
 from dopsd_continual.toy.world import (
+    COLOURS,
     Scene,
     Thing,
     all_base_captions,
     held_out_captions,
+    held_out_loose_captions,
+    loosen,
     parse_caption,
     random_scene,
     randomise,
@@ -35,6 +38,35 @@ def test_caption_grammar_round_trip():
     assert parse_caption("a photo of my dog") is None
     assert parse_caption("a large red circle in the center, blue background") == Scene(
         "blue", (Thing("circle", "red", "large", "center"),))
+
+
+def test_loose_captions_round_trip_and_stay_out_of_strict_parsing():
+    rng = np.random.default_rng(5)
+    n_loose = 0
+    for _ in range(300):
+        s = loosen(random_scene(rng), rng, 0.4)
+        assert parse_caption(s.caption(), loose=True) == s.nominal()
+        if s.loose:
+            n_loose += 1
+            assert parse_caption(s.caption()) is None  # the strict grammar says everything
+    assert n_loose > 150
+    assert parse_caption("a red circle", loose=True) == Scene(None, (Thing("circle", "red", None, None),))
+    assert parse_caption("a dotted square at the top, blue background", loose=True) == Scene(
+        "blue", (Thing("square", None, None, "top", "dotted"),))
+    assert parse_caption("a dotted red square", loose=True) is None  # colour before pattern, as captions say it
+    held = held_out_loose_captions()
+    assert len(held) == 200 and not set(held) & set(all_base_captions())
+    assert all(parse_caption(c, loose=True).loose for c in held)
+
+
+def test_training_pool_keeps_both_held_out_sets_out():
+    from dopsd_continual.toy.train import make_pool
+
+    caps, a, b = make_pool(1000, seed=3, workers=1, loose=0.5)
+    assert len(caps) == len(a) == len(b) == 1000
+    assert not set(caps) & (set(held_out_captions()) | set(held_out_loose_captions()))
+    loose = [c for c in caps if parse_caption(c, loose=True).loose]
+    assert 200 < len(loose) < 600  # half the captions are loosened, each field with p = 0.5
 
 
 def test_vocabulary_and_held_out_split():
@@ -84,6 +116,32 @@ def test_scorer_ranks_the_renderers_image_above_a_perturbed_one(classifier):
     assert s_truth["overall"] > score_images(classifier, blurred, caps).mean()["overall"]
     assert s_truth["overall"] > score_images(classifier, wrong, caps).mean()["overall"]
     assert s_truth["sharpness"] > score_images(classifier, blurred, caps).mean()["sharpness"]
+
+
+def test_scorer_prefers_one_right_answer_of_a_loose_caption_to_an_average_of_two(classifier):
+    from dopsd_continual.toy.scorer import score_images
+
+    rng = np.random.default_rng(1)
+    caps = held_out_loose_captions()[:40]
+    one, other = [], []
+    for c in caps:
+        spec = parse_caption(c, loose=True)
+        fills = []
+        for _ in range(2):  # two different right answers: every unsaid field drawn anew
+            t = spec.things[0]
+            bg = spec.background or str(rng.choice([x for x in COLOURS if x != t.colour]))
+            colour = t.colour or str(rng.choice([x for x in COLOURS if x != bg]))
+            t = Thing(t.shape, colour, t.size or str(rng.choice(["small", "large"])),
+                      t.position or str(rng.choice(["left", "right", "top", "bottom", "center"])), t.pattern)
+            fills.append(randomise(Scene(bg, (t,)), rng))
+        one.append(fills[0])
+        other.append(fills[1])
+    x1, x2 = render_scenes(one), render_scenes(other)
+    clean = score_images(classifier, x1, caps).mean()
+    ghost = score_images(classifier, (x1 + x2) / 2, caps).mean()
+    assert clean["overall"] > 0.9
+    assert clean["overall"] > ghost["overall"] + 0.1
+    assert clean["iou"] > ghost["iou"]
 
 
 def test_model_loads_offline_through_the_pipeline_and_draws_the_prompt(tmp_path, classifier, monkeypatch):

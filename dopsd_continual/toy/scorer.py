@@ -5,12 +5,18 @@ shape, colour, background, position, size, pattern (a small multi-head CNN train
 with blur/noise augmentation so that it still reads degraded pictures), foreground-mask IoU against the
 renderer's nominal picture, and sharpness (high-frequency energy relative to the renderer's picture,
 capped at 1). Each aspect is in [0, 1]; `overall` is their mean.
+
+A loose caption (some of size, colour, position or background unsaid) is scored against the picture it
+asked for: an unsaid field takes the value the classifier reads in the image (any value is right), and
+the mask IoU and sharpness are then measured against the renderer's picture of that completed scene. So a
+clean picture of any of the caption's right answers scores high, and an average of several (a ghosted,
+muddy picture, the few-step failure of an undistilled model) scores low on IoU and sharpness.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +166,16 @@ def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k).abs().mean(dim=(1, 2, 3))
 
 
+def complete(spec: Scene, predicted: dict[str, int]) -> Scene:
+    """A loose caption's scene with its unsaid fields taken from the classifier's reading of the image."""
+    if not spec.loose:
+        return spec
+    t = spec.things[0]
+    t = replace(t, colour=t.colour or COLOUR_NAMES[predicted["colour"]], size=t.size or SIZE_NAMES[predicted["size"]],
+                position=t.position or POSITION_NAMES[predicted["position"]])
+    return Scene(spec.background or COLOUR_NAMES[predicted["background"]], (t,))
+
+
 @dataclass
 class Scores:
     per_image: list[dict[str, float]]
@@ -172,16 +188,18 @@ class Scores:
 def score_images(
     classifier: SceneClassifier, images: torch.Tensor, captions: list[str], trigger: str = "[trigger]"
 ) -> Scores:
-    """Score images (B, 3, 64, 64) in [0, 1] against single-object (or logo) captions of the world."""
-    scenes = []
+    """Score images (B, 3, 64, 64) in [0, 1] against single-object (or logo) captions of the world, loose
+    ones included."""
+    specs = []
     for c in captions:
-        s = parse_caption(c, trigger)
+        s = parse_caption(c, trigger, loose=True)
         if s is None or (not s.logo and len(s.things) != 1):
             raise ValueError(f"not a single-object caption of the toy world: {c!r}")
-        scenes.append(s)
+        specs.append(s)
     images = images.float().cpu()
     with torch.no_grad():
         out = classifier(images)
+    scenes = [complete(s, {k: int(out[k][i].argmax()) for k in HEADS}) for i, s in enumerate(specs)]
     refs = render_scenes(scenes)
     hf_gen, hf_ref = high_freq_energy(images), high_freq_energy(refs)
     results = []

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .. import klein
 from . import model as toy_model
-from .world import held_out_captions, random_scene, randomise, render_scenes
+from .world import held_out_captions, held_out_loose_captions, loosen, random_scene, randomise, render_scenes
 
 DEFAULT_BUDGET = {"vae": 75.0, "base": 210.0, "distill": 140.0, "decoder": 0.0}
 
@@ -47,27 +47,31 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _render_chunk(args: tuple[int, int, list[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    seed, n, held = args
+def _render_chunk(args: tuple[int, int, list[str], float]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    seed, n, held, loose = args
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
     held_set = set(held)
-    scenes = []
+    scenes, captions = [], []
     while len(scenes) < n:
         s = random_scene(rng)
-        if s.caption() not in held_set:
+        cap = loosen(s, rng, loose).caption() if loose > 0 and rng.random() < 0.5 else s.caption()  # loose 0: the same pool as before
+        if s.caption() not in held_set and cap not in held_set:
             scenes.append(s)
+            captions.append(cap)
     alt = [randomise(s.nominal(), rng) for s in scenes]
     a = (render_scenes(scenes) * 255).round().to(torch.uint8).numpy()
     b = (render_scenes(alt) * 255).round().to(torch.uint8).numpy()
-    return [s.caption() for s in scenes], a, b
+    return captions, a, b
 
 
-def make_pool(n: int, seed: int, workers: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """n training scenes: captions, a rendering A and a second rendering B of the same caption."""
-    held = held_out_captions()
+def make_pool(n: int, seed: int, workers: int, loose: float = 0.0) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """n training scenes: captions, a rendering A and a second rendering B of the same scene. With loose > 0
+    half the captions leave each field unsaid with that probability (`world.loosen`); B then shows the same
+    objects in other rotations and jitter, as the reference path's "another picture of it"."""
+    held = held_out_captions() + held_out_loose_captions()
     chunk = 500
-    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), held) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed * 100003 + i, min(chunk, n - i * chunk), held, loose) for i in range(math.ceil(n / chunk))]
     caps, a, b = [], [], []
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -404,19 +408,22 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     base = pipe.transformer.to(dev).eval()
     distilled = copy.deepcopy(base)
     load_state(work / "transformer_distilled.safetensors", distilled)
-    prompts = held_out_captions()
-    table: dict = {"held_out_prompts": len(prompts), "rows": [], "trajectory_reference": "base @ 128 steps"}
-    seeds = list(range(len(prompts)))
-    reference = final_latents(pipe, base, prompts, seeds, 128)
-    for label, tr, steps in [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
-                             ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]:
-        t = time.time()
-        latents = final_latents(pipe, tr, prompts, seeds, steps)  # sampled once: scored and measured
-        sc = score_images(clf, decode_latents(pipe, latents), prompts).mean()
-        sc["trajectory_error"] = trajectory_error(latents, reference)
-        table["rows"].append({"model": label, "steps": steps, **sc})
-        log(f"eval {label} @ {steps} steps: overall {sc['overall']:.3f}, trajectory error {sc['trajectory_error']:.3f} "
-            f"({time.time() - t:.1f}s)")
+    table: dict = {"trajectory_reference": "base @ 128 steps"}
+    settings = [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
+            ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]
+    for key, prompts in [("rows", held_out_captions()), ("rows_loose", held_out_loose_captions())]:
+        table[f"held_out_prompts{key[4:]}"] = len(prompts)
+        table[key] = []
+        seeds = list(range(len(prompts)))
+        reference = final_latents(pipe, base, prompts, seeds, 128)
+        for label, tr, steps in settings:
+            t = time.time()
+            latents = final_latents(pipe, tr, prompts, seeds, steps)  # sampled once: scored and measured
+            sc = score_images(clf, decode_latents(pipe, latents), prompts).mean()
+            sc["trajectory_error"] = trajectory_error(latents, reference)
+            table[key].append({"model": label, "steps": steps, **sc})
+            log(f"eval {key} {label} @ {steps} steps: overall {sc['overall']:.3f}, iou {sc['iou']:.3f}, "
+                f"trajectory error {sc['trajectory_error']:.3f} ({time.time() - t:.1f}s)")
     table["concepts"] = {"base": concept_rows(pipe, base, clf), "distilled": concept_rows(pipe, distilled, clf)}
     for m, rows in table["concepts"].items():
         for name, r in rows.items():
@@ -425,7 +432,8 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     (work / "eval.json").write_text(json.dumps(table, indent=2))
     sheet = []
     for tr, steps in [(base, 4), (base, 32), (distilled, 4)]:
-        sheet.append(np.concatenate(list(sample_sheet(pipe, tr, prompts[:12], steps)), axis=1))
+        for prompts in (held_out_captions()[:12], held_out_loose_captions()[:12]):
+            sheet.append(np.concatenate(list(sample_sheet(pipe, tr, prompts, steps)), axis=1))
     Image.fromarray(np.concatenate(sheet, axis=0)).save(work / "samples.png")
     return table
 
@@ -446,6 +454,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--lr-distill", type=float, default=1e-4)
     ap.add_argument("--substeps", type=int, default=6, help="teacher Euler steps per student step")
+    ap.add_argument("--loose", type=float, default=0.0,
+                    help="half the captions leave each of size/colour/position/background unsaid with this probability")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.device == "cpu":
@@ -458,7 +468,7 @@ def main(argv=None) -> None:
         evaluate_all(ctx, Path(args.scorer))
         return
     t = time.time()
-    caps, a, b = make_pool(args.pool, args.seed, args.workers)
+    caps, a, b = make_pool(args.pool, args.seed, args.workers, args.loose)
     ctx.update(captions=caps, pool_a=a, pool_b=b)
     log(f"rendered {len(caps)} scenes x2 in {time.time() - t:.1f}s")
     stages = ["vae", "base", "distill"] if args.stage == "all" else [args.stage]

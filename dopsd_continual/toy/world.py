@@ -8,6 +8,13 @@ code makes one picture on a CPU or a batch of thousands on a GPU.
 
 Base-world vocabulary: shapes circle/square/triangle, patterns solid/dotted. Concept packs use things the
 base model never sees: the heart shape, the striped pattern and a fixed "logo" arrangement.
+
+Loose captions leave some of an object's size, colour and position, or the background, unsaid ("a red
+circle", "a large square at the top, blue background"): a scene field set to None. They are what makes
+the world's flow curved where the VAE can show it: a loose caption has many right pictures that differ in
+colour and place, and an undistilled model sampled in few steps averages them into a muddy, ghosted
+picture. Training captions are loosened at random (`loosen`); a fixed held-out set of loose captions
+(`held_out_loose_captions`) measures it.
 """
 
 from __future__ import annotations
@@ -62,9 +69,9 @@ LOGO_WORD = "[trigger]"
 @dataclass(frozen=True)
 class Thing:
     shape: str
-    colour: str
-    size: str
-    position: str
+    colour: str | None  # None: left unsaid by a loose caption
+    size: str | None
+    position: str | None
     pattern: str = "solid"
     rotation: float = 0.0  # radians, not captioned
     dx: float = 0.0  # jitter in pixels, not captioned
@@ -73,7 +80,7 @@ class Thing:
 
 @dataclass(frozen=True)
 class Scene:
-    background: str
+    background: str | None  # None: left unsaid by a loose caption
     things: tuple[Thing, ...] = field(default_factory=tuple)
     logo: bool = False  # the composite identity: a fixed arrangement, captioned "my [trigger] logo"
 
@@ -83,8 +90,14 @@ class Scene:
         parts = []
         for t in self.things:
             words = ["a", t.size, t.colour] + ([t.pattern] if t.pattern != "solid" else []) + [t.shape]
-            parts.append(" ".join(words) + " " + POSITION_PHRASE[t.position])
-        return " and ".join(parts) + f", {self.background} background"
+            words.append(POSITION_PHRASE[t.position] if t.position else None)
+            parts.append(" ".join(w for w in words if w))
+        return " and ".join(parts) + (f", {self.background} background" if self.background else "")
+
+    @property
+    def loose(self) -> bool:
+        """True when the caption leaves something unsaid (a field is None)."""
+        return self.background is None or any(None in (t.colour, t.size, t.position) for t in self.things)
 
     def nominal(self) -> Scene:
         """The same scene with no rotation or jitter (the scorer's reference picture)."""
@@ -92,33 +105,46 @@ class Scene:
 
 
 _THING_RE = re.compile(
-    r"a (?P<size>small|large) (?P<colour>[a-z]+) (?:(?P<pattern>dotted|striped) )?(?P<shape>[a-z]+) "
-    r"(?P<pos>on the left|on the right|in the center|at the top|at the bottom)"
+    r"a (?:(?P<size>small|large) )?(?:(?P<colour>" + "|".join(COLOURS) + r") )?(?:(?P<pattern>dotted|striped) )?"
+    r"(?P<shape>[a-z]+)(?: (?P<pos>on the left|on the right|in the center|at the top|at the bottom))?"
 )
 _PHRASE_POSITION = {v: k for k, v in POSITION_PHRASE.items()}
 
 
-def parse_caption(caption: str, trigger: str = LOGO_WORD) -> Scene | None:
-    """Invert `Scene.caption` (nominal scene). None when the text is not in the world's grammar."""
+def parse_caption(caption: str, trigger: str = LOGO_WORD, loose: bool = False) -> Scene | None:
+    """Invert `Scene.caption` (nominal scene). None when the text is not in the world's grammar; with
+    loose=False also when it leaves anything unsaid, with loose=True unsaid fields are None."""
     caption = caption.strip()
     m = re.fullmatch(r"my (?P<trigger>\S+) logo, (?P<bg>[a-z]+) background", caption)
     if m:
         if m["bg"] not in COLOURS:
             return None
         return logo_scene(m["bg"])
-    if ", " not in caption or not caption.endswith(" background"):
-        return None
-    body, _, bg = caption.rpartition(", ")
-    bg = bg.removesuffix(" background")
-    if bg not in COLOURS:
-        return None
+    body, bg = caption, None
+    if caption.endswith(" background") and ", " in caption:
+        body, _, bg = caption.rpartition(", ")
+        bg = bg.removesuffix(" background")
+        if bg not in COLOURS:
+            return None
     things = []
     for chunk in body.split(" and "):
         m = _THING_RE.fullmatch(chunk)
-        if not m or m["colour"] not in COLOURS or m["shape"] not in SHAPES[:-1]:
+        if not m or m["shape"] not in SHAPES[:-1]:
             return None
-        things.append(Thing(m["shape"], m["colour"], m["size"], _PHRASE_POSITION[m["pos"]], m["pattern"] or "solid"))
-    return Scene(bg, tuple(things))
+        pos = _PHRASE_POSITION[m["pos"]] if m["pos"] else None
+        things.append(Thing(m["shape"], m["colour"], m["size"], pos, m["pattern"] or "solid"))
+    scene = Scene(bg, tuple(things))
+    return scene if loose or not scene.loose else None
+
+
+def loosen(scene: Scene, rng: np.random.Generator, p: float) -> Scene:
+    """The scene's caption with each of the background and every object's size, colour and position left
+    unsaid with probability p (the shape and pattern are always said). Logos stay as they are."""
+    if scene.logo or p <= 0:
+        return scene
+    drop = lambda v: None if rng.random() < p else v  # noqa: E731
+    things = tuple(replace(t, size=drop(t.size), colour=drop(t.colour), position=drop(t.position)) for t in scene.things)
+    return Scene(drop(scene.background), things)
 
 
 def logo_scene(background: str) -> Scene:
@@ -302,6 +328,21 @@ def all_base_captions(max_things: int = 1) -> list[str]:
                         for pattern in BASE_PATTERNS:
                             caps.append(Scene(bg, (Thing(shape, colour, size, pos, pattern),)).caption())
     return caps
+
+
+def held_out_loose_captions(n: int = 200, seed: int = 4321) -> list[str]:
+    """A fixed set of single-object loose captions (1-3 of size, colour, position, background unsaid),
+    never used for training: the prompts on which an undistilled model's few-step samples average modes."""
+    rng = np.random.default_rng(seed)
+    fields = ["size", "colour", "position", "background"]
+    out: set[str] = set()
+    caps = all_base_captions()
+    while len(out) < n:
+        s = parse_caption(caps[rng.integers(len(caps))])
+        gone = set(rng.permutation(fields)[: rng.integers(1, 4)])
+        t = replace(s.things[0], **{f: None for f in ("size", "colour", "position") if f in gone})
+        out.add(Scene(None if "background" in gone else s.background, (t,)).caption())
+    return sorted(out)
 
 
 def held_out_captions(n: int = 200, seed: int = 1234) -> list[str]:
