@@ -31,3 +31,25 @@ def test_training_stages_resume_and_export(tmp_path):
     assert json.loads((tmp_path / "w" / "progress.json").read_text())["decoder"]["steps"] > 0
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv", "bn.")))
+
+
+def test_an_8x8_token_model_trains_exports_and_samples(tmp_path):
+    """--vae-down 4: the same stages with 16x16 latents (8x8 image tokens); the result loads and samples."""
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd_continual.toy.evaluate import decode_latents, final_latents
+    from dopsd_continual.toy.model import MAX_SEQUENCE_LENGTH, TEXT_OUT_LAYERS, token_grid
+    from dopsd_continual.toy.train import main
+
+    main(["--stage", "all", "--vae-down", "4", "--loose", "0.3", "--budget", "vae=1", "--budget", "base=1",
+          "--budget", "distill=1", "--workdir", str(tmp_path / "w"), "--device", "cpu", "--pool", "64",
+          "--workers", "1", "--batch", "4", "--batch-vae", "4", "--batch-distill", "2", "--substeps", "1",
+          "--out", str(tmp_path / "model"), "--scorer", str(tmp_path / "none")])
+    pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "model")
+    assert token_grid(pipe.vae) == (8, 8)
+    x = final_latents(pipe, pipe.transformer, ["a red circle", "a large blue square on the left, white background"], [0, 1], 4)
+    assert x.shape == (2, 64, 128) and torch.isfinite(x).all()
+    assert decode_latents(pipe, x).shape == (2, 3, 64, 64)
+    img = pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
+               text_encoder_out_layers=TEXT_OUT_LAYERS, max_sequence_length=MAX_SEQUENCE_LENGTH).images
+    assert img.shape == (1, 3, 64, 64)

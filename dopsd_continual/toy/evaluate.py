@@ -16,11 +16,11 @@ from .scorer import score_images
 from .world import LOGO_WORD
 
 
-def pipeline_noise(seeds: list[int], device) -> torch.Tensor:
-    """The pipeline's initial latents for 64x64 (1, 128, 4, 4) per seed, packed to tokens."""
+def pipeline_noise(seeds: list[int], device, grid: tuple[int, int] = (4, 4)) -> torch.Tensor:
+    """The pipeline's initial latents for 64x64 ((1, 128, *grid) per seed), packed to tokens."""
     from diffusers import Flux2KleinPipeline
 
-    noise = [torch.randn((1, 128, 4, 4), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    noise = [torch.randn((1, 128, *grid), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return Flux2KleinPipeline._pack_latents(torch.cat(noise)).to(device)
 
 
@@ -37,6 +37,7 @@ def final_latents(
     instruction and the images ride along as reference tokens."""
     dev = next(transformer.parameters()).device
     sigmas = toy_model.schedule_sigmas(steps)
+    grid = toy_model.token_grid(pipe.vae)
     out = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
@@ -44,17 +45,18 @@ def final_latents(
         if ref_images is not None:
             ps = [f"{toy_model.TEACHER_INSTRUCTION} {p}" for p in ps]
             ref, _ = klein.encode_images(pipe, ref_images[i : i + batch].to(dev))
-            ref_ids = klein.reference_ids(len(ps), (4, 4), dev)
+            ref_ids = klein.reference_ids(len(ps), grid, dev)
         emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
-        ids = klein.latent_ids(len(ps), (4, 4), dev)
-        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev), sigmas, emb, text_ids, ids, ref, ref_ids))
+        ids = klein.latent_ids(len(ps), grid, dev)
+        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev, grid), sigmas, emb, text_ids, ids, ref, ref_ids))
     return torch.cat(out)
 
 
 def decode_latents(pipe, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Images (B, 3, 64, 64) in [0, 1] from final latent tokens, on the CPU."""
     with torch.no_grad():
-        return torch.cat([klein.decode(pipe, x[i : i + batch], (4, 4)).cpu() for i in range(0, len(x), batch)])
+        grid = toy_model.token_grid(pipe.vae)
+        return torch.cat([klein.decode(pipe, x[i : i + batch], grid).cpu() for i in range(0, len(x), batch)])
 
 
 def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -76,10 +76,25 @@ def build_text_encoder(vocab_size: int, seed: int = 0):
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def build_vae():
+VAE_CHANNELS = {8: (32, 32, 64, 64), 4: (32, 64, 64)}  # downsampling factor -> encoder block widths
+
+
+def build_vae(down: int = 8):
+    """down 8: 64x64 images -> 8x8 latents -> 4x4 tokens of 128 after the pipeline's 2x2 patchify (the shipped
+    model); down 4: 16x16 latents -> 8x8 tokens, four times the places for detail (and the compute)."""
     from diffusers import AutoencoderKLFlux2
 
-    return AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32)
+    if down not in VAE_CHANNELS:
+        raise ValueError(f"VAE downsampling must be one of {sorted(VAE_CHANNELS)}, not {down}")
+    n = len(VAE_CHANNELS[down])
+    return AutoencoderKLFlux2(block_out_channels=VAE_CHANNELS[down], down_block_types=("DownEncoderBlock2D",) * n,
+                              up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1, latent_channels=32)
+
+
+def token_grid(vae, size: int = 64) -> tuple[int, int]:
+    """The transformer's image-token grid for size x size pictures with this VAE (after the 2x2 patchify)."""
+    g = size // 2 ** (len(vae.config.block_out_channels) - 1) // 2
+    return (g, g)
 
 
 def build_transformer():

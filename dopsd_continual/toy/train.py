@@ -339,7 +339,7 @@ def build_ctx(args) -> dict:
     torch.manual_seed(args.seed)
     tok_dir = work / "tokenizer"
     te_path = work / "text_encoder.safetensors"
-    pipe = toy_model.build_pipeline()
+    pipe = toy_model.build_pipeline(vae=toy_model.build_vae(args.vae_down))
     if tok_dir.exists():
         from transformers import Qwen2TokenizerFast
 
@@ -454,6 +454,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--lr-distill", type=float, default=1e-4)
     ap.add_argument("--substeps", type=int, default=6, help="teacher Euler steps per student step")
+    ap.add_argument("--vae-down", type=int, default=8, choices=sorted(toy_model.VAE_CHANNELS),
+                    help="VAE downsampling: 8 gives 4x4 image tokens (the shipped model), 4 gives 8x8")
     ap.add_argument("--loose", type=float, default=0.0,
                     help="half the captions leave each of size/colour/position/background unsaid with this probability")
     ap.add_argument("--seed", type=int, default=0)
