@@ -134,7 +134,9 @@ def test_recipe_names_a_bad_base_weights_value(tmp_path):
     from dopsd_continual.errors import UserError
     from dopsd_continual.recipe import load_recipe, resolve_recipe_path
 
-    text = resolve_recipe_path(None).read_text().replace("[train]\n", '[train]\nbase_weights = "int4"\n', 1)
+    text = resolve_recipe_path(None).read_text()
+    assert 'base_weights = "native"' in text
+    text = text.replace('base_weights = "native"', 'base_weights = "int4"', 1)
     (tmp_path / "r.toml").write_text(text)
     with pytest.raises(UserError, match="base_weights"):
         load_recipe(tmp_path / "r.toml")
