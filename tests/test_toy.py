@@ -54,6 +54,8 @@ def test_loose_captions_round_trip_and_stay_out_of_strict_parsing():
     assert parse_caption("a dotted square at the top, blue background", loose=True) == Scene(
         "blue", (Thing("square", None, None, "top", "dotted"),))
     assert parse_caption("a dotted red square", loose=True) is None  # colour before pattern, as captions say it
+    with pytest.raises(ValueError, match="loose scene"):
+        render_scenes([parse_caption("a red circle", loose=True)])
     held = held_out_loose_captions()
     assert len(held) == 200 and not set(held) & set(all_base_captions())
     assert all(parse_caption(c, loose=True).loose for c in held)

@@ -270,6 +270,8 @@ def render_scenes(scenes: list[Scene], device: torch.device | str = "cpu") -> to
     gx, gy = _grid(device)
     out = []
     for scene in scenes:
+        if scene.loose:
+            raise ValueError(f"a loose scene has no single picture (fill its unsaid fields first): {scene.caption()!r}")
         img = torch.tensor(COLOURS[scene.background], device=device, dtype=torch.float32).view(3, 1, 1) / 255.0
         img = img.expand(3, *gx.shape).clone()
         for t in scene.things:
