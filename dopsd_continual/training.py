@@ -291,13 +291,13 @@ def train_delta(
     student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
     teacher = adapter_params(tr, TEACHER)
     set_checkpointing(tr, train.get("gradient_checkpointing", False))
-    originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}
     opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
     sigmas = backend.sigmas(int(train["K"]), train["schedule"])
     steps, bs = int(train["steps"]), int(train["batch"])
     amp = train.get("mixed_precision", "no") != "no" and backend.device.type == "cuda"
     amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
     losses: list[float] = []
+    originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}  # restored below
     t0 = time.time()
     tr.train()
     try:

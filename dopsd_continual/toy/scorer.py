@@ -10,7 +10,7 @@ A loose caption (some of size, colour, position or background unsaid) is scored 
 asked for: an unsaid field takes the value the classifier reads in the image (any value is right), and
 the mask IoU and sharpness are then measured against the renderer's picture of that completed scene. So a
 clean picture of any of the caption's right answers scores high, and an average of several (a ghosted,
-muddy picture, the few-step failure of an undistilled model) scores low on IoU and sharpness.
+muddy picture) scores low on IoU and sharpness.
 """
 
 from __future__ import annotations

@@ -55,8 +55,9 @@ def _render_chunk(args: tuple[int, int, list[str], float]) -> tuple[list[str], n
     scenes, captions = [], []
     while len(scenes) < n:
         s = random_scene(rng)
-        cap = loosen(s, rng, loose).caption() if loose > 0 and rng.random() < 0.5 else s.caption()  # loose 0: the same pool as before
-        if s.caption() not in held_set and cap not in held_set:
+        full = s.caption()
+        cap = loosen(s, rng, loose).caption() if loose > 0 and rng.random() < 0.5 else full  # loose 0: the same pool as before
+        if full not in held_set and cap not in held_set:
             scenes.append(s)
             captions.append(cap)
     alt = [randomise(s.nominal(), rng) for s in scenes]
@@ -410,9 +411,11 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     load_state(work / "transformer_distilled.safetensors", distilled)
     table: dict = {"trajectory_reference": "base @ 128 steps"}
     settings = [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
-            ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]
-    for key, prompts in [("rows", held_out_captions()), ("rows_loose", held_out_loose_captions())]:
-        table[f"held_out_prompts{key[4:]}"] = len(prompts)
+                ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]
+    prompt_sets = {"": held_out_captions(), "_loose": held_out_loose_captions()}  # key suffix -> prompts
+    for suffix, prompts in prompt_sets.items():
+        key = f"rows{suffix}"
+        table[f"held_out_prompts{suffix}"] = len(prompts)
         table[key] = []
         seeds = list(range(len(prompts)))
         reference = final_latents(pipe, base, prompts, seeds, 128)
@@ -432,8 +435,8 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     (work / "eval.json").write_text(json.dumps(table, indent=2))
     sheet = []
     for tr, steps in [(base, 4), (base, 32), (distilled, 4)]:
-        for prompts in (held_out_captions()[:12], held_out_loose_captions()[:12]):
-            sheet.append(np.concatenate(list(sample_sheet(pipe, tr, prompts, steps)), axis=1))
+        for prompts in prompt_sets.values():
+            sheet.append(np.concatenate(list(sample_sheet(pipe, tr, prompts[:12], steps)), axis=1))
     Image.fromarray(np.concatenate(sheet, axis=0)).save(work / "samples.png")
     return table
 

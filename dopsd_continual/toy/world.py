@@ -10,11 +10,11 @@ Base-world vocabulary: shapes circle/square/triangle, patterns solid/dotted. Con
 base model never sees: the heart shape, the striped pattern and a fixed "logo" arrangement.
 
 Loose captions leave some of an object's size, colour and position, or the background, unsaid ("a red
-circle", "a large square at the top, blue background"): a scene field set to None. They are what makes
-the world's flow curved where the VAE can show it: a loose caption has many right pictures that differ in
-colour and place, and an undistilled model sampled in few steps averages them into a muddy, ghosted
-picture. Training captions are loosened at random (`loosen`); a fixed held-out set of loose captions
-(`held_out_loose_captions`) measures it.
+circle", "a large square at the top, blue background"): a scene field set to None. A loose caption has
+many right pictures that differ in colour and place, so it curves the model's flow (docs/toy-model.md
+measures how much, and that at 4x4 latent tokens the images still do not change with the step count).
+Training captions are loosened at random (`loosen`); a fixed held-out set of loose captions
+(`held_out_loose_captions`) measures them.
 """
 
 from __future__ import annotations
