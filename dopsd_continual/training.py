@@ -289,21 +289,23 @@ def train_delta(
     gen = torch.Generator("cpu").manual_seed(int(train["seed"]))
     rank, alpha = int(train["rank"]), float(train["alpha"])
     student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
-    teacher = adapter_params(tr, TEACHER)
-    set_checkpointing(tr, train.get("gradient_checkpointing", False))
-    opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
-    sigmas = backend.sigmas(int(train["K"]), train["schedule"])
-    steps, bs = int(train["steps"]), int(train["batch"])
-    amp = train.get("mixed_precision", "no") != "no" and backend.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
+    originals: dict = {}
     losses: list[float] = []
-    originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}  # restored below
-    t0 = time.time()
-    tr.train()
-    try:
+    try:  # from here on an error (a bad value, an interrupt) leaves the transformer as it found it
+        teacher = adapter_params(tr, TEACHER)
+        set_checkpointing(tr, train.get("gradient_checkpointing", False))
+        opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
+        sigmas = backend.sigmas(int(train["K"]), train["schedule"])
+        steps, bs = int(train["steps"]), int(train["batch"])
+        amp = train.get("mixed_precision", "no") != "no" and backend.device.type == "cuda"
+        amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
+        originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}  # restored below
+        t0 = time.time()
+        tr.train()
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
                     steps, bs, amp, amp_dtype, losses)
     except BaseException:
+        tr.eval()
         restore(tr, originals)
         set_checkpointing(tr, False)
         remove_adapters(tr)

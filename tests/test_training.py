@@ -215,3 +215,18 @@ def test_sft_loss_is_flow_matching(backend, feats, adapters):
     noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(0))
     loss = sft_loss_and_backward(b, feats[:2], noise, torch.tensor([0.5, 0.9]))
     assert loss > 0 and max(g.abs().max() for g in _grads(adapters)) > 0
+
+
+def test_a_setup_error_leaves_the_transformer_as_it_was(backend, feats):
+    """A bad value met after the adapters are added (here the step count) still removes them, and switches
+    checkpointing off again: the next round and sampling see the plain transformer."""
+    b, recipe = backend
+    before = {k: v.clone() for k, v in b.transformer.state_dict().items()}
+    train = {**recipe["train"], "steps": "many", "gradient_checkpointing": True}
+    with pytest.raises(ValueError):
+        train_delta(b, feats[:2], [], train, "dopsd")
+    assert not any("lora" in n for n, _ in b.transformer.named_modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in b.transformer.modules())
+    after = b.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not b.transformer.training
