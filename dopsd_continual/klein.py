@@ -85,12 +85,26 @@ def decode(pipe, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return ((img.float() + 1) / 2).clamp(0, 1)
 
 
-def euler_sample(transformer, noise, sigmas, embeds, text_ids, img_ids, ref=None, ref_ids=None) -> torch.Tensor:
-    """The pipeline's Euler loop on tokens (no grad)."""
+def euler_sample(
+    transformer, noise, sigmas, embeds, text_ids, img_ids, ref=None, ref_ids=None, *, uncond=None, guidance: float = 1.0
+) -> torch.Tensor:
+    """The pipeline's Euler loop on tokens (no grad). With uncond (the empty prompt's features, (1, L, D) or
+    (B, L, D)) and guidance > 1: classifier-free guidance as the pipeline does it for an undistilled model,
+    v = v(uncond) + guidance * (v(prompt) - v(uncond)), both halves in one batch."""
     x = noise
+    guided = uncond is not None and guidance != 1.0
+    b = x.shape[0]
+    if guided:
+        embeds = torch.cat([embeds, uncond.expand(b, -1, -1).to(embeds.dtype)])
+        text_ids, img_ids = torch.cat([text_ids, text_ids]), torch.cat([img_ids, img_ids])
+        if ref is not None:
+            ref, ref_ids = torch.cat([ref, ref]), torch.cat([ref_ids, ref_ids])
     with torch.no_grad():
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sig = torch.full((x.shape[0],), float(s), device=x.device)
-            v = velocity(transformer, x, sig, embeds, text_ids, img_ids, ref, ref_ids).to(x.dtype)
+            xin = torch.cat([x, x]) if guided else x
+            sig = torch.full((xin.shape[0],), float(s), device=x.device)
+            v = velocity(transformer, xin, sig, embeds, text_ids, img_ids, ref, ref_ids).to(x.dtype)
+            if guided:
+                v = v[b:] + guidance * (v[:b] - v[b:])
             x = x + (float(s_next) - float(s)) * v
     return x

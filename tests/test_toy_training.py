@@ -53,3 +53,33 @@ def test_an_8x8_token_model_trains_exports_and_samples(tmp_path):
     img = pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
                text_encoder_out_layers=TEXT_OUT_LAYERS, max_sequence_length=MAX_SEQUENCE_LENGTH).images
     assert img.shape == (1, 3, 64, 64)
+
+
+def test_warm_start_caption_dropout_and_a_guided_teacher(tmp_path):
+    """--init-transformer starts the base from given weights; --uncond replaces that share of captions by the
+    empty prompt; --guidance distils a guided teacher (both run through the real stages)."""
+    from safetensors.torch import load_file
+
+    from dopsd_continual.toy.train import batch_conditions, main
+
+    common = ["--device", "cpu", "--pool", "64", "--workers", "1", "--batch", "4", "--batch-vae", "4",
+              "--batch-distill", "2", "--substeps", "1", "--scorer", str(tmp_path / "none")]
+    main(["--stage", "vae", "--budget", "vae=1", "--workdir", str(tmp_path / "a"), *common])
+    main(["--stage", "base", "--budget", "base=1", "--uncond", "0.5", "--workdir", str(tmp_path / "a"), *common])
+    src = tmp_path / "a" / "transformer_base.safetensors"
+    (tmp_path / "b").mkdir()
+    for f in ("vae.safetensors", "text_encoder.safetensors"):
+        (tmp_path / "b" / f).write_bytes((tmp_path / "a" / f).read_bytes())
+    main(["--stage", "base", "--budget", "base=0", "--init-transformer", str(src), "--workdir", str(tmp_path / "b"), *common])
+    a, b = load_file(str(src)), load_file(str(tmp_path / "b" / "transformer_base.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    main(["--stage", "distill", "--budget", "distill=1", "--guidance", "2",
+          "--workdir", str(tmp_path / "b"), *common])
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["distill"]["steps"] > 0
+
+    n, length, dim = 6, 5, 3
+    ctx = {"device": torch.device("cpu"), "cap_idx": torch.arange(n), "text_ids": torch.zeros(1, length, 4),
+           "grid": (2, 2), "emb_plain": torch.randn(n, length, dim), "emb_empty": torch.full((1, length, dim), 7.0)}
+    for share, expect in ((0.0, 0), (1.0, n)):
+        emb = batch_conditions({**ctx, "uncond": share}, torch.arange(n), with_ref=False)[0]
+        assert int((emb == 7.0).all(dim=(1, 2)).sum()) == expect

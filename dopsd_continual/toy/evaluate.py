@@ -32,12 +32,17 @@ def final_latents(
     steps: int,
     ref_images: torch.Tensor | None = None,
     batch: int = 256,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """The sampler's final latent tokens (before decoding). With ref_images, the prompts get the teacher
-    instruction and the images ride along as reference tokens."""
+    instruction and the images ride along as reference tokens. guidance > 1: classifier-free guidance
+    against the empty prompt, as the pipeline samples an undistilled model."""
     dev = next(transformer.parameters()).device
     sigmas = toy_model.schedule_sigmas(steps)
     grid = toy_model.token_grid(pipe.vae)
+    uncond = None
+    if guidance != 1.0:
+        uncond, _ = klein.encode_prompts(pipe, [""], toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
     out = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
@@ -48,7 +53,8 @@ def final_latents(
             ref_ids = klein.reference_ids(len(ps), grid, dev)
         emb, text_ids = klein.encode_prompts(pipe, ps, toy_model.MAX_SEQUENCE_LENGTH, toy_model.TEXT_OUT_LAYERS)
         ids = klein.latent_ids(len(ps), grid, dev)
-        out.append(klein.euler_sample(transformer, pipeline_noise(ss, dev, grid), sigmas, emb, text_ids, ids, ref, ref_ids))
+        noise = pipeline_noise(ss, dev, grid)
+        out.append(klein.euler_sample(transformer, noise, sigmas, emb, text_ids, ids, ref, ref_ids, uncond=uncond, guidance=guidance))
     return torch.cat(out)
 
 

@@ -221,6 +221,7 @@ def prepare_tokens(ctx: dict) -> None:
         plain.append(encode(ctx, chunk)[0])
         instr.append(encode(ctx, [f"{toy_model.TEACHER_INSTRUCTION} {c}" for c in chunk])[0])
     ctx["emb_plain"], ctx["emb_instr"] = torch.cat(plain), torch.cat(instr)
+    ctx["emb_empty"] = encode(ctx, [""])[0]
     _, ctx["text_ids"] = encode(ctx, uniq[:1])
     log(f"tokens: {tuple(ctx['tok_a'].shape)}, {len(uniq)} unique captions, text {tuple(ctx['emb_plain'].shape)}")
 
@@ -237,7 +238,11 @@ def batch_conditions(ctx: dict, idx: torch.Tensor, with_ref: bool):
     text_ids = ctx["text_ids"].expand(b, -1, -1)
     img_ids = klein.latent_ids(b, ctx["grid"], dev)
     if not with_ref:
-        return ctx["emb_plain"][ci], text_ids, img_ids, None, None
+        emb = ctx["emb_plain"][ci]
+        if ctx.get("uncond", 0.0) > 0:  # caption dropout: the empty prompt, what classifier-free guidance contrasts with
+            drop = (torch.rand(b, device=dev) < ctx["uncond"]).view(b, 1, 1)
+            emb = torch.where(drop, ctx["emb_empty"].expand_as(emb), emb)
+        return emb, text_ids, img_ids, None, None
     same = (torch.rand(b, device=dev) < 0.5).view(b, 1, 1)
     ref = torch.where(same, ctx["tok_a"][idx], ctx["tok_b"][idx])
     return ctx["emb_instr"][ci], text_ids, img_ids, ref, klein.reference_ids(b, ctx["grid"], dev)
@@ -282,9 +287,9 @@ def train_base(ctx: dict) -> None:
     prog.save()
 
 
-def teacher_segment(teacher, x, s0: float, s1: float, substeps: int, cond) -> torch.Tensor:
+def teacher_segment(teacher, x, s0: float, s1: float, substeps: int, cond, uncond=None, guidance: float = 1.0) -> torch.Tensor:
     sig = np.linspace(s0, s1, substeps + 1)
-    return klein.euler_sample(teacher, x, sig, *cond)
+    return klein.euler_sample(teacher, x, sig, *cond, uncond=uncond, guidance=guidance)
 
 
 def train_distill(ctx: dict) -> None:
@@ -302,12 +307,15 @@ def train_distill(ctx: dict) -> None:
         with_ref = p["steps"] % 2 == 1
         idx = torch.randint(n, (bs,), device=dev)
         cond = batch_conditions(ctx, idx, with_ref)
+        # text batches: the teacher samples with classifier-free guidance (a guided teacher, as an undistilled
+        # model is sampled); reference batches keep the plain teacher (the reference path has no empty prompt)
+        guidance = 1.0 if with_ref else ctx["guidance"]
         x = torch.randn_like(ctx["tok_a"][idx])
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ctx["amp"]):
-                target = teacher_segment(teacher, x, s0, s1, ctx["substeps"], cond).float()
+                target = teacher_segment(teacher, x, s0, s1, ctx["substeps"], cond, ctx["emb_empty"], guidance).float()
                 v = klein.velocity(student, x, torch.full((bs,), s0, device=dev), *cond).float()
             x_next = x + (s1 - s0) * v
             loss = F.mse_loss(x_next, target) / (s0 - s1) ** 2 / (len(sigmas) - 1)
@@ -350,7 +358,9 @@ def build_ctx(args) -> dict:
     if not load_state(te_path, pipe.text_encoder):
         save_state(te_path, pipe.text_encoder)
     load_state(work / "vae.safetensors", pipe.vae)
-    load_state(work / "transformer_base.safetensors", pipe.transformer)
+    if not load_state(work / "transformer_base.safetensors", pipe.transformer) and args.init_transformer:
+        load_state(Path(args.init_transformer), pipe.transformer)  # warm start (the token grid may differ)
+        log(f"base transformer initialised from {args.init_transformer}")
     budget = dict(DEFAULT_BUDGET)
     for item in args.budget or []:
         k, _, v = item.partition("=")
@@ -370,6 +380,8 @@ def build_ctx(args) -> dict:
         "lr_base": args.lr,
         "lr_distill": args.lr_distill,
         "substeps": args.substeps,
+        "uncond": args.uncond,
+        "guidance": args.guidance,
     }
 
 
@@ -409,9 +421,13 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     base = pipe.transformer.to(dev).eval()
     distilled = copy.deepcopy(base)
     load_state(work / "transformer_distilled.safetensors", distilled)
-    table: dict = {"trajectory_reference": "base @ 128 steps"}
-    settings = [("base", base, 4), ("base", base, 8), ("base", base, 32), ("distilled", distilled, 1),
-                ("distilled", distilled, 2), ("distilled", distilled, 4), ("distilled", distilled, 32)]
+    table: dict = {"trajectory_reference": "base @ 128 steps (trajectory_error_guided: with the guidance below)"}
+    settings = [("base", base, 4, 1.0), ("base", base, 8, 1.0), ("base", base, 32, 1.0)]
+    w = ctx["guidance"]
+    if w != 1.0:  # the base sampled as an undistilled model is: with classifier-free guidance
+        settings += [(f"base cfg {w:g}", base, steps, w) for steps in (4, 8, 32)]
+    settings += [("distilled", distilled, steps, 1.0) for steps in (1, 2, 4, 32)]
+    table["guidance"] = w
     prompt_sets = {"": held_out_captions(), "_loose": held_out_loose_captions()}  # key suffix -> prompts
     for suffix, prompts in prompt_sets.items():
         key = f"rows{suffix}"
@@ -419,12 +435,15 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
         table[key] = []
         seeds = list(range(len(prompts)))
         reference = final_latents(pipe, base, prompts, seeds, 128)
-        for label, tr, steps in settings:
+        reference_guided = final_latents(pipe, base, prompts, seeds, 128, guidance=w) if w != 1.0 else None
+        for label, tr, steps, g in settings:
             t = time.time()
-            latents = final_latents(pipe, tr, prompts, seeds, steps)  # sampled once: scored and measured
+            latents = final_latents(pipe, tr, prompts, seeds, steps, guidance=g)  # sampled once: scored and measured
             sc = score_images(clf, decode_latents(pipe, latents), prompts).mean()
             sc["trajectory_error"] = trajectory_error(latents, reference)
-            table[key].append({"model": label, "steps": steps, **sc})
+            if reference_guided is not None:  # where the guided flow ends: what a guided teacher distils
+                sc["trajectory_error_guided"] = trajectory_error(latents, reference_guided)
+            table[key].append({"model": label, "steps": steps, "guidance": g, **sc})
             log(f"eval {key} {label} @ {steps} steps: overall {sc['overall']:.3f}, iou {sc['iou']:.3f}, "
                 f"trajectory error {sc['trajectory_error']:.3f} ({time.time() - t:.1f}s)")
     table["concepts"] = {"base": concept_rows(pipe, base, clf), "distilled": concept_rows(pipe, distilled, clf)}
@@ -461,6 +480,12 @@ def main(argv=None) -> None:
                     help="VAE downsampling: 8 gives 4x4 image tokens (the shipped model), 4 gives 8x8")
     ap.add_argument("--loose", type=float, default=0.0,
                     help="half the captions leave each of size/colour/position/background unsaid with this probability")
+    ap.add_argument("--uncond", type=float, default=0.0,
+                    help="share of text batches' captions replaced by the empty prompt (for classifier-free guidance)")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="distill stage: the teacher's classifier-free guidance on text batches (needs a base trained with --uncond)")
+    ap.add_argument("--init-transformer", default=None,
+                    help="safetensors to start the base transformer from when the work dir has none (warm start)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.device == "cpu":
