@@ -93,7 +93,7 @@ def test_dopsd_loss_and_gradients_on_int8_base_weights_stay_close(toy):
             gen = torch.Generator().manual_seed(0)
             for p in student:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-        noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(1))
         l0 = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise)
         g0 = torch.cat([p.grad.flatten() for p in student])
         for p in student:

@@ -177,8 +177,11 @@ def test_diffusers_export_keeps_the_scale_when_alpha_differs_from_rank(tmp_path)
     from dopsd_continual import klein
 
     emb, tids = klein.encode_prompts(pipe, [PROMPT], 40, (1, 2, 3))
-    x = torch.randn(1, 16, 128, generator=g)
-    ids = klein.latent_ids(1, (4, 4), "cpu")
+    from dopsd_continual.toy.model import token_grid
+
+    grid = token_grid(pipe.vae)
+    x = torch.randn(1, grid[0] * grid[1], 128, generator=g)
+    ids = klein.latent_ids(1, grid, "cpu")
     sig = torch.tensor([0.7])
 
     def v(tr):

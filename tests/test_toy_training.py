@@ -83,3 +83,23 @@ def test_warm_start_caption_dropout_and_a_guided_teacher(tmp_path):
     for share, expect in ((0.0, 0), (1.0, n)):
         emb = batch_conditions({**ctx, "uncond": share}, torch.arange(n), with_ref=False)[0]
         assert int((emb == 7.0).all(dim=(1, 2)).sum()) == expect
+
+
+def test_eval_stage_writes_the_model_card_table_with_guided_rows(tmp_path):
+    """The eval stage end to end on a briefly trained model: every row of both held-out sets, guided base
+    rows when --guidance is given, trajectory errors against the reference, the concept packs, a sheet."""
+    from dopsd_continual.models import resolve_source
+    from dopsd_continual.toy.train import main
+
+    common = ["--workdir", str(tmp_path / "w"), "--device", "cpu", "--pool", "64", "--workers", "1", "--batch", "4",
+              "--batch-vae", "4", "--batch-distill", "2", "--substeps", "1", "--scorer", str(resolve_source("embedded:toy-shapes"))]
+    main(["--stage", "all", "--budget", "vae=1", "--budget", "base=1", "--budget", "distill=1",
+          "--out", str(tmp_path / "model"), "--uncond", "0.5", "--guidance", "1.5", "--eval-ref-steps", "16",
+          "--eval-prompts", "6", *common])
+    table = json.loads((tmp_path / "w" / "eval.json").read_text())
+    rows = {(r["model"], r["steps"]) for r in table["rows"]}
+    assert {("base", 4), ("base", 32), ("base cfg 1.5", 4), ("distilled", 4), ("distilled", 1)} <= rows
+    assert len(table["rows_loose"]) == len(table["rows"]) and table["held_out_prompts"] == 6
+    assert all(0 <= r["overall"] <= 1 and r["trajectory_error"] > 0 and "trajectory_error_guided" in r for r in table["rows"])
+    assert set(table["concepts"]["distilled"]) == {"heart", "striped", "logo"}
+    assert (tmp_path / "w" / "samples.png").exists()

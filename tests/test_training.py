@@ -55,7 +55,7 @@ def _grads(params):
 
 def test_identical_contexts_give_zero_loss_and_gradients(backend, feats, adapters):
     b, _ = backend
-    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(0))
     loss = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise, teacher_same_as_student=True)
     assert loss == 0.0
     assert all(g.abs().max() == 0 for g in _grads(adapters))
@@ -63,7 +63,7 @@ def test_identical_contexts_give_zero_loss_and_gradients(backend, feats, adapter
 
 def test_reference_context_gives_loss_and_gradients_only_to_the_student(backend, feats, adapters):
     b, _ = backend
-    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(0))
     loss = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise)
     assert loss > 0
     assert max(g.abs().max() for g in _grads(adapters)) > 0
@@ -78,7 +78,7 @@ def test_per_step_backward_equals_one_backward_of_the_summed_loss(backend, feats
     with torch.no_grad():  # give B some weight so every gradient is informative
         for p in adapters:
             p.add_(torch.randn_like(p) * 0.01)
-    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(1))
     l1 = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise, per_step_backward=True)
     g1 = _grads(adapters)
     for p in adapters:
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(backend, feats, adapter
     with torch.no_grad():
         for p in adapters:
             p.add_(torch.randn_like(p) * 0.01)
-    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(1))
     l0 = dopsd_loss_and_backward(b, feats[:2], b.sigmas(4), noise)
     g0 = _grads(adapters)
     for p in adapters:
@@ -147,7 +147,7 @@ def test_loss_falls_and_the_saved_delta_reloads_to_the_same_outputs(backend, fea
     back = Delta.load(tmp_path / "d.safetensors")
     assert back.scale == res.delta.scale and set(back.weights) == set(res.delta.weights)
     cond = b.conditions(feats[:2], teacher=False)
-    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(3))
     sig = torch.full((2,), 0.8)
     base = {k: v.clone() for k, v in b.transformer.state_dict().items()}
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_merged_delta_matches_the_live_peft_adapter(backend, feats, adapters):
     from dopsd_continual.lora import from_peft
 
     cond = b.conditions(feats[:2], teacher=False)
-    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(4))
     sig = torch.full((2,), 0.6)
     use(b.transformer, STUDENT)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_sft_and_dopsd_share_everything_but_the_loss(backend, feats):
 
 def test_sft_loss_is_flow_matching(backend, feats, adapters):
     b, _ = backend
-    noise = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *feats[0]["latents"].shape, generator=torch.Generator().manual_seed(0))
     loss = sft_loss_and_backward(b, feats[:2], noise, torch.tensor([0.5, 0.9]))
     assert loss > 0 and max(g.abs().max() for g in _grads(adapters)) > 0
 

@@ -295,6 +295,7 @@ def teacher_segment(teacher, x, s0: float, s1: float, substeps: int, cond, uncon
 def train_distill(ctx: dict) -> None:
     dev, work, prog = ctx["device"], ctx["workdir"], ctx["progress"]
     p = prog.get("distill")
+    p["guidance"] = ctx["guidance"]  # what the student learnt to follow (the eval stage measures against it)
     teacher = ctx["pipe"].transformer.to(dev).eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     load_state(work / "transformer_distilled.safetensors", student)
@@ -382,6 +383,8 @@ def build_ctx(args) -> dict:
         "substeps": args.substeps,
         "uncond": args.uncond,
         "guidance": args.guidance,
+        "eval_ref_steps": args.eval_ref_steps,
+        "eval_prompts": args.eval_prompts,
     }
 
 
@@ -421,27 +424,31 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     base = pipe.transformer.to(dev).eval()
     distilled = copy.deepcopy(base)
     load_state(work / "transformer_distilled.safetensors", distilled)
-    table: dict = {"trajectory_reference": "base @ 128 steps (trajectory_error_guided: with the guidance below)"}
+    ref_steps = ctx["eval_ref_steps"]
+    wd = ctx["progress"].get("distill").get("guidance", 1.0)  # the distillation teacher's guidance
+    table: dict = {"trajectory_reference": f"base @ {ref_steps} steps",
+                   "trajectory_reference_guided": f"base @ {ref_steps} steps with guidance {wd:g} (the distillation's teacher)"}
     settings = [("base", base, 4, 1.0), ("base", base, 8, 1.0), ("base", base, 32, 1.0)]
     w = ctx["guidance"]
     if w != 1.0:  # the base sampled as an undistilled model is: with classifier-free guidance
         settings += [(f"base cfg {w:g}", base, steps, w) for steps in (4, 8, 32)]
     settings += [("distilled", distilled, steps, 1.0) for steps in (1, 2, 4, 32)]
     table["guidance"] = w
-    prompt_sets = {"": held_out_captions(), "_loose": held_out_loose_captions()}  # key suffix -> prompts
+    n = ctx["eval_prompts"]  # key suffix -> prompts
+    prompt_sets = {"": held_out_captions()[:n], "_loose": held_out_loose_captions()[:n]}
     for suffix, prompts in prompt_sets.items():
         key = f"rows{suffix}"
         table[f"held_out_prompts{suffix}"] = len(prompts)
         table[key] = []
         seeds = list(range(len(prompts)))
-        reference = final_latents(pipe, base, prompts, seeds, 128)
-        reference_guided = final_latents(pipe, base, prompts, seeds, 128, guidance=w) if w != 1.0 else None
+        reference = final_latents(pipe, base, prompts, seeds, ref_steps)
+        reference_guided = final_latents(pipe, base, prompts, seeds, ref_steps, guidance=wd) if wd != 1.0 else None
         for label, tr, steps, g in settings:
             t = time.time()
             latents = final_latents(pipe, tr, prompts, seeds, steps, guidance=g)  # sampled once: scored and measured
             sc = score_images(clf, decode_latents(pipe, latents), prompts).mean()
             sc["trajectory_error"] = trajectory_error(latents, reference)
-            if reference_guided is not None:  # where the guided flow ends: what a guided teacher distils
+            if reference_guided is not None:  # where the guided flow ends: what the guided teacher distilled
                 sc["trajectory_error_guided"] = trajectory_error(latents, reference_guided)
             table[key].append({"model": label, "steps": steps, "guidance": g, **sc})
             log(f"eval {key} {label} @ {steps} steps: overall {sc['overall']:.3f}, iou {sc['iou']:.3f}, "
@@ -483,7 +490,11 @@ def main(argv=None) -> None:
     ap.add_argument("--uncond", type=float, default=0.0,
                     help="share of text batches' captions replaced by the empty prompt (for classifier-free guidance)")
     ap.add_argument("--guidance", type=float, default=1.0,
-                    help="distill stage: the teacher's classifier-free guidance on text batches (needs a base trained with --uncond)")
+                    help="distill stage: the teacher's classifier-free guidance on text batches (needs a base trained "
+                         "with --uncond); eval stage: adds base rows sampled with this guidance")
+    ap.add_argument("--eval-ref-steps", type=int, default=128,
+                    help="eval stage: the base's step count whose end points trajectory errors are measured against")
+    ap.add_argument("--eval-prompts", type=int, default=200, help="eval stage: held-out prompts per set (at most 200)")
     ap.add_argument("--init-transformer", default=None,
                     help="safetensors to start the base transformer from when the work dir has none (warm start)")
     ap.add_argument("--seed", type=int, default=0)
