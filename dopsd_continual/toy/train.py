@@ -426,8 +426,9 @@ def evaluate_all(ctx: dict, scorer_dir: Path) -> dict:
     load_state(work / "transformer_distilled.safetensors", distilled)
     ref_steps = ctx["eval_ref_steps"]
     wd = ctx["progress"].get("distill").get("guidance", 1.0)  # the distillation teacher's guidance
-    table: dict = {"trajectory_reference": f"base @ {ref_steps} steps",
-                   "trajectory_reference_guided": f"base @ {ref_steps} steps with guidance {wd:g} (the distillation's teacher)"}
+    table: dict = {"trajectory_reference": f"base @ {ref_steps} steps"}
+    if wd != 1.0:
+        table["trajectory_reference_guided"] = f"base @ {ref_steps} steps with guidance {wd:g} (the distillation's teacher)"
     settings = [("base", base, 4, 1.0), ("base", base, 8, 1.0), ("base", base, 32, 1.0)]
     w = ctx["guidance"]
     if w != 1.0:  # the base sampled as an undistilled model is: with classifier-free guidance
