@@ -291,7 +291,7 @@ def train_delta(
     student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
     originals: dict = {}
     losses: list[float] = []
-    try:  # from here on an error (a bad value, an interrupt) leaves the transformer as it found it
+    try:  # from here on, an error (a bad value, an interrupt) too leaves the transformer as it found it
         teacher = adapter_params(tr, TEACHER)
         set_checkpointing(tr, train.get("gradient_checkpointing", False))
         opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
@@ -304,18 +304,13 @@ def train_delta(
         tr.train()
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
                     steps, bs, amp, amp_dtype, losses)
-    except BaseException:
+        delta = from_peft(tr, STUDENT, alpha / rank)  # the adapter's A and B (the base weights do not enter)
+    finally:  # one way out, trained or not: the plain transformer with its exact weights
         tr.eval()
         restore(tr, originals)
         set_checkpointing(tr, False)
         remove_adapters(tr)
-        raise
-    tr.eval()
-    restore(tr, originals)
-    set_checkpointing(tr, False)
     seconds = time.time() - t0
-    delta = from_peft(tr, STUDENT, alpha / rank)
-    remove_adapters(tr)
     return TrainResult(delta, losses, seconds, steps * bs / max(seconds, 1e-9))
 
 
