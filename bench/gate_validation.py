@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +37,7 @@ def main() -> None:
     offset = int(os.environ.get("SEED_OFFSET", "100"))
     pack = os.environ.get("PACK", "heart")
     out_path = Path(__file__).parent / "results" / "gate_validation.json"
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "pack": pack, "runs": []}
     tmp = Path(tempfile.mkdtemp())
     try:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +54,7 @@ def main() -> None:
         cpu = (cpu_ticks(proc.pid) - c0) / hz / (time.time() - t0) * 100
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "seconds": duration, "cpu_percent_of_one_core": cpu,
            "rss_mb_max": max(rss), "rss_mb_mean": sum(rss) / len(rss), "exit_code_after_sigterm": code}
     print(json.dumps(out, indent=2))

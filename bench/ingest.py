@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchinfo import machine
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,7 +60,7 @@ def main() -> None:
         rescan_s = time.perf_counter() - t
         assert not again.queued
         st.close()
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "pairs": n, "megabytes": round(size_mb, 1),
            "repeats": repeats, "sha256sum_s": hash_s, "ingest_s": ingest_s, "sha256sum_runs_s": hashes, "ingest_runs_s": ingests, "rescan_unchanged_s": rescan_s,
            "ingest_pairs_per_s": n / ingest_s, "sha256sum_pairs_per_s": n / hash_s, "ingest_vs_sha256sum": ingest_s / hash_s}

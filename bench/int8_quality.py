@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,7 +43,7 @@ def main() -> None:
     seeds = int(os.environ.get("SEEDS", "2"))
     recipe, pipe, backend, clf, base_sd = setup_toy()
     out_path = Path(__file__).parent / "results" / "int8_quality.json"
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "recipe_train": recipe["train"], "rows": []}
     for name in PACKS:
         feats = pack_features(backend, name)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,7 +71,7 @@ def main() -> None:
     steps_override = os.environ.get("STEPS")
     recipe, pipe, backend, clf, base_sd = setup_toy()
     out_path = Path(__file__).parent / "results" / "paper_table.json"
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "recipe_train": recipe["train"], "rows": [], "continual": []}
     feats = {name: pack_features(backend, name) for name in PACKS}
 

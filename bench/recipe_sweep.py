@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +69,7 @@ def main() -> None:
     recipe, pipe, backend, clf, base_sd = setup_toy()
     out_path = Path(__file__).parent / "results" / "recipe_sweep.json"
     out = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "recipe_train": recipe["train"],
         "snapshots": SNAPSHOTS,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +55,7 @@ def main() -> None:
     tr = pipe.transformer
     targets = recipe["train"]["targets"]
     base_sd = {k: v.clone() for k, v in tr.state_dict().items()}
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "samples_per_point": n, "rows": []}
     base = time_calls(pipe, n)
     out["base_s"] = base

@@ -11,14 +11,13 @@ than that VAE's own reconstructions on shape, pattern or sharpness.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,7 +63,7 @@ def main() -> None:
         load_state(path, pipe.vae)
         rows.append(probe(pipe, clf, work))
         print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "held_out_captions": len(held_out_captions()), "rows": rows}
     (Path(__file__).parent / "results" / "toy_vae_probe.json").write_text(json.dumps(out, indent=2))
 
