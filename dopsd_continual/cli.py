@@ -488,6 +488,11 @@ def _wrap_user_errors() -> None:
                     return __cb(*a, **k)
                 except UserError as e:
                     fail(str(e))
+                except Exception as e:
+                    if type(e).__name__ != "OutOfMemoryError":  # torch's, without importing torch here
+                        raise
+                    fail(f"out of GPU memory: {str(e).splitlines()[0]} (model.memory_budget_gib in the recipe caps "
+                         "this process; train.gradient_checkpointing = true or train.base_weights = \"int8\" need less)")
 
             cmd.callback = wrapped
 

@@ -287,6 +287,8 @@ class Daemon:
             self._sampler_used = time.time()
             if float(self.cfg["keep_warm_seconds"]) <= 0:
                 self.release_model()
+            elif self._sampler is not None:
+                self._sampler.place.use("idle")  # kept loaded in CPU memory; the GPU holds nothing between rounds
             self.round_lock.release()
 
     def sampler(self, st: State):

@@ -81,7 +81,8 @@ def held_out_prompts(recipe: dict) -> list[str]:
         return caps[:: max(1, len(caps) // TOY_HELD_OUT)][:TOY_HELD_OUT]
     from .recipe import RECIPES_DIR
 
-    return [ln.strip() for ln in (RECIPES_DIR / "prompts" / "general.txt").read_text().splitlines() if ln.strip()]
+    lines = (RECIPES_DIR / "prompts" / "general.txt").read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 # ------------------------------------------------------------------------------------------------ gate

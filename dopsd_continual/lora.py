@@ -78,12 +78,13 @@ def from_peft(model: torch.nn.Module, adapter: str, scale: float) -> Delta:
 
 @torch.no_grad()
 def merge_into(model: torch.nn.Module, deltas: list[Delta], sign: float = 1.0) -> None:
-    """W += sign * scale * B @ A for every delta, on the model's plain Linear weights."""
+    """W += sign * scale * B @ A for every delta, on the model's plain Linear weights (sum in float32, one rounding)."""
     modules = dict(model.named_modules())
     for d in deltas:
         for name in d.weights:
             lin = modules[name]
-            lin.weight.add_((sign * d.product(name)).to(lin.weight.dtype))
+            merged = lin.weight.float() + sign * d.product(name).to(lin.weight.device)
+            lin.weight.copy_(merged.to(lin.weight.dtype))
 
 
 def squash(deltas: list[Delta]) -> Delta:

@@ -38,22 +38,30 @@ def pipeline_class(backend: str):
     return getattr(diffusers, PIPELINES[backend])
 
 
-def load_pipeline(recipe: dict, device: str | None = None):
-    """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache)."""
+def load_pipeline(recipe: dict, device=None):
+    """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache).
+
+    The weights land in CPU memory in the recipe's dtype (float32 when computing on the CPU); the phases of
+    `placement.Placement` move each component to the GPU when it is used. On a GPU the process is capped at
+    the recipe's `model.memory_budget_gib`.
+    """
     import torch
+
+    from .placement import apply_memory_budget, compute_device
 
     quiet_libraries()
     model = recipe["model"]
     cls = pipeline_class(model["backend"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, model["dtype"]) if device != "cpu" else torch.float32
+    device = compute_device(device)
+    dtype = getattr(torch, model["dtype"]) if device.type != "cpu" else torch.float32
     source = resolve_source(model["source"])
+    apply_memory_budget(float(model["memory_budget_gib"]), device)
     try:
         pipe = cls.from_pretrained(source, dtype=dtype)
     except OSError as e:
         raise UserError(f"cannot load model {model['name']} from {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def quiet_libraries() -> None:

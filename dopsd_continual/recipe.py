@@ -30,6 +30,9 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "teacher_instruction": (str, "Make the main subject, background and overall composition consistent with the reference image."),
         "teacher_encoder": (str, ""),
         "dtype": (str, "float32"),
+        "memory_budget_gib": ((int, float), 0),
+        "teacher_min_pixels": (int, 512 * 512),
+        "teacher_max_pixels": (int, 768 * 768),
     },
     "ingest": {
         "trigger_word": (str, ""),
@@ -154,6 +157,10 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
         raise UserError(f"{where}: train.gradient_checkpointing must be true/false or a share of blocks in [0, 1]")
     if out["train"]["base_weights"] not in BASE_WEIGHTS:
         raise UserError(f"{where}: train.base_weights must be one of {', '.join(BASE_WEIGHTS)}")
+    if out["model"]["memory_budget_gib"] < 0:
+        raise UserError(f"{where}: model.memory_budget_gib must be >= 0 (0: the whole card)")
+    if not 0 < out["model"]["teacher_min_pixels"] <= out["model"]["teacher_max_pixels"]:
+        raise UserError(f"{where}: model.teacher_min_pixels must be > 0 and <= model.teacher_max_pixels")
     if out["ingest"]["stability_seconds"] < 0:
         raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
     return out

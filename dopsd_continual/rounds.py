@@ -106,7 +106,8 @@ def run_round(
     sampler=None,
 ) -> dict:
     from .gate import Gate
-    from .sampling import Sampler
+    from .placement import PhaseLog, compute_device
+    from .sampling import Sampler, image_tensor
     from .training import FeatureCache, make_backend, train_delta
 
     recipe = state.recipe
@@ -133,30 +134,33 @@ def run_round(
                                              "progress": 0.0, "samples": json.dumps(ids)}).last_pk
             for s in new:
                 state.db["samples"].update(s["id"], {"status": "training"})
-        sampler = sampler or Sampler(state)
-        sampler.switch.set(state, parent)  # train on top of the active chain, merged
-        backend = make_backend(sampler.pipe, recipe, sampler.pipe.device)
-        cache = FeatureCache(state.cache / "features", backend.encoder_id)
-        from .sampling import image_tensor
-
+        phases = PhaseLog(sampler.device if sampler else compute_device())
         h, w = recipe["model"]["height"], recipe["model"]["width"]
-
-        def features(s: dict) -> dict:
-            return cache.get(s["sha256"], s["caption"],
-                             lambda: backend.features(s["caption"], image_tensor(fit(sample_image(state, s), w, h))))
-
-        feats_new = [features(s) for s in new]
-        feats_replay = [features(s) for s in replay]
-        if hasattr(backend, "release_encoders"):
-            backend.release_encoders()
 
         def report(step, total, loss):
             state.db["rounds"].update(rid, {"progress": step / total})
             if progress:
                 progress(step, total, loss)
 
-        try:
-            result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
+        try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
+            with phases("load"):
+                sampler = sampler or Sampler(state)
+            with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
+                sampler.place.use("features")
+                backend = make_backend(sampler.pipe, recipe, sampler.device)
+                cache = FeatureCache(state.cache / "features", backend.encoder_id)
+
+                def features(s: dict) -> dict:
+                    return cache.get(s["sha256"], s["caption"],
+                                     lambda: backend.features(s["caption"], image_tensor(fit(sample_image(state, s), w, h))))
+
+                feats_new = [features(s) for s in new]
+                feats_replay = [features(s) for s in replay]
+                backend.release_encoders()
+            with phases("train"):
+                sampler.place.use("train")
+                sampler.switch.set(state, parent)  # train on top of the active chain, merged
+                result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
         except BaseException:
             abandon_running(state, "the round stopped before it finished")
             raise
@@ -172,15 +176,18 @@ def run_round(
                    "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits}
         reasons: list[str] = []
         if recipe["gate"]["enabled"]:
-            gate = Gate(state, sampler)
-            round_samples = gate_samples(state, new)
-            m = gate.metrics(vid, parent, round_samples)
-            reasons = gate.verdict(m)
-            metrics.update(m)
+            with phases("gate"):
+                gate = Gate(state, sampler)
+                round_samples = gate_samples(state, new)
+                m = gate.metrics(vid, parent, round_samples)
+                reasons = gate.verdict(m)
+                metrics.update(m)
+            metrics["phases"] = phases.records
             gate.report(vid, parent, metrics, reasons, round_samples)
         else:
             reasons = []
             metrics["gate"] = "disabled in the recipe: accepted without checks"
+            metrics["phases"] = phases.records
         verdict = "rejected" if reasons else "accepted"
         commit_verdict(state, rid, vid, new, verdict, reasons, metrics)
         return {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": metrics,

@@ -1,7 +1,14 @@
 """Sampling from any version: the pipeline's own `__call__`, merged weights, CPU generators per seed.
 
 Because the noise comes from `torch.Generator("cpu").manual_seed(seed)` and the weights are base + the
-chain's deltas merged, an exported LoRA loaded into plain diffusers reproduces the same picture.
+chain's deltas merged, an exported LoRA loaded into plain diffusers reproduces the same picture (exactly in
+float32; in bf16 up to the rounding of the merged weights, see docs/GPU.md).
+
+Each backend is sampled the way its pipeline natively samples its step-distilled model: klein with no
+classifier-free guidance (guidance 1.0), Z-Image-Turbo with guidance 0.0 (its pipeline turns guidance on
+for any value above 0, which doubles the cost and is not the picture the model draws).
+The text encoder runs once per prompt (features kept per process) and leaves the GPU before the
+transformer samples; latents are decoded in micro-batches sized to the picture.
 """
 
 from __future__ import annotations
@@ -15,8 +22,17 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .models import load_pipeline
+from .placement import Placement, compute_device
 from .stack import WeightSwitcher, get_version
 from .store import State, atomic_write
+
+DECODE_PIXELS = 2 * 1024 * 1024  # pixels decoded per VAE call (two 1024 px pictures)
+TILE_ABOVE_PIXELS = 1536 * 1536  # larger pictures decode in VAE tiles
+
+
+def native_guidance(backend: str) -> float:
+    """The guidance value at which each pipeline samples its step-distilled model without CFG."""
+    return 0.0 if backend == "z-image-turbo" else 1.0
 
 
 class Sampler:
@@ -25,36 +41,83 @@ class Sampler:
     def __init__(self, state: State, device: str | None = None):
         self.state = state
         self.recipe = state.recipe
-        self.pipe = load_pipeline(state.recipe, device)
+        self.device = compute_device(device)
+        self.pipe = load_pipeline(state.recipe, self.device)
+        self.place = Placement(self.pipe, self.device)
         self.switch = WeightSwitcher(self.pipe.transformer)
+        self._features: dict[str, object] = {}  # prompt -> text features in CPU memory (this process)
+        m = self.recipe["model"]
+        if m["height"] * m["width"] > TILE_ABOVE_PIXELS and hasattr(self.pipe.vae, "enable_tiling"):
+            self.pipe.vae.enable_tiling()
 
     def call_kwargs(self, steps: int) -> dict:
         m = self.recipe["model"]
-        kw = {"num_inference_steps": steps, "guidance_scale": 1.0, "height": m["height"], "width": m["width"],
-              "max_sequence_length": m["max_sequence_length"]}
-        if m["backend"] == "flux2-klein":
-            kw["text_encoder_out_layers"] = tuple(m["text_encoder_out_layers"])
-        return kw
+        return {"num_inference_steps": steps, "guidance_scale": native_guidance(m["backend"]), "height": m["height"],
+                "width": m["width"]}
+
+    def prompt_features(self, prompts: list[str]) -> list:
+        """Each prompt's text features as the pipeline's own encode_prompt makes them (CPU, float32)."""
+        m = self.recipe["model"]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._features]
+        if missing:
+            self.place.use("encode")
+            te = self.pipe.text_encoder
+            with torch.no_grad():
+                for i in range(0, len(missing), 8):
+                    chunk = missing[i : i + 8]  # encode_prompt may rewrite the list it is given: pass copies
+                    if m["backend"] == "z-image-turbo":
+                        feats, _ = self.pipe.encode_prompt(prompt=list(chunk), device=te.device, do_classifier_free_guidance=False,
+                                                           max_sequence_length=m["max_sequence_length"])
+                    else:
+                        feats, _ = self.pipe.encode_prompt(prompt=list(chunk), device=te.device,
+                                                           max_sequence_length=m["max_sequence_length"],
+                                                           text_encoder_out_layers=tuple(m["text_encoder_out_layers"]))
+                    for p, f in zip(chunk, feats):
+                        self._features[p] = f.detach().to("cpu")
+        return [self._features[p] for p in prompts]
+
+    def _embeds_arg(self, feats: list):
+        dtype = self.pipe.transformer.dtype
+        if self.recipe["model"]["backend"] == "z-image-turbo":
+            return [f.to(self.device, dtype) for f in feats]  # one variable-length tensor per prompt
+        return torch.stack(feats).to(self.device, dtype)
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, version: str,
                references: list[Image.Image] | None = None, batch: int = 32) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1]. With references, each prompt is run on klein's reference-image path."""
         get_version(self.state, version)
+        if references is not None:
+            instr = self.recipe["model"]["teacher_instruction"]
+            prompts = [f"{instr} {p}" for p in prompts]
+        feats = self.prompt_features(prompts)
+        self.place.use("sample")
         self.switch.set(self.state, version)
-        out = []
+        latents = []
         with torch.no_grad():
             if references is not None:
-                instr = self.recipe["model"]["teacher_instruction"]
-                for p, s, ref in zip(prompts, seeds, references):
-                    r = self.pipe(prompt=f"{instr} {p}", image=[ref], generator=torch.Generator("cpu").manual_seed(s),
-                                  output_type="pt", **self.call_kwargs(steps))
-                    out.append(r.images.float().cpu())
+                for f, s, ref in zip(feats, seeds, references):
+                    r = self.pipe(prompt_embeds=self._embeds_arg([f]), image=[ref], output_type="latent",
+                                  generator=torch.Generator("cpu").manual_seed(s), **self.call_kwargs(steps))
+                    latents.append(r.images)
             else:
                 for i in range(0, len(prompts), batch):
-                    ps, ss = prompts[i : i + batch], seeds[i : i + batch]
-                    gens = [torch.Generator("cpu").manual_seed(s) for s in ss]
-                    r = self.pipe(prompt=ps, generator=gens, output_type="pt", **self.call_kwargs(steps))
-                    out.append(r.images.float().cpu())
+                    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
+                    r = self.pipe(prompt_embeds=self._embeds_arg(feats[i : i + batch]), generator=gens,
+                                  output_type="latent", **self.call_kwargs(steps))
+                    latents.append(r.images)
+            return self.decode(torch.cat(latents))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own decode of output_type="latent" results, in micro-batches; (B, 3, H, W) on the CPU."""
+        m, vae = self.recipe["model"], self.pipe.vae
+        per = max(1, DECODE_PIXELS // (m["height"] * m["width"]))
+        out = []
+        for i in range(0, latents.shape[0], per):
+            lat = latents[i : i + per].to(vae.device, vae.dtype)
+            if m["backend"] == "z-image-turbo":
+                lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+            img = vae.decode(lat, return_dict=False)[0]
+            out.append(self.pipe.image_processor.postprocess(img, output_type="pt").float().cpu())
         return torch.cat(out)
 
 
@@ -95,12 +158,18 @@ def sample(state: State, prompt: str, version: str | None, steps: int | None, se
         from .errors import UserError
 
         raise UserError("-n must be at least 1")
-    sampler = sampler or Sampler(state)
-    imgs = sampler.images([prompt] * n, [seed + i for i in range(n)], steps, version)
+    from .placement import PhaseLog
+
+    phases = PhaseLog(sampler.device if sampler else compute_device())
+    with phases("load"):
+        sampler = sampler or Sampler(state)
+    with phases("sample"):
+        imgs = sampler.images([prompt] * n, [seed + i for i in range(n)], steps, version)
     pil = [to_pil(x) for x in imgs]
     image = pil[0] if n == 1 else grid(pil)
     out = Path(out) if out else Path(f"sample-{version}-s{seed}.png")
     meta = {"prompt": prompt, "seed": seed, "steps": steps, "version": version,
             "model": state.recipe["model"]["name"], "n": n}
     save_png(image, out, meta)
-    return {"path": str(out), "version": version, "seed": seed, "steps": steps, "prompt": prompt, "n": n}
+    return {"path": str(out), "version": version, "seed": seed, "steps": steps, "prompt": prompt, "n": n,
+            "phases": phases.records}

@@ -19,6 +19,8 @@ from .errors import UserError
 from .store import State, fsync_dir, now
 
 if TYPE_CHECKING:  # torch stays out of processes that only list versions or idle (the daemon)
+    import torch
+
     from .lora import Delta
 
 STATUSES = ("candidate", "accepted", "rejected", "interrupted", "corrupt")
@@ -102,22 +104,46 @@ def chain_deltas(state: State, vid: str) -> list[Delta]:
 
 
 class WeightSwitcher:
-    """Keeps the base weights of a transformer and sets it to any version's merged weights, exactly."""
+    """Sets a transformer to any version's merged weights, exactly and without a second copy of the model.
+
+    Only the Linear weights that some delta touches are ever changed; their base values are kept in CPU
+    memory the first time a delta reaches them. Setting a version restores those and computes
+    W = base + sum(scale * B @ A) in float32, rounded once to the model's dtype: the weights of a version
+    do not depend on which versions were set before (rollback is exact in any dtype).
+    """
 
     def __init__(self, transformer):
         self.transformer = transformer
-        self.base = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+        self.base: dict[str, torch.Tensor] = {}  # module name -> base weight (CPU)
         self.current: str | None = "v0"
 
     def set(self, state: State, vid: str) -> None:
         if vid == self.current:
             return
-        from .lora import merge_into
-
-        deltas = chain_deltas(state, vid)
-        self.transformer.load_state_dict(self.base)
-        merge_into(self.transformer, deltas)
+        self.apply(chain_deltas(state, vid))
         self.current = vid
+
+    def apply(self, deltas: list[Delta]) -> None:
+        import torch
+
+        with torch.no_grad():
+            self._apply(deltas, torch)
+
+    def _apply(self, deltas: list[Delta], torch) -> None:
+        modules = dict(self.transformer.named_modules())
+        names = {n for d in deltas for n in d.weights}
+        for name in names - set(self.base):
+            self.base[name] = modules[name].weight.detach().to("cpu", copy=True)
+        for name, base in self.base.items():
+            weight = modules[name].weight
+            if name not in names:
+                weight.copy_(base)
+                continue
+            merged = base.to(weight.device, torch.float32, copy=True)  # never an alias of the kept base
+            for d in deltas:
+                if name in d.weights:
+                    merged += d.product(name).to(weight.device)
+            weight.copy_(merged.to(weight.dtype))
 
 
 def list_versions(state: State) -> list[dict]:

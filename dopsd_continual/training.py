@@ -62,6 +62,9 @@ class KleinBackend:
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
+    def release_encoders(self) -> None:
+        """klein's encoders are the pipeline's own: the placement's next phase takes them off the GPU."""
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         emb, _ = klein.encode_prompts(self.pipe, captions, self.model["max_sequence_length"], self.model["text_encoder_out_layers"])
         return emb
@@ -158,7 +161,10 @@ class FeatureCache:
 
 
 def add_adapters(transformer, rank: int, alpha: float, targets: list[str], seed: int | None = None) -> list[torch.nn.Parameter]:
-    """A zero-initialised `student` and an identical `teacher` LoRA; returns the student's parameters.
+    """A zero-initialised `student` and an identical `teacher` LoRA in float32; returns the student's parameters.
+
+    peft gives an adapter its base layer's dtype: under a bf16 base the LoRA, its AdamW state and the EMA
+    teacher would live in bf16, where an EMA at decay 0.999 or an update at lr 2e-5 mostly rounds away.
 
     peft draws A from the global RNG: with `seed`, it draws from a forked, seeded one (same round, same
     adapter, whatever ran before), and the caller's RNG state is left as it was.
@@ -174,6 +180,8 @@ def add_adapters(transformer, rank: int, alpha: float, targets: list[str], seed:
         transformer.add_adapter(cfg, adapter_name=TEACHER)
     student, teacher = adapter_params(transformer, STUDENT), adapter_params(transformer, TEACHER)
     with torch.no_grad():
+        for p in student + teacher:  # float32 master weights under any base dtype (autocast does the compute)
+            p.data = p.data.float()
         for s, t in zip(student, teacher):
             t.copy_(s)
     use(transformer, STUDENT)

@@ -64,6 +64,8 @@ class ZImageBackend:
     def release_encoders(self) -> None:
         """Features are cached: the VL teacher encoder leaves memory before training starts."""
         self.teacher_model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def student_text(self, caption: str) -> torch.Tensor:
         with torch.no_grad():
@@ -74,6 +76,7 @@ class ZImageBackend:
         from PIL import Image
 
         pil = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+        pil = bound_pixels(pil, self.model["teacher_min_pixels"], self.model["teacher_max_pixels"])
         text = f"{self.model['teacher_instruction']} {caption}".strip()
         inputs = {k: v.to(self.device) for k, v in vl_inputs(*self.processor, pil, text).items()}
         with torch.no_grad():
@@ -113,6 +116,18 @@ class ZImageBackend:
         return [float(s) for s in sched.sigmas]
 
 
+def bound_pixels(image, min_pixels: int, max_pixels: int):
+    """Scale (keeping the aspect) into [min_pixels, max_pixels], as the authors bound the teacher's image
+    (512^2 to 768^2 pixels: at most 576 image tokens after Qwen3-VL's 32-pixel merged patches)."""
+    from PIL import Image
+
+    n = image.width * image.height
+    if min_pixels <= n <= max_pixels:
+        return image
+    f = ((max_pixels if n > max_pixels else min_pixels) / n) ** 0.5
+    return image.resize((max(32, round(image.width * f)), max(32, round(image.height * f))), Image.BICUBIC)
+
+
 def vl_inputs(tokenizer, image_processor, image, text: str) -> dict[str, torch.Tensor]:
     """What Qwen3VLProcessor builds for one [image, text] user turn, without its video processor
     (which needs torchvision): the image's patches, its grid, and one <|image_pad|> per merged patch."""
@@ -143,4 +158,4 @@ def load_teacher_encoder(source: str, text_encoder, device):
     except OSError as e:
         raise UserError(f"cannot load the teacher encoder {source}: {str(e).splitlines()[0]}") from None
     load_text_weights_into_vl(vl, text_encoder)
-    return vl.to(device).eval(), processor
+    return vl.to(device).eval(), processor  # lives only through a round's features phase (release_encoders)

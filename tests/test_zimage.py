@@ -92,7 +92,8 @@ def backend(zimage_dirs):
     vl, proc = load_teacher_encoder(str(zimage_dirs / "vl"), pipe.text_encoder, "cpu")
     recipe = {"model": {"source": str(zimage_dirs / "zimage"), "teacher_encoder": str(zimage_dirs / "vl"),
                         "max_sequence_length": 64, "teacher_instruction": "Keep the subject of the image.",
-                        "height": 64, "width": 64}}
+                        "height": 64, "width": 64,
+                        "teacher_min_pixels": 64 * 64, "teacher_max_pixels": 64 * 64}}
     return ZImageBackend(pipe, recipe, "cpu", vl, proc)
 
 
