@@ -188,7 +188,9 @@ def dopsd(args: list[str], env: dict, timeout: float) -> tuple[dict | None, floa
                        env=env, timeout=timeout, cwd=REPO)
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines = p.stderr.strip().splitlines() or ["(no output)"]
+        print("\n".join("    | " + ln for ln in lines[-12:]), flush=True)
+        tail = lines[-1]
         return None, seconds, tail
     try:
         return json.loads(p.stdout), seconds, ""

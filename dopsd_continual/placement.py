@@ -102,5 +102,6 @@ def apply_memory_budget(budget_gib: float, device: torch.device) -> None:
     """Cap this process's GPU allocations at the recipe's budget (a 24 GB card's share on a larger one)."""
     if device.type != "cuda" or budget_gib <= 0:
         return
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total), index)
