@@ -64,14 +64,6 @@ class Placement:
                 parts[name].to(self.device)
         self.phase = phase
 
-    def where(self) -> dict[str, str]:
-        """component -> device type, as it is now (tests and the benchmark read it)."""
-        out = {}
-        for name, m in self.components().items():
-            p = next(m.parameters(), None)
-            out[name] = p.device.type if p is not None else "none"
-        return out
-
 
 class PhaseLog:
     """{phase: {"seconds", "peak_gib"}} for named steps; peak_gib is None off the GPU."""

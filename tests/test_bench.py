@@ -53,3 +53,24 @@ def test_recipe_sweep_picks_the_cheapest_setting_within_the_retention_limit_and_
     assert sm["best_gain"] == pytest.approx(0.10)
     assert (sm["cheapest_good"]["variant"], sm["cheapest_good"]["steps"]) == ("K 2", 100)
     assert sm["default"]["steps"] == REFERENCE_STEPS
+
+
+def test_gpu_e2e_runs_the_product_on_tiny_configs(tmp_path):
+    """The real-size benchmark's code path, end to end: weights written, every `dopsd` command run, phases kept."""
+    out = tmp_path / "gpu_e2e.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_e2e.py"), "--tiny", "--steps", "2", "--work", str(tmp_path / "w"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for name in ("flux2-klein-4b", "z-image-turbo"):
+        row = res["models"][name]
+        assert "error" not in row, row
+        assert all(c["ok"] for c in row["commands"].values()), row["commands"]
+        assert row["queued"] == 2 and row["round"]["verdict"] in ("accepted", "rejected")
+        assert set(row["round"]["phases"]) == {"load", "features", "train", "gate"}
+        assert set(row["sample"]["phases"]) == {"load", "sample"}
+        assert (tmp_path / "w" / name / "export-comfyui" / "lora_comfyui.safetensors").exists()
+        assert (tmp_path / "w" / name / "sample.png").exists()
