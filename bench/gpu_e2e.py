@@ -74,62 +74,38 @@ def text_config(tiny: bool, vocab: int) -> dict:
     return dict(cfg, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
-def build_klein(tiny: bool, folder: Path, device) -> None:
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+def klein_modules(tiny: bool, device) -> dict:
+    """FLUX.2-klein-4B's transformer, Qwen3-4B text encoder and VAE (random weights; `meta` for sizes only)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     trc, _, _, _, _ = configs(tiny)
-    tok = tokenizer()
     with torch.device(device):
-        tr = Flux2Transformer2DModel(**trc)
-        te = Qwen3ForCausalLM(Qwen3Config(**text_config(tiny, len(tok))))
-        vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if tiny else AutoencoderKLFlux2()
+        return {
+            "transformer": Flux2Transformer2DModel(**trc),
+            "text_encoder": Qwen3ForCausalLM(Qwen3Config(**text_config(tiny, len(tokenizer())))),
+            "vae": AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if tiny else AutoencoderKLFlux2(),
+        }
+
+
+def build_klein(tiny: bool, folder: Path, device) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-    pipe = Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr, is_distilled=True)
+    pipe = Flux2KleinPipeline(scheduler=sched, tokenizer=tokenizer(), is_distilled=True, **klein_modules(tiny, device))
     pipe.to(dtype=torch.float32 if tiny else torch.bfloat16)
     pipe.save_pretrained(folder)
 
 
-def build_zimage(tiny: bool, folder: Path, vl_folder: Path, device) -> None:
-    import transformers
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
+def zimage_modules(tiny: bool, device) -> dict:
+    """Z-Image-Turbo's transformer, Qwen3-4B text encoder, FLUX.1 VAE and the Qwen3-VL-4B teacher encoder."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     trc, _, vision, _, _ = zimage_configs(tiny)
     tok = tokenizer()
     text = text_config(tiny, len(tok))
     trc = dict(trc, cap_feat_dim=text["hidden_size"])
-    dtype = torch.float32 if tiny else torch.bfloat16
-    with torch.device(device):
-        tr = ZImageTransformer2DModel(**trc)
-        for p in tr.parameters():  # pad tokens are created with torch.empty: give every weight a finite value
-            if not torch.isfinite(p).all():
-                p.data.normal_(0, 0.02)
-        te = Qwen3Model(Qwen3Config(**text))
-        if tiny:
-            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                                latent_channels=16, norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159)
-        else:  # the FLUX.1 VAE that Z-Image uses: 16 latent channels, 8x down
-            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                                layers_per_block=2, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-                                use_quant_conv=False, use_post_quant_conv=False)
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-    pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr)
-    pipe.to(dtype=dtype)
-    pipe.save_pretrained(folder)
-    del pipe, tr, vae
     ids = {f"{k}_token_id": tok.convert_tokens_to_ids(t) for k, t in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
             ("vision_end", "<|vision_end|>"))}
@@ -141,7 +117,37 @@ def build_zimage(tiny: bool, folder: Path, vl_folder: Path, device) -> None:
         **ids,
     )
     with torch.device(device):
-        vl = Qwen3VLForConditionalGeneration(vl_cfg)
+        tr = ZImageTransformer2DModel(**trc)
+        if device != "meta":
+            for p in tr.parameters():  # pad tokens are created with torch.empty: give every weight a finite value
+                if not torch.isfinite(p).all():
+                    p.data.normal_(0, 0.02)
+        if tiny:
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                                latent_channels=16, norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159)
+        else:  # the FLUX.1 VAE that Z-Image uses: 16 latent channels, 8x down
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                                layers_per_block=2, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                use_quant_conv=False, use_post_quant_conv=False)
+        return {"transformer": tr, "text_encoder": Qwen3Model(Qwen3Config(**text)), "vae": vae,
+                "teacher_encoder": Qwen3VLForConditionalGeneration(vl_cfg)}
+
+
+def build_zimage(tiny: bool, folder: Path, vl_folder: Path, device) -> None:
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    parts = zimage_modules(tiny, device)
+    vl = parts.pop("teacher_encoder")
+    tok = tokenizer()
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    pipe = ZImagePipeline(scheduler=sched, tokenizer=tok, **parts)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(folder)
+    del pipe, parts
     vl.to(dtype).save_pretrained(vl_folder)
     processor_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     processor_cls(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,

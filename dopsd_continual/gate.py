@@ -135,8 +135,19 @@ class Gate:
             self._scorer = load_classifier(Path(resolve_source(self.recipe["model"]["source"])))
         return self._scorer
 
+    def texts(self, round_samples: list[dict]) -> list[str]:
+        """Every text the gate samples: its held-out prompts, the round's captions and, on klein, the
+        teacher's instructed captions. Encoded in one visit of the text encoder (features are kept)."""
+        caps = [s["caption"] for s in round_samples]
+        out = list(self.prompts) + caps
+        if self.recipe["model"]["backend"] == "flux2-klein":
+            out += [f"{self.recipe['model']['teacher_instruction']} {c}" for c in caps]
+        return out
+
     def metrics(self, vid: str, parent: str, round_samples: list[dict]) -> dict:
         t0 = time.time()
+        if hasattr(self.sampler, "prompt_features"):
+            self.sampler.prompt_features(self.texts(round_samples))  # the transformer then stays on the GPU
         cand, par = self.held_out(vid), self.held_out(parent)
         n_seeds = len(self.seeds)
         m: dict = {

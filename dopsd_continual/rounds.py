@@ -157,6 +157,8 @@ def run_round(
                 feats_new = [features(s) for s in new]
                 feats_replay = [features(s) for s in replay]
                 backend.release_encoders()
+                if recipe["gate"]["enabled"]:  # the text encoder is on the GPU now: the gate's prompts too
+                    sampler.prompt_features(Gate(state, sampler).texts(new))
             with phases("train"):
                 sampler.place.use("train")
                 sampler.switch.set(state, parent)  # train on top of the active chain, merged

@@ -74,3 +74,19 @@ def test_gpu_e2e_runs_the_product_on_tiny_configs(tmp_path):
         assert set(row["sample"]["phases"]) == {"load", "sample"}
         assert (tmp_path / "w" / name / "export-comfyui" / "lora_comfyui.safetensors").exists()
         assert (tmp_path / "w" / name / "sample.png").exists()
+
+
+def test_memory_plan_default_recipes_fit_22_gib(tmp_path):
+    """Real-size klein-4B and Z-Image (+ Qwen3-VL teacher) built on `meta`; activations as measured on a GPU."""
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    for name in ("flux2-klein-4b", "z-image-turbo"):
+        row = plan["models"][name]
+        assert set(row["phases"]) == {"features", "train", "gate", "sample"}
+        assert row["components_gib"]["transformer"] > 7  # real size, not a tiny stand-in
+        assert all(v == "measured" for v in row["activation_source"].values())
+        assert row["peak_gib"] <= 22.0, (name, row["phases"])
+    assert plan["models"]["z-image-turbo"]["components_gib"]["teacher_encoder"] > 8
