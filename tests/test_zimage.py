@@ -1,5 +1,6 @@
 """Z-Image-Turbo: a tiny random-weight pipeline and Qwen3-VL teacher, saved and loaded like the real ones."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,9 @@ from dopsd_continual.errors import UserError
 from dopsd_continual.training import add_adapters, dopsd_loss_and_backward, remove_adapters, train_delta
 from dopsd_continual.zimage import ZImageBackend, load_teacher_encoder, load_text_weights_into_vl
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-CHAT = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_e2e import CHAT, VISION_TOKENS  # noqa: E402  (the chat template and vision tokens of the tiny Qwen tokenizer)
+
 HIDDEN = 64
 
 
