@@ -55,14 +55,14 @@ CAPTIONS = ["a photo of my zxq mug on a desk", "my zxq mug on a windowsill, morn
 # ------------------------------------------------------------------------------------ weights on disk
 
 
-def tokenizer():
+def tokenizer(max_length: int = 4096):
     """A byte-level Qwen tokenizer (ids fit any Qwen vocabulary) with the chat and vision tokens."""
     from dopsd_continual.toy.model import build_tokenizer
 
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tok.chat_template = CHAT
-    tok.model_max_length = 4096
+    tok.model_max_length = max_length
     return tok
 
 

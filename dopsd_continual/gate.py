@@ -146,8 +146,7 @@ class Gate:
 
     def metrics(self, vid: str, parent: str, round_samples: list[dict]) -> dict:
         t0 = time.time()
-        if hasattr(self.sampler, "prompt_features"):
-            self.sampler.prompt_features(self.texts(round_samples))  # the transformer then stays on the GPU
+        self.sampler.prompt_features(self.texts(round_samples))  # the transformer then stays on the GPU
         cand, par = self.held_out(vid), self.held_out(parent)
         n_seeds = len(self.seeds)
         m: dict = {

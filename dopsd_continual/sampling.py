@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .models import load_pipeline
-from .placement import Placement, compute_device
+from .placement import PhaseLog, Placement, compute_device
 from .stack import WeightSwitcher, get_version
 from .store import State, atomic_write
 
@@ -158,8 +158,6 @@ def sample(state: State, prompt: str, version: str | None, steps: int | None, se
         from .errors import UserError
 
         raise UserError("-n must be at least 1")
-    from .placement import PhaseLog
-
     phases = PhaseLog(sampler.device if sampler else compute_device())
     with phases("load"):
         sampler = sampler or Sampler(state)

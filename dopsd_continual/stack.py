@@ -126,24 +126,18 @@ class WeightSwitcher:
     def apply(self, deltas: list[Delta]) -> None:
         import torch
 
-        with torch.no_grad():
-            self._apply(deltas, torch)
-
-    def _apply(self, deltas: list[Delta], torch) -> None:
         modules = dict(self.transformer.named_modules())
         names = {n for d in deltas for n in d.weights}
-        for name in names - set(self.base):
-            self.base[name] = modules[name].weight.detach().to("cpu", copy=True)
-        for name, base in self.base.items():
-            weight = modules[name].weight
-            if name not in names:
-                weight.copy_(base)
-                continue
-            merged = base.to(weight.device, torch.float32, copy=True)  # never an alias of the kept base
-            for d in deltas:
-                if name in d.weights:
-                    merged += d.product(name).to(weight.device)
-            weight.copy_(merged.to(weight.dtype))
+        with torch.no_grad():
+            for name in names - set(self.base):
+                self.base[name] = modules[name].weight.detach().to("cpu", copy=True)
+            for name, base in self.base.items():
+                weight = modules[name].weight
+                merged = base.to(weight.device, torch.float32, copy=True)  # never an alias of the kept base
+                for d in deltas:
+                    if name in d.weights:
+                        merged += d.product(name).to(weight.device)
+                weight.copy_(merged.to(weight.dtype))
 
 
 def list_versions(state: State) -> list[dict]:

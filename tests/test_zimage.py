@@ -11,19 +11,13 @@ from dopsd_continual.training import add_adapters, dopsd_loss_and_backward, remo
 from dopsd_continual.zimage import ZImageBackend, load_teacher_encoder, load_text_weights_into_vl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from gpu_e2e import CHAT, VISION_TOKENS  # noqa: E402  (the chat template and vision tokens of the tiny Qwen tokenizer)
+from gpu_e2e import tokenizer  # noqa: E402  (the tiny Qwen tokenizer with chat template and vision tokens)
 
 HIDDEN = 64
 
 
 def tiny_tokenizer():
-    from dopsd_continual.toy.model import build_tokenizer
-
-    tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    tok.chat_template = CHAT
-    tok.model_max_length = 64
-    return tok
+    return tokenizer(max_length=64)
 
 
 def text_config(vocab, layers=2):
