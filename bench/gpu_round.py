@@ -46,6 +46,7 @@ from dopsd_continual.zimage import ZImageBackend
 SHARES = [1.0, 0.75, 0.5, 0.25, 0.0]
 INT8_SHARES = [1.0, 0.5, 0.0]
 ZIMAGE_BUDGET_GIB = 22.0
+TEACHER_MAX_SIDE = 768  # recipes/z-image-turbo.toml teacher_max_pixels = 768²
 ZIMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGETS = [
     "to_q",
@@ -265,13 +266,21 @@ def zimage_backend(tr, dev):
 
 
 def timed(fn, n: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
+    """Seconds per call; on a GPU under bf16 autocast, as the recipes' `mixed_precision = "bf16"` runs a round
+    (and as the authors' accelerate config does), with the float32 adapters of `add_adapters` on both sides."""
+    cuda = sync is not _no_sync
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        fn()  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
     return (time.perf_counter() - t) / n
+
+
+def _no_sync() -> None:
+    pass
 
 
 def measure_shares(
@@ -385,7 +394,9 @@ def run_zimage(a, dev, dtype, cuda, sync, row, save) -> None:
     sigmas = [1.0, 0.9, 0.75, 0.5, 0.0]  # the authors' Z-Image schedule
     latent_shape = (16, px // 8, px // 8)
     ids_s = torch.randint(0, 500, (1, txt), device=dev)
-    vl_in = zimage_vl_inputs(special, px, txt, dev, dtype)
+    # the teacher's image bounded as the authors and the recipe do (model.teacher_max_pixels = 768²): a 1024 px
+    # image's 1,024 vision tokens + text would overrun the transformer's 1,024 caption positions (axes_lens[0])
+    vl_in = zimage_vl_inputs(special, min(px, TEACHER_MAX_SIDE), txt, dev, dtype)
     row["teacher_context_tokens"] = int(vl_in["input_ids"].shape[1])
     measure_baseline(row, tr, lambda: zimage_authors_step(tr, te, vl, vl_in, ids_s, sigmas, latent_shape, opt, student, teacher),
                      a, sync, cuda, save)
@@ -411,7 +422,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not a.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else _no_sync
     results: dict = {
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "date": time.strftime("%Y-%m-%d"),
