@@ -17,8 +17,10 @@ queue_app = typer.Typer(no_args_is_help=True, help="The sample queue.")
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy-shapes world.")
 app.add_typer(queue_app, name="queue")
 app.add_typer(toy_app, name="toy")
-console = Console()
-err_console = Console(stderr=True)
+# piped output is whole lines (no wrapping at 80 columns, no cut table cells); a terminal gets its own width
+console = Console(width=None if sys.stdout.isatty() else 100_000)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 100_000)
+SAMPLE_STATUS_HELP = "queued, training, used, dropped, set_aside"  # store.SAMPLE_STATUSES (a test holds them equal)
 
 STATE_OPT = typer.Option(None, "--state", help="state directory (default ./state or $DOPSD_STATE)")
 
@@ -32,10 +34,15 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _open(state: Path | None):
+def _open(state: Path | None, writes: str | None = None):
+    """The state; `writes` names the command when it must write (refused in one line on a read-only state)."""
     from .store import open_state, state_dir
 
-    return open_state(state_dir(state))
+    st = open_state(state_dir(state))
+    if writes and st.readonly:
+        st.close()
+        fail(f"state at {st.root} is read-only: `dopsd {writes}` needs to write (listing, status, sample and export work)")
+    return st
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -45,12 +52,13 @@ def _open(state: Path | None):
 def init(
     recipe: str | None = typer.Option(None, "--recipe", help="recipe TOML path or shipped name"),
     watch: list[Path] = typer.Option([], "--watch", help="folder to watch (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="switch a state with versions to another model (active becomes v0)"),
     state: Path | None = STATE_OPT,
 ) -> None:
     """Create the state directory (config, SQLite, blobs/)."""
     from .store import init_state, state_dir
 
-    st = init_state(state_dir(state), recipe, list(watch))
+    st = init_state(state_dir(state), recipe, list(watch), force=force)
     console.print(f"state at [bold]{st.root}[/bold], recipe {st.config['recipe']}, watching {len(st.watch_dirs)} folder(s)")
     st.close()
 
@@ -67,13 +75,17 @@ def ingest(
     """One scan now: queue new pairs, report duplicates, ignored and rejected files."""
     from .ingest import ingest_paths
 
-    st = _open(state)
+    st = _open(state, writes="ingest")
     if not paths and not st.watch_dirs:
+        st.close()
         fail("nothing to scan: give PATHs or add watched folders with `dopsd init --watch DIR`")
     report = ingest_paths(st, list(paths) if paths else None)
     st.close()
+    missing = [p for p in (paths or []) if not Path(p).exists()]
     if as_json:
         emit_json(report.to_json())
+        if missing:
+            raise typer.Exit(1)
         return
     t = Table(title="ingest")
     t.add_column("outcome")
@@ -85,6 +97,8 @@ def ingest(
         console.print(f"[yellow]rejected[/yellow] {r['path']}: {r['reason']}", highlight=False)
     for r in report.ignored:
         console.print(f"[dim]ignored[/dim] {r['path']}: {r['reason']}", highlight=False)
+    if missing:
+        fail(f"{len(missing)} path(s) do not exist: {', '.join(map(str, missing))}")
 
 
 # ----------------------------------------------------------------------------------------------- queue
@@ -92,7 +106,7 @@ def ingest(
 
 @queue_app.command("list")
 def queue_list(
-    status: str | None = typer.Option(None, "--status", help="queued, used, rejected, dropped, set_aside"),
+    status: str | None = typer.Option(None, "--status", help=SAMPLE_STATUS_HELP),
     as_json: bool = typer.Option(False, "--json"),
     state: Path | None = STATE_OPT,
 ) -> None:
@@ -124,7 +138,7 @@ def _set_status(state: Path | None, sample_id: int, status: str, event: str) -> 
     from .ingest import _history
     from .store import now
 
-    st = _open(state)
+    st = _open(state, writes=f"queue {event.split()[0]}")
     try:
         row = st.db["samples"].get(sample_id)
     except Exception:
@@ -185,37 +199,51 @@ def toy_pack(
 @app.command()
 def train(
     objective: str | None = typer.Option(None, "--objective", help="dopsd (default) or sft"),
-    steps: int | None = typer.Option(None, "--steps", help="optimiser steps (recipe train.steps)"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (recipe train.steps)"),
     lr: float | None = typer.Option(None, "--lr", help="learning rate (recipe train.lr)"),
     as_json: bool = typer.Option(False, "--json"),
     wait: bool = typer.Option(False, "--wait", help="wait for a running round instead of exiting"),
     state: Path | None = STATE_OPT,
 ) -> None:
     """One round now on the queued samples, then the gate."""
+    import math
+    import time as _t
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .rounds import run_round
 
-    st = _open(state)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number, got {lr}")
+    if objective is not None and objective not in ("dopsd", "sft"):
+        fail(f"--objective must be dopsd or sft, got {objective!r}")
+    st = _open(state, writes="train")
     if as_json:
         result = run_round(st, objective, steps, lr, wait_for_lock=wait)
         st.close()
         emit_json({k: result[k] for k in ("version", "verdict", "reasons", "metrics", "parent", "samples", "active")})
         return
-    with Progress(TextColumn("[bold]round[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
-                  TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=1, loss=0.0, rate=0.0)
-        import time as _t
+    # the bar appears with the first step, so an error before training (no queued samples) is the only output
+    bar = Progress(TextColumn("[bold]round[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
+                   TimeRemainingColumn(), console=console)
+    task = None
+    t0 = _t.time()
+    batch = st.recipe["train"]["batch"]
 
-        t0 = _t.time()
-        batch = st.recipe["train"]["batch"]
+    def progress(step, total, loss):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("train", total=total, loss=0.0, rate=0.0)
+        bar.update(task, completed=step, total=total, loss=loss, rate=step * batch / max(_t.time() - t0, 1e-9))
 
-        def progress(step, total, loss):
-            bar.update(task, completed=step, total=total, loss=loss, rate=step * batch / max(_t.time() - t0, 1e-9))
-
+    try:
         result = run_round(st, objective, steps, lr, progress=progress, wait_for_lock=wait)
-    st.close()
+    finally:
+        if task is not None:
+            bar.stop()
+        st.close()
     colour = "green" if result["verdict"] == "accepted" else "red"
     console.print(f"[{colour}]{result['verdict']}[/{colour}] {result['version']} (parent {result['parent']}); active is {result['active']}")
     for r in result["reasons"]:
@@ -275,7 +303,7 @@ def versions_rollback(version: str | None = typer.Argument(None), as_json: bool 
     """Move the active pointer (default: to the active version's parent). Deletes nothing."""
     from .stack import rollback
 
-    st = _open(state)
+    st = _open(state, writes="versions rollback")
     active = rollback(st, version)
     st.close()
     emit_json({"active": active}) if as_json else console.print(f"active: {active}")
@@ -286,19 +314,19 @@ def versions_promote(version: str, as_json: bool = typer.Option(False, "--json")
     """Make a version active (a rejected one too: the user overrides the gate)."""
     from .stack import promote
 
-    st = _open(state)
+    st = _open(state, writes="versions promote")
     active = promote(st, version)
     st.close()
     emit_json({"active": active}) if as_json else console.print(f"active: {active}")
 
 
 @versions_app.command("squash")
-def versions_squash(version: str | None = typer.Argument(None), rank: int | None = typer.Option(None, "--rank"),
+def versions_squash(version: str | None = typer.Argument(None), rank: int | None = typer.Option(None, "--rank", min=1),
                     as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Fold a chain into one adapter (exact by concatenation; --rank truncates by SVD and reports the error)."""
     from .stack import squash_version
 
-    st = _open(state)
+    st = _open(state, writes="versions squash")
     out = squash_version(st, version, rank)
     st.close()
     emit_json(out) if as_json else console.print(out)
@@ -309,6 +337,11 @@ def versions_export(version: str, fmt: str = typer.Option("diffusers", "--format
                     state: Path | None = STATE_OPT) -> None:
     """Write a version's adapter (the chain, squashed) as diffusers or ComfyUI LoRA files."""
     from .stack import export_version
+
+    if fmt not in ("diffusers", "comfyui"):
+        fail(f"unknown export format {fmt!r}: diffusers or comfyui")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: give a folder (it is created if missing)")
 
     st = _open(state)
     path = export_version(st, version, fmt, out)
@@ -334,10 +367,10 @@ def versions_diff(a: str, b: str, state: Path | None = STATE_OPT) -> None:
 def sample(
     prompt: str,
     version: str | None = typer.Option(None, "--version", help="default: the active version"),
-    steps: int | None = typer.Option(None, "--steps", help="default: the model's native step count"),
-    seed: int = typer.Option(0, "--seed"),
-    n: int = typer.Option(1, "-n", help="images (a grid, seeds seed..seed+n-1)"),
-    out: Path | None = typer.Option(None, "--out"),
+    steps: int | None = typer.Option(None, "--steps", min=1, max=1000, help="default: the model's native step count"),
+    seed: int = typer.Option(0, "--seed", min=0),
+    n: int = typer.Option(1, "-n", min=1, max=64, help="images (a grid, seeds seed..seed+n-1)"),
+    out: Path | None = typer.Option(None, "--out", help="file (.png, .jpg, .webp) or an existing folder"),
     as_json: bool = typer.Option(False, "--json"),
     state: Path | None = STATE_OPT,
 ) -> None:
@@ -394,7 +427,11 @@ def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="ru
     from .store import state_dir
 
     root = state_dir(state)
-    _open(state).close()  # a clear error if the state dir is missing
+    st = _open(state, writes="daemon start")  # a clear error if the state dir is missing or read-only
+    if not st.watch_dirs:
+        err_console.print("[yellow]warning:[/yellow] no watched folder: the daemon only runs scheduled rounds on "
+                          "what is queued (`dopsd init --watch DIR` adds one)", highlight=False, soft_wrap=True)
+    st.close()
     if foreground:
         Daemon(root, foreground=True).run_forever()
         return
@@ -408,6 +445,7 @@ def daemon_stop(state: Path | None = STATE_OPT) -> None:
     from .daemon import stop_background
     from .store import state_dir
 
+    _open(state).close()  # a clear error if there is no state there
     stopped = stop_background(state_dir(state))
     console.print("daemon stopped" if stopped else "no daemon is running")
 
@@ -423,12 +461,19 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
     if as_json:
         emit_json(s)
         return
-    console.print(f"running: {s['running']}" + (f" (pid {s['pid']})" if s["pid"] else ""))
-    console.print(f"active version: {s['active_version']}; queue: {s['queue']}")
+    console.print(f"running: {'yes' if s['running'] else 'no'}" + (f" (pid {s['pid']})" if s["pid"] else ""), highlight=False)
+    queue = ", ".join(f"{v} {k}" for k, v in sorted(s["queue"].items())) or "empty"
+    console.print(f"active version: {s['active_version']}; queue: {queue}", highlight=False)
     if s["round"]:
         console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
     if s["next_round_at"]:
         console.print(f"next round: {s['next_round_at']}")
+    scan = s.get("last_scan")
+    if scan:
+        console.print(f"last scan: {scan['queued']} queued, {scan['duplicates']} duplicates, {scan['pending']} pending, "
+                      f"{scan['rejected']} rejected, {scan['ignored']} ignored", highlight=False)
+        for p in scan["problems"]:
+            console.print(f"  {p['outcome']} {p['path']}: {p['reason']}", highlight=False)
 
 
 @daemon_app.command("install-service")
@@ -466,12 +511,16 @@ def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = S
     report = diagnose(state)
     if as_json:
         emit_json(report)
+        if not report["ok"]:
+            raise typer.Exit(1)
         return
     console.print(f"model: {report['model']['name']} from {report['model']['source']} ({report['model']['pipeline']})")
     console.print(f"device: {report['device']}")
     for p in report["problems"]:
         console.print(f"[yellow]problem:[/yellow] {p}")
     console.print("[green]ok[/green]" if report["ok"] else "[red]not ok[/red]")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def _wrap_user_errors() -> None:
@@ -488,7 +537,12 @@ def _wrap_user_errors() -> None:
                     return __cb(*a, **k)
                 except UserError as e:
                     fail(str(e))
+                except OSError as e:  # the machine's answer about a path (permissions, a full disk, a read-only mount)
+                    where = f"{e.filename}: " if e.filename else ""
+                    fail(f"{where}{e.strerror or e}")
                 except Exception as e:
+                    if type(e).__name__ == "OperationalError" and "readonly" in str(e):  # sqlite3's
+                        fail(f"the state is read-only: this command needs to write ({e})")
                     if type(e).__name__ != "OutOfMemoryError":  # torch's, without importing torch here
                         raise
                     fail(f"out of GPU memory: {str(e).splitlines()[0]} (model.memory_budget_gib in the recipe caps "

@@ -70,7 +70,8 @@ def status(state: State) -> dict:
         rnd = {"id": row[0], "progress": row[1]}
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
-            "heartbeat_at": info.get("heartbeat_at") if running else None}
+            "heartbeat_at": info.get("heartbeat_at") if running else None,
+            "last_scan": json.loads(state.meta("last_scan") or "null")}
 
 
 def setup_logging(state: State, foreground: bool) -> None:
@@ -219,7 +220,10 @@ class Daemon:
                 rep = ingest_paths(st)
             finally:
                 st.close()
-        except Exception:  # a bad file or a vanished folder never stops the daemon
+        except UserError as e:  # a problem the user can fix (a bad setting): one line, and the next scan tries again
+            log.error("scan: %s", e)
+            return
+        except Exception:  # anything else is a bug, logged whole; it never stops the daemon
             log.exception("ingest failed")
             return
         if rep.queued or rep.rejected or rep.updated:
@@ -325,7 +329,7 @@ class Daemon:
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 
 
-def start_background(root: Path, timeout: float = 30.0) -> int:
+def start_background(root: Path, timeout: float = 180.0) -> int:
     """Start a detached daemon process and wait until it holds the lock."""
     import subprocess
 

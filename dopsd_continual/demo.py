@@ -54,7 +54,7 @@ def write_demo_recipe(folder: Path) -> Path:
 
 def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = ("heart", "striped"), timeout: float = 540) -> dict:
     from .daemon import Daemon
-    from .sampling import Sampler, grid, save_png, to_pil
+    from .sampling import Sampler, grid, save_image, to_pil
     from .stack import list_versions
     from .store import init_state
     from .toy.packs import PACKS, write_pack
@@ -76,7 +76,7 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
         before = sampler.images(DEMO_PROMPTS, list(range(len(DEMO_PROMPTS))), st.recipe["model"]["steps"], before_version)
     pictures = root / "pictures"
     pictures.mkdir(exist_ok=True)
-    save_png(grid([to_pil(x) for x in before], cols=len(DEMO_PROMPTS)), pictures / "before.png",
+    save_image(grid([to_pil(x) for x in before], cols=len(DEMO_PROMPTS)), pictures / "before.png",
              {"prompts": DEMO_PROMPTS, "version": before_version})
     console.print(f"before: {pictures / 'before.png'} (version {before_version})")
 
@@ -118,7 +118,7 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
     after = sampler.images(DEMO_PROMPTS, list(range(len(DEMO_PROMPTS))), st.recipe["model"]["steps"], after_version)
     sheet = grid([to_pil(x) for x in before] + [to_pil(x) for x in after], cols=len(DEMO_PROMPTS))
     sheet = sheet.resize((sheet.width * 3, sheet.height * 3), 0)  # nearest: 64-px pictures stay readable
-    save_png(sheet, pictures / "before_after.png", {"prompts": DEMO_PROMPTS, "rows": [before_version, after_version]})
+    save_image(sheet, pictures / "before_after.png", {"prompts": DEMO_PROMPTS, "rows": [before_version, after_version]})
     table = Table(title="versions")
     for c in ("id", "parent", "status", "active", "samples", "concept", "retention", "report"):
         table.add_column(c)

@@ -111,8 +111,9 @@ class Gate:
             except Exception:
                 path.unlink(missing_ok=True)
         imgs = self.sampler.images(prompts, seeds, steps, vid, references=refs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": imgs.contiguous()}, str(path))
+        if not self.state.readonly:  # a read-only state is evaluated without keeping the samples
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"images": imgs.contiguous()}, str(path))
         return imgs
 
     def held_out(self, vid: str) -> torch.Tensor:

@@ -74,35 +74,64 @@ class Candidate:
 
 
 def _walk(root: Path, report: IngestReport) -> list[Path]:
-    """Every regular file under root, without following links out of it (links inside are fine)."""
+    """Every regular file under root. One bad entry (a link loop, an unreadable folder, a link out of the
+    folder) is reported with its reason and skipped; the rest of the folder is still taken.
+
+    Links to files are followed when their target stays inside the watched folder. Links to folders are not
+    descended: one leading out is reported as leaving the folder, one leading inside is reported as such,
+    since its target's files are taken where they are (descending would take them twice or loop).
+    """
     root_real = root.resolve()
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if d.lower() not in SYSTEM_DIRS and not d.startswith("."))
+
+    def unreadable(e: OSError) -> None:
+        report.rejected.append({"path": str(e.filename or root), "reason": f"unreadable folder: {e.strerror or e}"})
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         d = Path(dirpath)
-        for dn in list(dirnames):
+        keep = []
+        for dn in sorted(dirnames):
             p = d / dn
+            if dn.lower() in SYSTEM_DIRS or dn.startswith("."):
+                continue
             if p.is_symlink():
-                dirnames.remove(dn)
-                target = p.resolve()
-                if not _inside(target, root_real):
-                    report.ignored.append({"path": str(p), "reason": "symlink leaves the watched folder"})
+                target = _resolve(p)
+                if target is None or not _inside(target, root_real):
+                    reason = "symlink leaves the watched folder" if target is not None else "broken or looping symlink"
+                else:
+                    reason = "link to a folder inside the watched folder (its files are taken where they are)"
+                report.ignored.append({"path": str(p), "reason": reason})
+                continue
+            keep.append(dn)
+        dirnames[:] = keep
         for fn in sorted(filenames):
             p = d / fn
             if is_silently_ignored(fn):
                 continue
             if p.is_symlink():
-                target = p.resolve()
+                target = _resolve(p)
+                if target is None:
+                    report.ignored.append({"path": str(p), "reason": "broken or looping symlink"})
+                    continue
                 if not _inside(target, root_real):
                     report.ignored.append({"path": str(p), "reason": "symlink leaves the watched folder"})
                     continue
                 if not target.is_file():
-                    report.ignored.append({"path": str(p), "reason": "broken symlink"})
+                    report.ignored.append({"path": str(p), "reason": "symlink to something that is not a file"})
                     continue
             elif not p.is_file():
+                report.ignored.append({"path": str(p), "reason": "not a regular file (a pipe, socket or device)"})
                 continue
             files.append(p)
     return files
+
+
+def _resolve(p: Path) -> Path | None:
+    """A link's final target, or None when it is broken or loops."""
+    try:
+        return p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -143,6 +172,10 @@ def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
         for stem, cap in sorted(captions.items()):
             if stem not in images:
                 report.ignored.append({"path": str(cap), "reason": "caption without an image"})
+        present = {f.name for f in fs}
+        for name in sorted(metadata):
+            if name not in present:
+                report.ignored.append({"path": str(d / METADATA_NAME), "reason": f"metadata.jsonl names {name!r}, which is not in this folder"})
     return out
 
 
@@ -238,7 +271,7 @@ def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int
     except Exception as e:  # verify() raises many types on damaged files
         raise Rejected(f"truncated or damaged image: {e}") from None
     try:
-        load_rgb_bytes(data)
+        w, h = load_rgb_bytes(data).size  # the size as shown: after EXIF orientation
     except Exception as e:
         raise Rejected(f"truncated or damaged image: {e}") from None
     return w, h, fmt
@@ -252,9 +285,10 @@ def load_rgb_bytes(data: bytes) -> Image.Image:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             import numpy as np
 
+            # by the declared depth, never by the values: a dark 16-bit photo stays dark. The formats taken
+            # (PNG, JPEG, WebP) give these modes only for 16-bit greyscale PNGs.
             arr = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if arr.max() > 255 else 255.0
-            im = Image.fromarray((arr / top * 255).round().clip(0, 255).astype("uint8"), "L")
+            im = Image.fromarray((arr / 65535.0 * 255).round().clip(0, 255).astype("uint8"), "L")
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
         if im.mode in ("RGBA", "LA", "PA"):
@@ -302,7 +336,15 @@ def _history(old: str | None, event: dict) -> str:
 def stability_seconds(state: State) -> float:
     env = os.environ.get("DOPSD_STABILITY_SECONDS")
     if env is not None:
-        return float(env)
+        from .errors import UserError
+
+        try:
+            value = float(env)
+        except ValueError:
+            raise UserError(f"DOPSD_STABILITY_SECONDS must be a number of seconds, got {env!r}") from None
+        if not value >= 0:
+            raise UserError(f"DOPSD_STABILITY_SECONDS must be >= 0, got {env!r}")
+        return value
     return float(state.recipe["ingest"]["stability_seconds"])
 
 
@@ -330,13 +372,24 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
                 sig, last = _signature(c)
             except FileNotFoundError:
                 continue  # vanished between listing and stat: the next scan decides
+            except OSError as e:
+                report.rejected.append({"path": str(c.image), "reason": f"unreadable: {e.strerror or e}"})
+                continue
             if t - last < stable_after:
                 report.pending.append({"path": str(c.image), "reason": "still changing"})
                 continue
             todo.append((c, sig))
     for i in range(0, len(todo), batch):
         _ingest_batch(state, todo[i : i + batch], ing, report)
+    _record_scan(state, report)
     return report
+
+
+def _record_scan(state: State, report: IngestReport, keep: int = 50) -> None:
+    """The last scan's counts and problems, for `daemon status` (first `keep` problems of each kind)."""
+    summary = {"at": now(), **{k: len(v) for k, v in report.to_json().items()},
+               "problems": [{"outcome": k, **r} for k in ("rejected", "ignored") for r in getattr(report, k)[:keep]]}
+    state.set_meta("last_scan", json.dumps(summary))
 
 
 def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, report: IngestReport) -> None:
@@ -408,10 +461,12 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
                 })
                 _file_row(db, r["path"], r["sig"], "queued", None, r["id"])
             else:
-                dup = db.execute("select id from samples where sha256=?", [r["sample"]["sha256"]]).fetchone()
+                dup = db.execute("select id, caption from samples where sha256=?", [r["sample"]["sha256"]]).fetchone()
                 if dup:  # the same image twice in one batch
                     _file_row(db, r["path"], r["sig"], "duplicate", None, dup[0])
-                    report.duplicates.append({"path": r["path"], "of": dup[0], "reason": "same image already ingested"})
+                    reason = "same image already ingested" + (
+                        "" if dup[1] == r["sample"]["caption"] else f", with another caption (sample {dup[0]} keeps its own)")
+                    report.duplicates.append({"path": r["path"], "of": dup[0], "reason": reason})
                     continue
                 sid = db["samples"].insert(r["sample"]).last_pk
                 _file_row(db, r["path"], r["sig"], "queued", None, sid)

@@ -139,25 +139,60 @@ def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
     return sheet
 
 
-def save_png(image: Image.Image, path: Path, meta: dict) -> None:
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: Image.Image, path: Path, meta: dict) -> None:
+    """Encoded by the suffix: PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP
+    as a JSON EXIF ImageDescription. Every format says what made it."""
     import io
 
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+    fmt = OUTPUT_FORMATS[Path(path).suffix.lower()]
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    if fmt == "PNG":
+        info = PngInfo()
+        for k, v in meta.items():
+            info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+        image.save(buf, format="PNG", pnginfo=info)
+    elif fmt == "JPEG":
+        image.save(buf, format="JPEG", quality=95, comment=json.dumps(meta).encode())
+    else:
+        exif = Image.Exif()
+        exif[0x010E] = json.dumps(meta)  # ImageDescription
+        image.save(buf, format="WEBP", quality=95, exif=exif)
     atomic_write(Path(path), buf.getvalue())
+
+
+def output_path(out: Path | None, version: str, seed: int) -> Path:
+    """Where `dopsd sample` writes: a file by its suffix, or a default name inside an existing folder."""
+    from .errors import UserError
+
+    default = f"sample-{version}-s{seed}.png"
+    if out is None:
+        return Path(default)
+    out = Path(out)
+    if out.is_dir():
+        return out / default
+    if out.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--out {out}: the name must end in {', '.join(OUTPUT_FORMATS)} (or be an existing folder)")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
 
 
 def sample(state: State, prompt: str, version: str | None, steps: int | None, seed: int, n: int, out: Path | None,
            sampler: Sampler | None = None) -> dict:
-    version = version or state.active_version
-    steps = steps or state.recipe["model"]["steps"]
-    if n < 1:
-        from .errors import UserError
+    from .errors import UserError
+    from .stack import get_version
 
+    version = version or state.active_version
+    get_version(state, version)  # an unknown id fails before the model loads
+    steps = state.recipe["model"]["steps"] if steps is None else steps
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if n < 1:
         raise UserError("-n must be at least 1")
+    out = output_path(out, version, seed)
     phases = PhaseLog(sampler.device if sampler else compute_device())
     with phases("load"):
         sampler = sampler or Sampler(state)
@@ -165,9 +200,8 @@ def sample(state: State, prompt: str, version: str | None, steps: int | None, se
         imgs = sampler.images([prompt] * n, [seed + i for i in range(n)], steps, version)
     pil = [to_pil(x) for x in imgs]
     image = pil[0] if n == 1 else grid(pil)
-    out = Path(out) if out else Path(f"sample-{version}-s{seed}.png")
     meta = {"prompt": prompt, "seed": seed, "steps": steps, "version": version,
             "model": state.recipe["model"]["name"], "n": n}
-    save_png(image, out, meta)
+    save_image(image, out, meta)
     return {"path": str(out), "version": version, "seed": seed, "steps": steps, "prompt": prompt, "n": n,
             "phases": phases.records}

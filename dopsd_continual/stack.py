@@ -83,9 +83,22 @@ def load_delta(state: State, vid: str) -> Delta:
         from .lora import Delta
 
         return Delta.load(folder / "delta.safetensors")
+    except PermissionError as e:  # not damage: this user may not read the state's files
+        raise UserError(f"version {vid} cannot be read: {e.strerror}: {e.filename}") from None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        state.db["versions"].update(vid, {"status": "corrupt", "reasons": json.dumps([f"corrupt: {e}"])})
-        raise UserError(f"version {vid} is corrupt ({e}); it is marked corrupt and will not be loaded") from None
+        if not state.readonly:
+            state.db["versions"].update(vid, {"status": "corrupt", "reasons": json.dumps([f"corrupt: {e}"])})
+        back = intact_ancestor(state, vid)
+        raise UserError(f"version {vid} is corrupt ({e}) and will not be loaded; "
+                        f"`dopsd versions rollback {back}` makes its nearest intact ancestor active") from None
+
+
+def intact_ancestor(state: State, vid: str) -> str:
+    """The nearest ancestor of vid that is neither corrupt nor interrupted (v0 at worst)."""
+    cur = get_version(state, vid)["parent"]
+    while cur and cur != "v0" and get_version(state, cur)["status"] in ("corrupt", "interrupted"):
+        cur = get_version(state, cur)["parent"]
+    return cur or "v0"
 
 
 def chain(state: State, vid: str) -> list[str]:
@@ -100,7 +113,13 @@ def chain(state: State, vid: str) -> list[str]:
 
 def chain_deltas(state: State, vid: str) -> list[Delta]:
     get_version(state, vid)
-    return [load_delta(state, v) for v in chain(state, vid)]
+    ids = chain(state, vid)
+    foreign = json.loads(state.meta("foreign_versions") or "{}")  # written by `dopsd init --force`
+    for v in ids:
+        if v in foreign:
+            raise UserError(f"version {v} was trained on {foreign[v]}; this state now tunes "
+                            f"{state.recipe['model']['name']} (its versions start again from v0)")
+    return [load_delta(state, v) for v in ids]
 
 
 class WeightSwitcher:

@@ -25,18 +25,25 @@ def now() -> float:
 
 
 def state_dir(explicit: str | Path | None = None) -> Path:
-    return Path(explicit or os.environ.get("DOPSD_STATE") or "state").resolve()
+    root = Path(explicit or os.environ.get("DOPSD_STATE") or "state").resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"state path {root} is a file, not a state directory")
+    return root
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """temp file + fsync + rename (+ fsync of the folder): readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
+        raise
     fsync_dir(path.parent)
 
 
@@ -121,14 +128,35 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
 MIGRATIONS = {1: _migrate_1}
 
 
-def open_db(path: Path) -> sqlite_utils.Database:
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=30000")
-    migrate(db)
-    return db
+def open_db(path: Path, readonly: bool = False) -> sqlite_utils.Database:
+    """The state's database. readonly: opened as immutable (a backup, a read-only mount), no migration."""
+    try:
+        if readonly:
+            if not path.is_file():
+                raise UserError(f"no database at {path}")
+            uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        if readonly:
+            db.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+            _check_schema(db)
+            return db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+        migrate(db)
+        return db
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path} cannot be used as the state's database ({e}); restore it from a backup") from None
+
+
+def _check_schema(db: sqlite_utils.Database) -> None:
+    row = db.execute("select value from meta where key='schema_version'").fetchone() if "meta" in db.table_names() else None
+    if row is None or int(row[0]) != SCHEMA_VERSION:
+        raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {row[0] if row else 'none'}); "
+                        "open it once where it can be written")
 
 
 def migrate(db: sqlite_utils.Database) -> None:
@@ -159,6 +187,7 @@ class State:
     config: dict[str, Any]
     recipe: dict[str, Any]
     db: sqlite_utils.Database
+    readonly: bool = False
 
     @property
     def blobs(self) -> Path:
@@ -182,7 +211,8 @@ class State:
 
     @property
     def watch_dirs(self) -> list[Path]:
-        return [Path(p) for p in self.config.get("watch", [])]
+        """Watched folders; a relative path in dopsd.toml is relative to the state dir."""
+        return [self.root / Path(p).expanduser() for p in self.config.get("watch", [])]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("select value from meta where key=?", [key]).fetchone()
@@ -202,18 +232,29 @@ class State:
 SUBDIRS = ("blobs", "adapters", "cache", "reports", "logs")
 
 
-def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] | None = None) -> State:
-    """Create (or update) a state dir. Re-running adds watched folders and keeps everything else."""
+def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] | None = None,
+               force: bool = False) -> State:
+    """Create (or update) a state dir. Re-running adds watched folders and keeps everything else.
+
+    Moving a state whose versions were trained on one model to a recipe for another model is refused
+    unless force: the versions stay on disk, but they cannot apply to the other model, so the active
+    pointer goes back to v0 (the new base).
+    """
     recipe_path = resolve_recipe_path(recipe).resolve()
-    load_recipe(recipe_path)  # validate before writing anything
+    new_recipe = load_recipe(recipe_path)  # validate before writing anything
     for w in watch or []:
         if not Path(w).is_dir():
             raise UserError(f"watched folder does not exist or is not a folder: {w}")
+    if root.exists() and not os.access(root, os.W_OK):
+        raise UserError(f"state at {root} is read-only: `dopsd init` needs to write")
+    cfg_path = root / "dopsd.toml"
+    cfg = _read_config(cfg_path) if cfg_path.exists() else {"watch": []}
+    switch = None
+    if recipe is not None and "recipe" in cfg and (root / "dopsd.sqlite").exists():
+        switch = _model_switch(root, cfg, new_recipe, force)
     root.mkdir(parents=True, exist_ok=True)
     for d in SUBDIRS:
         (root / d).mkdir(exist_ok=True)
-    cfg_path = root / "dopsd.toml"
-    cfg = _read_config(cfg_path) if cfg_path.exists() else {"watch": []}
     if recipe is not None or "recipe" not in cfg:
         cfg["recipe"] = str(recipe_path)
     for w in watch or []:
@@ -221,30 +262,87 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
         if p not in cfg["watch"]:
             cfg["watch"].append(p)
     atomic_write(cfg_path, _dump_config(cfg).encode())
-    open_db(root / "dopsd.sqlite").conn.close()
+    db = open_db(root / "dopsd.sqlite")
+    if switch:  # the old model's versions stay listed, but never load onto the new model
+        row = db.execute("select value from meta where key='foreign_versions'").fetchone()
+        foreign = json.loads(row[0]) if row else {}
+        for (vid,) in db.execute("select id from versions where id != 'v0'").fetchall():
+            foreign.setdefault(vid, switch)
+        with db.conn:
+            db["meta"].upsert({"key": "foreign_versions", "value": json.dumps(foreign)}, pk="key")
+            db["meta"].upsert({"key": "active_version", "value": "v0"}, pk="key")
+    db.conn.close()
     return open_state(root)
 
 
+def _model_switch(root: Path, cfg: dict[str, Any], new_recipe: dict[str, Any], force: bool) -> str | None:
+    """The old model's name when the state moves to another model and has versions; refuses without force."""
+    try:
+        old = load_recipe(_recipe_path(root, cfg["recipe"]))["model"]
+    except UserError:
+        return None  # the old recipe is gone or broken: nothing to compare with
+    new = new_recipe["model"]
+    if (old["backend"], old["source"]) == (new["backend"], new["source"]):
+        return None
+    db = open_db(root / "dopsd.sqlite")
+    try:
+        row = db.execute("select value from meta where key='foreign_versions'").fetchone()
+        foreign = set(json.loads(row[0])) if row else set()
+        n = sum(1 for (v,) in db.execute("select id from versions where id != 'v0'") if v not in foreign)
+    finally:
+        db.conn.close()
+    if n == 0:
+        return None
+    if not force:
+        raise UserError(f"this state has {n} version(s) trained on {old['name']}; they cannot apply to {new['name']}. "
+                        "`dopsd init --recipe ... --force` switches the model: the versions stay on disk for "
+                        f"{old['name']}, and the active version becomes v0 (the new base)")
+    return old["name"]
+
+
 def open_state(root: Path) -> State:
+    if root.exists() and not root.is_dir():
+        raise UserError(f"state path {root} is a file, not a state directory")
     cfg_path = root / "dopsd.toml"
     if not cfg_path.exists():
         raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
     cfg = _read_config(cfg_path)
-    recipe = load_recipe(Path(cfg["recipe"]))
-    return State(root, cfg, recipe, open_db(root / "dopsd.sqlite"))
+    recipe = load_recipe(_recipe_path(root, cfg["recipe"]))
+    db_path = root / "dopsd.sqlite"
+    readonly = not os.access(root, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK))
+    return State(root, cfg, recipe, open_db(db_path, readonly=readonly), readonly=readonly)
+
+
+def _recipe_path(root: Path, value: str) -> Path:
+    """The config's recipe: an absolute path, a path relative to the state dir, or a shipped recipe's name."""
+    p = Path(value).expanduser()
+    if not p.is_absolute() and (root / p).exists():
+        return root / p
+    return resolve_recipe_path(p if p.is_absolute() else value)
+
+
+CONFIG_KEYS = {"recipe": "a string (a recipe path or a shipped recipe's name)", "watch": "a list of folder paths"}
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """dopsd.toml, checked key by key: each problem is one line naming the key."""
     try:
         cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
-    if not isinstance(cfg.get("recipe"), str):
-        raise UserError(f"{path}: missing key recipe")
-    cfg.setdefault("watch", [])
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    for k in cfg:
+        if k not in CONFIG_KEYS:
+            raise UserError(f"{path}: unknown key {k!r} (known: {', '.join(CONFIG_KEYS)})")
+    if not isinstance(cfg.get("recipe"), str) or not cfg["recipe"].strip():
+        raise UserError(f"{path}: recipe must be {CONFIG_KEYS['recipe']}, got {cfg.get('recipe')!r}")
+    watch = cfg.setdefault("watch", [])
+    if not isinstance(watch, list) or not all(isinstance(w, str) and w.strip() for w in watch):
+        raise UserError(f"{path}: watch must be {CONFIG_KEYS['watch']} (strings), got {watch!r}")
     return cfg
-
-
 def _dump_config(cfg: dict[str, Any]) -> str:
     lines = ["# dopsd state configuration (written by `dopsd init`)", f"recipe = {json.dumps(cfg['recipe'])}"]
     lines.append("watch = [" + ", ".join(json.dumps(w) for w in cfg["watch"]) + "]")

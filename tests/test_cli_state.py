@@ -93,6 +93,8 @@ def test_ingest_json_queue_list_retry_drop(tmp_path, watch):
 def test_ingest_given_paths_and_missing_path(tmp_path, watch):
     run("init", "--state", tmp_path / "s")
     make_pair(watch, "a")
-    out = json.loads(run("ingest", watch, tmp_path / "gone", "--state", tmp_path / "s", "--json").stdout)
-    assert len(out["queued"]) == 1
+    r = run("ingest", watch, tmp_path / "gone", "--state", tmp_path / "s", "--json")
+    out = json.loads(r.stdout)
+    assert len(out["queued"]) == 1  # the rest is still taken
     assert out["rejected"] == [{"path": str(tmp_path / "gone"), "reason": "path does not exist"}]
+    assert r.exit_code == 1  # and the missing path is an error, not a quiet success

@@ -210,11 +210,11 @@ def test_metadata_jsonl(state, watch):
 
 
 def test_stability_wait(state, watch, monkeypatch):
-    monkeypatch.setenv("DOPSD_STABILITY_SECONDS", "1.5")
+    monkeypatch.setenv("DOPSD_STABILITY_SECONDS", "3600")  # written just now: still changing for an hour
     make_pair(watch, "fresh")
     rep = ingest_paths(state)
     assert paths(rep.pending) == ["fresh.png"] and not rep.queued
-    time.sleep(1.6)
+    monkeypatch.setenv("DOPSD_STABILITY_SECONDS", "0")  # the same file once it has been still long enough
     assert paths(ingest_paths(state).queued) == ["fresh.png"]
 
 
