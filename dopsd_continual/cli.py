@@ -25,6 +25,20 @@ SAMPLE_STATUS_HELP = "queued, training, used, dropped, set_aside"  # store.SAMPL
 STATE_OPT = typer.Option(None, "--state", help="state directory (default ./state or $DOPSD_STATE)")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"dopsd {version('dopsd-continual')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Continual D-OPSD personalisation of step-distilled text-to-image models."""
+
+
 def fail(msg: str, code: int = 1) -> None:
     err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

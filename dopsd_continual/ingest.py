@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from .store import State, fsync_dir, now
 
-IMAGE_EXTS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+register_heif_opener()  # HEIC/HEIF through pillow-heif; Pillow reads AVIF itself
+IMAGE_EXTS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".heic": "HEIF", ".heif": "HEIF",
+              ".avif": "AVIF", ".gif": "GIF"}
 CAPTION_EXT = ".txt"
 METADATA_NAME = "metadata.jsonl"
 SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r"}
@@ -152,6 +155,7 @@ def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
         metadata = _read_metadata(d / METADATA_NAME, report) if (d / METADATA_NAME) in fs else {}
         images: dict[str, list[Path]] = {}
         captions: dict[str, Path] = {}
+        unsupported: list[Path] = []
         for f in fs:
             ext = f.suffix.lower()
             if ext in IMAGE_EXTS:
@@ -159,7 +163,7 @@ def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
             elif ext == CAPTION_EXT:
                 captions[f.stem] = f
             elif f.name != METADATA_NAME:
-                report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'"})
+                unsupported.append(f)
         for stem, imgs in sorted(images.items()):
             cap = captions.get(stem)
             if len(imgs) > 1 and cap is not None:
@@ -169,8 +173,15 @@ def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
                 continue
             for i in imgs:
                 out.append(Candidate(i, cap, metadata.get(i.name)))
+        claimed = set()
+        for f in unsupported:  # reported once; a caption of the same name is named as belonging to it
+            cap = captions.get(f.stem) if f.stem not in images else None
+            note = f" (its caption {cap.name} is not used)" if cap else ""
+            if cap:
+                claimed.add(f.stem)
+            report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'{note}"})
         for stem, cap in sorted(captions.items()):
-            if stem not in images:
+            if stem not in images and stem not in claimed:
                 report.ignored.append({"path": str(cap), "reason": "caption without an image"})
         present = {f.name for f in fs}
         for name in sorted(metadata):
@@ -244,8 +255,11 @@ def read_caption(c: Candidate, recipe_ingest: dict) -> tuple[str, bytes]:
     return text, raw
 
 
-def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int, str]:
-    """Check image bytes; returns (width, height, format). Raises Rejected with the reason."""
+def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int, str, str | None]:
+    """Check image bytes; returns (width, height, format, note). Raises Rejected with the reason.
+
+    An animated image (GIF, WebP, AVIF) or an image collection (a HEIC burst) is taken by its first
+    frame, with a note saying so; the blob keeps every frame."""
     if not data:
         raise Rejected("empty file (0 bytes)")
     max_pixels = recipe_ingest["max_pixels"]
@@ -257,8 +271,8 @@ def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int
                 raise Rejected(f"image too large: {w}x{h} is over max_pixels {max_pixels}")
             if fmt != IMAGE_EXTS[ext]:
                 raise Rejected(f"file is {fmt} but its extension says {IMAGE_EXTS[ext]}")
-            if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
-                raise Rejected("animated image")
+            frames = getattr(im, "n_frames", 1)
+            note = f"{frames} frames: the first is used" if frames > 1 else None
             if min(w, h) < recipe_ingest["min_side"]:
                 raise Rejected(f"image too small: {w}x{h} (min_side {recipe_ingest['min_side']})")
             im.verify()
@@ -274,12 +288,13 @@ def validate_image(data: bytes, ext: str, recipe_ingest: dict) -> tuple[int, int
         w, h = load_rgb_bytes(data).size  # the size as shown: after EXIF orientation
     except Exception as e:
         raise Rejected(f"truncated or damaged image: {e}") from None
-    return w, h, fmt
+    return w, h, fmt, note
 
 
 def load_rgb_bytes(data: bytes) -> Image.Image:
     """Decode to 8-bit RGB: EXIF orientation applied; CMYK, palette, greyscale, 16-bit and alpha handled."""
     with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)  # the first frame of an animated image
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -412,7 +427,7 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             data = c.image.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
             caption, caption_raw = read_caption(c, ing)
-            w, h, fmt = validate_image(data, c.image.suffix.lower(), ing)
+            w, h, fmt, note = validate_image(data, c.image.suffix.lower(), ing)
         except Rejected as e:
             rows.append(("reject", {"path": path, "sig": sig, "reason": str(e)}))
             report.rejected.append({"path": path, "reason": str(e)})
@@ -440,8 +455,9 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
             "sha256": digest, "status": "queued", "caption": caption, "caption_sha256": cap_digest,
             "source_path": path, "image_blob": str(img_blob.relative_to(state.root)),
             "caption_blob": str(cap_blob.relative_to(state.root)), "width": w, "height": h, "format": fmt,
-            "rounds": "[]", "rejections": 0, "history": _history(None, {"event": "queued", "source": path}),
-            "created_at": now(), "updated_at": now()}}))
+            "rounds": "[]", "rejections": 0,
+            "history": _history(None, {"event": "queued", "source": path, **({"note": note} if note else {})}),
+            "created_at": now(), "updated_at": now()}, "note": note}))
     if wrote_blob:
         os.sync()  # blobs durable before the rows that name them commit
         fsync_dir(state.blobs)
@@ -471,7 +487,7 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
                 sid = db["samples"].insert(r["sample"]).last_pk
                 _file_row(db, r["path"], r["sig"], "queued", None, sid)
                 report.queued.append({"path": r["path"], "id": sid, "sha256": r["sample"]["sha256"],
-                                      "caption": r["sample"]["caption"]})
+                                      "caption": r["sample"]["caption"], **({"note": r["note"]} if r["note"] else {})})
 
 
 def _file_row(db, path: str, sig: str, outcome: str, reason: str | None, sample_id: int | None) -> None:

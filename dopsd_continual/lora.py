@@ -9,6 +9,7 @@ base Linear weights: exact, and sampling from a merged model costs what the base
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def adapter_config(delta: Delta) -> dict:
             "alpha_pattern": {n: delta.scale * a.shape[0] for n, (a, _) in delta.weights.items()}}
 
 
+def _user_file_mode(path: Path) -> None:
+    """The mode a file the user made would have (0666 less the umask); safetensors writes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def export_diffusers(delta: Delta, out_dir: Path) -> Path:
     """DIR/pytorch_lora_weights.safetensors that `<Pipeline>.load_lora_weights(DIR)` loads at the right scale."""
     from safetensors.torch import save_file
@@ -138,20 +146,35 @@ def export_diffusers(delta: Delta, out_dir: Path) -> Path:
     meta = {"lora_adapter_metadata": json.dumps(cfg), "format": "pt"}
     path = out_dir / "pytorch_lora_weights.safetensors"
     save_file(tensors, str(path), metadata=meta)
+    _user_file_mode(path)
     return path
 
 
 def export_comfyui(delta: Delta, out_dir: Path) -> Path:
-    """ComfyUI naming: `diffusion_model.<module>.lora_{A,B}.weight` plus a per-module `.alpha` tensor."""
+    """A file ComfyUI's LoRA loader maps for both backends: `transformer.<diffusers module>.lora_{A,B}.weight`
+    plus a per-module `.alpha` (ComfyUI has no metadata scale; alpha / rank is the scale).
+
+    Why these names (read in Comfy-Org/ComfyUI, comfy/lora.py at 17358c8f and comfy/utils.py at 09708eae):
+    `model_lora_keys_unet` maps, for its Flux class (FLUX.2 included: `model_base.Flux2` subclasses it),
+    `transformer.` + every diffusers name that `flux_to_diffusers` lists: double blocks' to_q/to_k/to_v and
+    add_q/k/v_proj become slices of img_attn.qkv / txt_attn.qkv, to_out.0 / to_add_out the proj layers,
+    single blocks' attn.to_qkv_mlp_proj linear1 and attn.to_out linear2. It does not map `diffusion_model.` +
+    diffusers names for Flux, so such a klein file loads nothing. For Z-Image (its Lumina2 class)
+    `z_image_to_diffusers` lists layers / noise_refiner / context_refiner attention.to_q/k/v (slices of
+    attention.qkv) and attention.to_out.0, under `transformer.` and `diffusion_model.` alike. One prefix,
+    `transformer.`, therefore serves both. `tests/test_export_formats.py` derives the accepted names by those
+    rules for the real-size module trees and checks every exported key against them.
+    """
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (a, b) in delta.weights.items():
-        key = f"diffusion_model.{name}"
+        key = f"{PREFIX}{name}"
         tensors[f"{key}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{key}.lora_B.weight"] = b.float().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(delta.scale * a.shape[0])
     path = out_dir / "lora_comfyui.safetensors"
     save_file(tensors, str(path))
+    _user_file_mode(path)
     return path

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import make_pair
@@ -98,3 +100,20 @@ def test_ingest_given_paths_and_missing_path(tmp_path, watch):
     assert len(out["queued"]) == 1  # the rest is still taken
     assert out["rejected"] == [{"path": str(tmp_path / "gone"), "reason": "path does not exist"}]
     assert r.exit_code == 1  # and the missing path is an error, not a quiet success
+
+
+@pytest.mark.parametrize("args", [["versions", "list"], ["versions", "show", "v0"], ["versions", "diff", "v0", "v0"],
+                                  ["queue", "list"], ["daemon", "status"], ["--help"], ["--version"]])
+def test_commands_that_read_the_database_import_no_model_library(tmp_path, args):
+    """`versions list` and the like answer at once: torch, diffusers and transformers are never imported."""
+    run("init", "--state", tmp_path / "s")
+    code = ("import sys\nfrom dopsd_continual.cli import app\n"
+            f"sys.argv = ['dopsd'] + {args!r} + ([] if sys.argv[1:] == ['-'] else ['--state', {str(tmp_path / 's')!r}])\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules), file=sys.stderr)\n")
+    extra = ["-"] if args[0].startswith("--") else []
+    r = subprocess.run([sys.executable, "-c", code, *extra], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+    if args == ["--version"]:
+        assert r.stdout.startswith("dopsd ")

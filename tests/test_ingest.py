@@ -68,7 +68,6 @@ def _animated(path):
         ("trunc.png", _truncated, "truncated"),
         ("text.png", lambda p: p.write_text("hello, not a picture"), "not an image"),
         ("mismatch.png", lambda p: make_image(p, fmt="JPEG"), "file is JPEG but its extension says PNG"),
-        ("anim.webp", _animated, "animated"),
         ("bomb.png", _bomb_png, "too large"),
         ("tiny.png", lambda p: make_image(p, size=(31, 64)), "too small"),
     ],
@@ -302,3 +301,50 @@ def test_load_rgb_alpha_composites_on_white():
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     assert load_rgb_bytes(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+
+
+def _heic(path, size=(64, 48), seed=0):
+    import pillow_heif
+
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    pillow_heif.from_pillow(Image.fromarray(arr)).save(str(path), quality=90)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("iphone.heic", lambda p: _heic(p)),
+    ("IMG_0002.HEIF", lambda p: _heic(p, seed=1)),
+    ("modern.avif", lambda p: make_image(p, size=(64, 48), fmt="AVIF", seed=2)),
+    ("still.gif", lambda p: make_image(p, size=(64, 48), fmt="GIF", seed=3)),
+])
+def test_phone_and_web_formats_are_queued_with_their_original_bytes(state, watch, name, make):
+    make(watch / name)
+    (watch / name).with_suffix(".txt").write_text("a caption")
+    rep = ingest_paths(state)
+    assert paths(rep.queued) == [name] and not rep.ignored and not rep.rejected, (rep.ignored, rep.rejected)
+    row = next(state.db["samples"].rows)
+    assert (row["width"], row["height"]) == (64, 48)
+    assert (state.root / row["image_blob"]).read_bytes() == (watch / name).read_bytes()  # the original, unconverted
+    im = sample_image(state, row)
+    assert im.mode == "RGB" and im.size == (64, 48)
+
+
+@pytest.mark.parametrize("name, fmt", [("anim.gif", "GIF"), ("anim.webp", "WEBP"), ("anim.avif", "AVIF")])
+def test_an_animated_image_is_taken_by_its_first_frame_with_a_note(state, watch, name, fmt):
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "green")]
+    frames[0].save(watch / name, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    (watch / name).with_suffix(".txt").write_text("a caption")
+    rep = ingest_paths(state)
+    assert paths(rep.queued) == [name]
+    assert rep.queued[0]["note"] == "3 frames: the first is used"
+    row = next(state.db["samples"].rows)
+    r, g, b = sample_image(state, row).getpixel((32, 32))
+    assert r > 200 and g < 60 and b < 60  # red: the first frame
+    assert json.loads(row["history"])[0]["note"] == "3 frames: the first is used"
+
+
+def test_an_unsupported_image_is_reported_once_with_its_caption_named(state, watch):
+    make_image(watch / "scan.tiff", fmt="TIFF")
+    (watch / "scan.txt").write_text("a caption")
+    rep = ingest_paths(state)
+    assert [(os.path.basename(i["path"]), i["reason"]) for i in rep.ignored] == [
+        ("scan.tiff", "unsupported file type '.tiff' (its caption scan.txt is not used)")]

@@ -126,7 +126,7 @@ def build_bad_folder(d: Path, outside: Path) -> dict[str, str]:
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     frames[0].save(d / "anim.webp", save_all=True, append_images=frames[1:], duration=100)
     (d / "anim.txt").write_text(CAPTION)
-    exp["anim.webp"] = "rejected"                                                # 13 animated image
+    exp["anim.webp"] = "queued"                                                  # 13 animated: first frame
     Image.fromarray((np.full((64, 64), 200)).astype(np.uint16)).save(d / "dark16.png")
     (d / "dark16.txt").write_text(CAPTION)
     exp["dark16.png"] = "queued"                                                 # 14 dark 16-bit PNG
@@ -172,7 +172,11 @@ def build_bad_folder(d: Path, outside: Path) -> dict[str, str]:
     (d / "2024" / "good-recaptioned.txt").write_text("a large red circle, now with a better caption")
     exp["2024/good-recaptioned.png"] = "duplicates"                              # 28 same photo, other caption
     (d / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
-    exp["IMG_0001.HEIC"] = "ignored"                                             # 29 unsupported type
+    (d / "IMG_0001.txt").write_text(CAPTION)
+    exp["IMG_0001.HEIC"] = "rejected"                                            # 29 a cut-off HEIC
+    make_image(d / "scan.tiff", fmt="TIFF")
+    (d / "scan.txt").write_text(CAPTION)
+    exp["scan.tiff"] = "ignored"                                                 # 36 unsupported, with caption
     exp[pair("cmyk", ".jpg", mode="CMYK", fmt="JPEG")] = "queued"                # 30 CMYK JPEG
     exp[pair("été ☀ 2024", seed=31)] = "queued"                                  # 31 non-ASCII name
     Image.new("1", (8000, 8000)).save(d / "huge.png")

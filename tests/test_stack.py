@@ -104,7 +104,16 @@ def test_versions_rollback_tree_squash_export(world, tmp_path):
     cpath = export_version(st, "v2", "comfyui", tmp_path / "comfy")
     with safe_open(str(cpath), "pt") as f:
         keys = list(f.keys())
-    assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert all(k.startswith("transformer.") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert oct(cpath.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the user's normal file mode, not 0600
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_eval_runs_the_gate_metrics_for_a_version(world):
