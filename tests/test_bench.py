@@ -90,3 +90,32 @@ def test_memory_plan_default_recipes_fit_22_gib(tmp_path):
         assert all(v == "measured" for v in row["activation_source"].values())
         assert row["peak_gib"] <= 22.0, (name, row["phases"])
     assert plan["models"]["z-image-turbo"]["components_gib"]["teacher_encoder"] > 8
+
+
+def test_gate_zoo_labels_calibrates_and_counts_on_a_small_case():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gate_zoo as z
+
+    parent = {"retention": 0.80, "sharpness": 1.0, "diversity": 0.10, "concept": 0.50}
+    assert z.label({**parent, "retention": 0.70}, parent)[0] == "harmful"  # retention fell by 0.10 > 0.05
+    assert z.label({**parent, "sharpness": 0.80}, parent)[0] == "harmful"  # blur
+    assert z.label({**parent, "diversity": 0.06}, parent)[0] == "harmful"  # collapse
+    assert z.label({**parent, "concept": 0.55}, parent)[0] == "useful"
+    assert z.label({**parent, "retention": 0.77, "concept": 0.51}, parent)[0] == "neutral"
+
+    def row(kind, seed, lab, **guards):
+        return {"kind": kind, "seed": seed, "split": "calibration" if seed < 3 else "held_out", "label": lab,
+                "guards": {"drift": 0.01, "sharpness_ratio": 1.0, **guards}}
+
+    rows = [row("default", 0, "useful", drift=0.010), row("default", 1, "useful", drift=0.014),
+            row("noise_pack", 0, "harmful", drift=0.200), row("blurred", 1, "harmful", drift=0.012, sharpness_ratio=0.5),
+            row("default", 3, "useful", drift=0.012), row("noise_pack", 3, "harmful", drift=0.300),
+            row("lr_x30", 4, "harmful", drift=0.013, sharpness_ratio=0.95)]
+    t = z.calibrate(rows, ["drift", "sharpness_ratio", "colour_shift"])
+    assert set(t) == {"drift", "sharpness_ratio"}  # colour_shift has no values: dropped
+    assert 0.014 < t["drift"] < 0.2 and 0.5 < t["sharpness_ratio"] < 1.0
+    for r in rows:
+        r["verdict"] = z.verdict(r, t)[0]
+    held = z.confusion([r for r in rows if r["split"] == "held_out"], "verdict")
+    assert (held["harmful"], held["useful"], held["false_accepts"], held["false_rejects"]) == (2, 1, 1, 0)
+    assert held["gross_harmful_accepted"] == 1 and held["by_kind"]["lr_x30"] == {"harmful/accepted": 1}
