@@ -219,24 +219,42 @@ def fails(guard: str, value: float, threshold: float) -> bool:
     return value > threshold if GUARDS[guard] == "max" else value < threshold
 
 
-def calibrate(rows: list[dict], guards: list[str], slack: float = 0.1) -> dict[str, float]:
-    """Each guard's threshold just outside what the calibration seeds' useful and neutral rounds reach (a
-    tenth of the observed spread beyond the worst of them), so no round that did not harm is rejected on
-    calibration; a guard is kept only if, so set, it alone rejects at least one harmful calibration round."""
+def _errors(rows: list[dict], thresholds: dict[str, float]) -> int:
+    """Harmful rounds accepted plus useful rounds rejected (neutral rounds cost nothing either way)."""
+    bad = 0
+    for r in rows:
+        rejected = verdict(r, thresholds)[0] == "rejected"
+        bad += (r["label"] == "harmful" and not rejected) + (r["label"] == "useful" and rejected)
+    return bad
+
+
+def calibrate(rows: list[dict], guards: list[str], start: dict[str, float] | None = None, passes: int = 3) -> dict[str, float]:
+    """Thresholds fitted on the calibration seeds: coordinate descent over the guards, each taking the
+    threshold (a midpoint between observed values, or off) that minimises harmful-accepted plus
+    useful-rejected with the others fixed; among equally good thresholds the middle one (the widest margin
+    on both sides). Starts from `start` (the shipped thresholds). A guard that, at the end, rejects no
+    harmful calibration round on its own is dropped."""
     cal = [r for r in rows if r["split"] == "calibration"]
-    ok = [r for r in cal if r["label"] != "harmful"]
-    thresholds = {}
-    for g in guards:
-        vals = [r["guards"][g] for r in cal if g in r["guards"]]
-        okv = [r["guards"][g] for r in ok if g in r["guards"]]
-        if not vals or not okv:
-            continue
-        spread = (max(vals) - min(vals)) or abs(max(vals)) or 1.0
-        t = max(okv) + slack * spread if GUARDS[g] == "max" else min(okv) - slack * spread
-        catches = [r for r in cal if r["label"] == "harmful" and g in r["guards"] and fails(g, r["guards"][g], t)]
-        if catches:
-            thresholds[g] = t
-    return thresholds
+    t = {g: v for g, v in (start or {}).items() if g in guards}
+    for _ in range(passes):
+        for g in guards:
+            vals = sorted({r["guards"][g] for r in cal if g in r["guards"]})
+            if not vals:
+                continue
+            cands = [(a + b) / 2 for a, b in zip(vals, vals[1:])] + [vals[0] - 1e-6, vals[-1] + 1e-6]
+            cands = sorted(cands)
+            costs = [_errors(cal, {**t, g: c}) for c in cands]
+            off = _errors(cal, {k: v for k, v in t.items() if k != g})
+            best = min(costs)
+            if off <= best:
+                t.pop(g, None)
+                continue
+            tied = [c for c, e in zip(cands, costs) if e == best]
+            t[g] = tied[len(tied) // 2]
+    for g in list(t):  # keep only guards that catch something on their own
+        if not any(r["label"] == "harmful" and verdict(r, t)[1] == [g] for r in cal):
+            t.pop(g)
+    return t
 
 
 def verdict(row: dict, thresholds: dict[str, float]) -> tuple[str, list[str]]:
@@ -265,9 +283,13 @@ def confusion(rows: list[dict], key: str) -> dict:
 def run_calibration() -> dict:
     zoo = json.loads(ZOO.read_text())
     rows = zoo["rows"]
-    toy_gate = calibrate(rows, list(GUARDS))
-    real_gate = calibrate(rows, [g for g in GUARDS if g not in TOY_ONLY])
+    shipped = load_recipe(RECIPES_DIR / "toy-shapes.toml")["gate"]
+    start = {g: float(shipped[k]) for g, k in RECIPE_KEYS.items() if float(shipped[k]) not in (-1.0,)}
+    toy_gate = calibrate(rows, list(GUARDS), start)
+    real_gate = calibrate(rows, [g for g in GUARDS if g not in TOY_ONLY], start)
     for r in rows:
+        r["verdict_at_run"] = r["verdict_shipped"]  # what the recipe of the day said when the round ran
+        r["verdict_shipped"] = verdict(r, start)[0]  # the shipped recipe's thresholds now, on the recorded guards
         r["verdict"], r["failed"] = verdict(r, toy_gate)
         r["verdict_real_guards"], r["failed_real_guards"] = verdict(r, real_gate)
     held = [r for r in rows if r["split"] == "held_out"]
@@ -286,11 +308,51 @@ def run_calibration() -> dict:
         "calibration": confusion([r for r in rows if r["split"] == "calibration"], "verdict"),
         "rows": [{"kind": r["kind"], "seed": r["seed"], "pack": r["pack"], "split": r["split"], "label": r["label"],
                   "verdict": r["verdict"], "failed": r["failed"], "verdict_real_guards": r["verdict_real_guards"],
-                  "verdict_shipped": r["verdict_shipped"], "ground_truth": r["ground_truth"], "guards": r["guards"]}
+                  "verdict_shipped": r["verdict_shipped"], "verdict_at_run": r["verdict_at_run"], "ground_truth": r["ground_truth"], "guards": r["guards"]}
                  for r in rows],
     }
     (RESULTS / "gate_validation.json").write_text(json.dumps(out, indent=2))
+    write_results_md(out)
     return out
+
+
+def write_results_md(out: dict) -> None:
+    from paper_table import replace_section
+
+    rows = out["rows"]
+    lines = [f"Measured by `python bench/gate_zoo.py && python bench/gate_zoo.py --calibrate` on {out['machine']}, "
+             f"{out['date']}; raw rows in `bench/results/gate_zoo.json`, verdicts in `bench/results/gate_validation.json`. "
+             "Each cell: rounds per ground-truth label (h harmful, u useful, n neutral) and how many of them each gate "
+             "accepted, over all seeds (calibration 0-2 and held-out 3-4).", "",
+             "| kind | rounds | labels | fitted gate accepts | fitted, real-model guards accept | shipped recipe accepts |",
+             "|---|---|---|---|---|---|"]
+
+    def acc(rs, key):
+        return ", ".join(f"{lab[0]} {sum(r[key] == 'accepted' for r in rs if r['label'] == lab)}/"
+                         f"{sum(r['label'] == lab for r in rs)}" for lab in ("harmful", "useful", "neutral")
+                         if any(r["label"] == lab for r in rs))
+
+    for kind in KINDS:
+        rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
+        labs = ", ".join(f"{lab[0]} {n}" for lab in ("harmful", "useful", "neutral") if (n := sum(r["label"] == lab for r in rs)))
+        lines.append(f"| {kind} | {len(rs)} | {labs} | {acc(rs, 'verdict')} | {acc(rs, 'verdict_real_guards')} | "
+                     f"{acc(rs, 'verdict_shipped')} |")
+    lines += ["", "Held-out seeds only:", "", "| gate | harmful | useful | false accepts | false rejects | gross kinds accepted |",
+              "|---|---|---|---|---|---|"]
+    for key, name in (("held_out", "fitted on seeds 0-2 (all guards)"), ("held_out_real_guards", "fitted, real-model guards only"),
+                      ("held_out_shipped_gate", "shipped recipe")):
+        c = out[key]
+        fa = "-" if c["false_accept_rate"] is None else f"{c['false_accepts']} ({100 * c['false_accept_rate']:.0f}%)"
+        fr = "-" if c["false_reject_rate"] is None else f"{c['false_rejects']} ({100 * c['false_reject_rate']:.0f}%)"
+        lines.append(f"| {name} | {c['harmful']} | {c['useful']} | {fa} | {fr} | {c['gross_harmful_accepted']} |")
+    lines += ["", "Thresholds set on the calibration seeds: " + ", ".join(f"`{k} = {v}`" for k, v in out["thresholds"].items())
+              + "; real-model guards only: " + ", ".join(f"`{k} = {v}`" for k, v in out["thresholds_real_guards"].items())
+              + ". Guards that caught no harmful calibration round and were dropped: "
+              + (", ".join(out["guards_dropped"]) or "none") + ". Harmful rounds each guard rejected alone: "
+              + ", ".join(f"{k} {v}" for k, v in out["rejections_by_this_guard_alone"].items()) + "."]
+    replace_section("gate_validation", "\n".join(lines))
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
     state_root = root / "state"
     recipe = write_demo_recipe(root)
     st = init_state(state_root, str(recipe), [drop])
-    console.rule("[bold]dopsd demo[/bold]: continual D-OPSD on the toy-shapes model, on the CPU")
+    console.print("[bold]dopsd demo[/bold]: continual D-OPSD on the toy-shapes model, on the CPU")
     console.print(f"state: {state_root}\nwatched folder: {drop}")
 
     with console.status("loading the toy model and sampling 'before' pictures"):

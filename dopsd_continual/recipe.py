@@ -67,7 +67,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "min_sharpness_ratio": ((int, float), 0.85),
         "max_drift": ((int, float), 0.12),
         "max_colour_shift": ((int, float), 0.08),
-        "min_seed_diversity_ratio": ((int, float), 0.5),
+        "min_seed_diversity_ratio": ((int, float), 0.75),
         "max_few_step_gap_ratio": ((int, float), 1.5),
         "min_concept_gain": ((int, float), -1.0),
         "max_concept_gap_ratio": ((int, float), 0.9),
