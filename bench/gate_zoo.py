@@ -14,9 +14,10 @@ Kinds: default D-OPSD; lr x10 and x30; five times too long; moderate and damagin
 images; captions swapped between images; blurred, JPEG-crushed and colour-cast training images; one
 image repeated (collapse). Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
 
-Writes bench/results/gate_zoo.json as rows come in (every guard's value and the ground truth per round);
-`python bench/gate_zoo.py --calibrate` then sets thresholds on the calibration seeds and writes
-bench/results/gate_validation.json. About 45 minutes on 2 idle cores.
+Writes bench/results/gate_zoo.json as rows come in (every guard's value and the ground truth per round; a
+run resumes past the rows already there); `python bench/gate_zoo.py --calibrate` then fits thresholds on
+the calibration seeds, writes bench/results/gate_validation.json and the table in docs/RESULTS.md.
+`make gate-validation` does both from scratch, about 45 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
