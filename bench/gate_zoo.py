@@ -87,7 +87,7 @@ def make_folder(pack: str, transform: str | None, out: Path, seed: int) -> None:
     for i, p in enumerate(imgs):
         im = Image.open(p).convert("RGB")
         cap = caps[i]
-        name, kw, fmt = f"{p.stem}.png", {}, "PNG"
+        name, kw = f"{p.stem}.png", {}
         if transform == "noise":
             im = Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8))
         elif transform == "swap":
@@ -108,7 +108,7 @@ def make_folder(pack: str, transform: str | None, out: Path, seed: int) -> None:
 
             kw["pnginfo"] = PngInfo()
             kw["pnginfo"].add_text("copy", str(i))  # other bytes, the same picture: not a duplicate
-        im.save(out / name, format=fmt, **kw)
+        im.save(out / name, format="PNG", **kw)
         (out / name).with_suffix(".txt").write_text(cap)
     shutil.rmtree(src)
 
@@ -285,7 +285,7 @@ def run_calibration() -> dict:
     zoo = json.loads(ZOO.read_text())
     rows = zoo["rows"]
     shipped = load_recipe(RECIPES_DIR / "toy-shapes.toml")["gate"]
-    start = {g: float(shipped[k]) for g, k in RECIPE_KEYS.items() if float(shipped[k]) not in (-1.0,)}
+    start = {g: float(shipped[k]) for g, k in RECIPE_KEYS.items() if not (g == "concept_gain" and shipped[k] == -1)}  # -1: off
     toy_gate = calibrate(rows, list(GUARDS), start)
     real_gate = calibrate(rows, [g for g in GUARDS if g not in TOY_ONLY], start)
     for r in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def ingest(
     state: Path | None = STATE_OPT,
 ) -> None:
     """One scan now: queue new pairs, report duplicates, ignored and rejected files."""
-    from .ingest import ingest_paths
+    from .ingest import MISSING_PATH, ingest_paths
 
     st = _open(state, writes="ingest")
     if not paths and not st.watch_dirs:
@@ -95,7 +96,7 @@ def ingest(
         fail("nothing to scan: give PATHs or add watched folders with `dopsd init --watch DIR`")
     report = ingest_paths(st, list(paths) if paths else None)
     st.close()
-    missing = [p for p in (paths or []) if not Path(p).exists()]
+    missing = [r["path"] for r in report.rejected if r["reason"] == MISSING_PATH]
     if as_json:
         emit_json(report.to_json())
         if missing:
@@ -112,7 +113,7 @@ def ingest(
     for r in report.ignored:
         console.print(f"[dim]ignored[/dim] {r['path']}: {r['reason']}", highlight=False)
     if missing:
-        fail(f"{len(missing)} path(s) do not exist: {', '.join(map(str, missing))}")
+        fail(f"{len(missing)} path(s) do not exist: {', '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------- queue
@@ -555,7 +556,7 @@ def _wrap_user_errors() -> None:
                     where = f"{e.filename}: " if e.filename else ""
                     fail(f"{where}{e.strerror or e}")
                 except Exception as e:
-                    if type(e).__name__ == "OperationalError" and "readonly" in str(e):  # sqlite3's
+                    if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
                         fail(f"the state is read-only: this command needs to write ({e})")
                     if type(e).__name__ != "OutOfMemoryError":  # torch's, without importing torch here
                         raise

@@ -77,7 +77,7 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
     pictures = root / "pictures"
     pictures.mkdir(exist_ok=True)
     save_image(grid([to_pil(x) for x in before], cols=len(DEMO_PROMPTS)), pictures / "before.png",
-             {"prompts": DEMO_PROMPTS, "version": before_version})
+               {"prompts": DEMO_PROMPTS, "version": before_version})
     console.print(f"before: {pictures / 'before.png'} (version {before_version})")
 
     verdicts: list[dict] = []

@@ -36,6 +36,7 @@ CAPTION_EXT = ".txt"
 METADATA_NAME = "metadata.jsonl"
 SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r"}
 SYSTEM_DIRS = {"@eadir", "__macosx", ".stfolder", ".stversions", ".trash", "$recycle.bin"}
+MISSING_PATH = "path does not exist"
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download")
 
 
@@ -300,8 +301,8 @@ def load_rgb_bytes(data: bytes) -> Image.Image:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             import numpy as np
 
-            # by the declared depth, never by the values: a dark 16-bit photo stays dark. The formats taken
-            # (PNG, JPEG, WebP) give these modes only for 16-bit greyscale PNGs.
+            # by the declared depth, never by the values: a dark 16-bit photo stays dark. Of the formats taken,
+            # only 16-bit greyscale PNGs open in these modes (HEIF and AVIF open as 8-bit RGB).
             arr = np.asarray(im, dtype=np.float64)
             im = Image.fromarray((arr / 65535.0 * 255).round().clip(0, 255).astype("uint8"), "L")
         if im.mode == "P" and "transparency" in im.info:
@@ -372,7 +373,7 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
     todo: list[tuple[Candidate, str]] = []
     for root in roots:
         if not root.exists():
-            report.rejected.append({"path": str(root), "reason": "path does not exist"})
+            report.rejected.append({"path": str(root), "reason": MISSING_PATH})
             continue
         if root.is_file() and root.suffix.lower() not in IMAGE_EXTS:
             report.ignored.append({"path": str(root), "reason": "not an image (give the image or its folder)"})

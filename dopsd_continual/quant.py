@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn import functional as F
 
 
-
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.to(torch.float32) * scale).to(dtype)
 

@@ -245,7 +245,7 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
     for w in watch or []:
         if not Path(w).is_dir():
             raise UserError(f"watched folder does not exist or is not a folder: {w}")
-    if root.exists() and not os.access(root, os.W_OK):
+    if root.exists() and _readonly(root):
         raise UserError(f"state at {root} is read-only: `dopsd init` needs to write")
     cfg_path = root / "dopsd.toml"
     cfg = _read_config(cfg_path) if cfg_path.exists() else {"watch": []}
@@ -264,8 +264,7 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
     atomic_write(cfg_path, _dump_config(cfg).encode())
     db = open_db(root / "dopsd.sqlite")
     if switch:  # the old model's versions stay listed, but never load onto the new model
-        row = db.execute("select value from meta where key='foreign_versions'").fetchone()
-        foreign = json.loads(row[0]) if row else {}
+        foreign = _foreign_versions(db)
         for (vid,) in db.execute("select id from versions where id != 'v0'").fetchall():
             foreign.setdefault(vid, switch)
         with db.conn:
@@ -286,8 +285,7 @@ def _model_switch(root: Path, cfg: dict[str, Any], new_recipe: dict[str, Any], f
         return None
     db = open_db(root / "dopsd.sqlite")
     try:
-        row = db.execute("select value from meta where key='foreign_versions'").fetchone()
-        foreign = set(json.loads(row[0])) if row else set()
+        foreign = _foreign_versions(db)
         n = sum(1 for (v,) in db.execute("select id from versions where id != 'v0'") if v not in foreign)
     finally:
         db.conn.close()
@@ -301,16 +299,25 @@ def _model_switch(root: Path, cfg: dict[str, Any], new_recipe: dict[str, Any], f
 
 
 def open_state(root: Path) -> State:
-    if root.exists() and not root.is_dir():
-        raise UserError(f"state path {root} is a file, not a state directory")
     cfg_path = root / "dopsd.toml"
     if not cfg_path.exists():
         raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
     cfg = _read_config(cfg_path)
     recipe = load_recipe(_recipe_path(root, cfg["recipe"]))
+    readonly = _readonly(root)
+    return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
+
+
+def _readonly(root: Path) -> bool:
+    """This process may not write the state dir or its database (a backup, a mount, another user's state)."""
     db_path = root / "dopsd.sqlite"
-    readonly = not os.access(root, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK))
-    return State(root, cfg, recipe, open_db(db_path, readonly=readonly), readonly=readonly)
+    return not os.access(root, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK))
+
+
+def _foreign_versions(db: sqlite_utils.Database) -> dict[str, str]:
+    """Versions trained on a model the state has since left (`init --force`): id -> that model's name."""
+    row = db.execute("select value from meta where key='foreign_versions'").fetchone()
+    return json.loads(row[0]) if row else {}
 
 
 def _recipe_path(root: Path, value: str) -> Path:
@@ -343,6 +350,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(watch, list) or not all(isinstance(w, str) and w.strip() for w in watch):
         raise UserError(f"{path}: watch must be {CONFIG_KEYS['watch']} (strings), got {watch!r}")
     return cfg
+
+
 def _dump_config(cfg: dict[str, Any]) -> str:
     lines = ["# dopsd state configuration (written by `dopsd init`)", f"recipe = {json.dumps(cfg['recipe'])}"]
     lines.append("watch = [" + ", ".join(json.dumps(w) for w in cfg["watch"]) + "]")
