@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint results gate-validation clean
+.PHONY: setup browser demo test lint results gate-validation screenshots clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,18 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel on this machine; any looser request pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The dashboard's browser test drives Debian's Chromium through ChromeDriver (no browser download at test time)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  else echo "the browser test needs chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi; \
+	fi
 
 demo: setup
 	$(BIN)/dopsd demo
@@ -35,6 +46,10 @@ gate-validation: setup
 
 lint: setup
 	$(BIN)/ruff check dopsd_continual tests bench
+
+# The dashboard's screenshots in docs/ (README), taken by its browser test
+screenshots: setup
+	DOPSD_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
 clean:
 	rm -rf $(VENV)

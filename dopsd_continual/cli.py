@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc  # user text (paths, captions, reasons) is never markup
 from rich.table import Table
 
 from .errors import UserError
@@ -41,7 +42,7 @@ def main(_version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {esc(msg)}", highlight=False, soft_wrap=True)  # "[/x]" in a path is text
     raise typer.Exit(code)
 
 
@@ -74,7 +75,7 @@ def init(
     from .store import init_state, state_dir
 
     st = init_state(state_dir(state), recipe, list(watch), force=force)
-    console.print(f"state at [bold]{st.root}[/bold], recipe {st.config['recipe']}, watching {len(st.watch_dirs)} folder(s)")
+    console.print(f"state at [bold]{esc(str(st.root))}[/bold], recipe {esc(st.config['recipe'])}, watching {len(st.watch_dirs)} folder(s)")
     st.close()
 
 
@@ -109,9 +110,9 @@ def ingest(
         t.add_row(k, str(len(v)))
     console.print(t)
     for r in report.rejected:
-        console.print(f"[yellow]rejected[/yellow] {r['path']}: {r['reason']}", highlight=False)
+        console.print(f"[yellow]rejected[/yellow] {esc(r['path'])}: {esc(r['reason'])}", highlight=False)
     for r in report.ignored:
-        console.print(f"[dim]ignored[/dim] {r['path']}: {r['reason']}", highlight=False)
+        console.print(f"[dim]ignored[/dim] {esc(r['path'])}: {esc(r['reason'])}", highlight=False)
     if missing:
         fail(f"{len(missing)} path(s) do not exist: {', '.join(missing)}")
 
@@ -131,11 +132,11 @@ def queue_list(
     if status is not None and status not in SAMPLE_STATUSES:
         fail(f"unknown status {status!r}; one of {', '.join(SAMPLE_STATUSES)}")
     st = _open(state)
-    where, args = ("status = ?", [status]) if status else (None, None)
+    where, args = ("where status = ?", [status]) if status else ("", [])
     rows = [
         {"id": r["id"], "status": r["status"], "sha256": r["sha256"], "caption": r["caption"],
          "source_path": r["source_path"], "rounds": json.loads(r["rounds"])}
-        for r in st.db["samples"].rows_where(where, args, order_by="id")
+        for r in st.rows(f"select * from samples {where} order by id", args)
     ]
     st.close()
     if as_json:
@@ -145,35 +146,31 @@ def queue_list(
     for c in ("id", "status", "caption", "source"):
         t.add_column(c)
     for r in rows:
-        t.add_row(str(r["id"]), r["status"], r["caption"][:60], r["source_path"])
+        t.add_row(str(r["id"]), r["status"], esc(r["caption"][:60]), esc(r["source_path"]))
     console.print(t)
 
 
-def _set_status(state: Path | None, sample_id: int, status: str, event: str) -> None:
-    from .ingest import _history
-    from .store import now
+def _queue_action(state: Path | None, sample_id: int, action: str) -> None:
+    from .ingest import queue_action
 
-    st = _open(state, writes=f"queue {event.split()[0]}")
+    st = _open(state, writes=f"queue {action}")
     try:
-        row = st.db["samples"].get(sample_id)
-    except Exception:
+        status = queue_action(st, sample_id, action)
+    finally:
         st.close()
-        fail(f"no sample with id {sample_id}")
-    st.db["samples"].update(sample_id, {"status": status, "updated_at": now(), "history": _history(row["history"], {"event": event})})
-    st.close()
     console.print(f"sample {sample_id}: {status}")
 
 
 @queue_app.command("retry")
 def queue_retry(sample_id: int, state: Path | None = STATE_OPT) -> None:
     """Put a sample back in the queue."""
-    _set_status(state, sample_id, "queued", "retry")
+    _queue_action(state, sample_id, "retry")
 
 
 @queue_app.command("drop")
 def queue_drop(sample_id: int, state: Path | None = STATE_OPT) -> None:
     """Take a sample out of training (its blob and record stay)."""
-    _set_status(state, sample_id, "dropped", "dropped by user")
+    _queue_action(state, sample_id, "drop")
 
 
 # ------------------------------------------------------------------------------------------------- toy
@@ -205,7 +202,7 @@ def toy_pack(
     if as_json:
         emit_json({"pack": name, "images": [str(p) for p in paths]})
     else:
-        console.print(f"wrote {len(paths)} pairs to {out}")
+        console.print(f"wrote {len(paths)} pairs to {esc(str(out))}")
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -218,6 +215,8 @@ def train(
     lr: float | None = typer.Option(None, "--lr", help="learning rate (recipe train.lr)"),
     as_json: bool = typer.Option(False, "--json"),
     wait: bool = typer.Option(False, "--wait", help="wait for a running round instead of exiting"),
+    processes: int | None = typer.Option(None, "--processes", min=1, max=64,
+                                         help="data-parallel training processes, one per GPU (recipe train.processes)"),
     state: Path | None = STATE_OPT,
 ) -> None:
     """One round now on the queued samples, then the gate."""
@@ -234,7 +233,7 @@ def train(
         fail(f"--objective must be dopsd or sft, got {objective!r}")
     st = _open(state, writes="train")
     if as_json:
-        result = run_round(st, objective, steps, lr, wait_for_lock=wait)
+        result = run_round(st, objective, steps, lr, wait_for_lock=wait, processes=processes)
         st.close()
         emit_json({k: result[k] for k in ("version", "verdict", "reasons", "metrics", "parent", "samples", "active")})
         return
@@ -244,7 +243,7 @@ def train(
                    TimeRemainingColumn(), console=console)
     task = None
     t0 = _t.time()
-    batch = st.recipe["train"]["batch"]
+    batch = st.recipe["train"]["batch"] * (processes or st.recipe["train"]["processes"])  # the global batch
 
     def progress(step, total, loss):
         nonlocal task
@@ -254,7 +253,7 @@ def train(
         bar.update(task, completed=step, total=total, loss=loss, rate=step * batch / max(_t.time() - t0, 1e-9))
 
     try:
-        result = run_round(st, objective, steps, lr, progress=progress, wait_for_lock=wait)
+        result = run_round(st, objective, steps, lr, progress=progress, wait_for_lock=wait, processes=processes)
     finally:
         if task is not None:
             bar.stop()
@@ -262,7 +261,7 @@ def train(
     colour = "green" if result["verdict"] == "accepted" else "red"
     console.print(f"[{colour}]{result['verdict']}[/{colour}] {result['version']} (parent {result['parent']}); active is {result['active']}")
     for r in result["reasons"]:
-        console.print(f"  - {r}")
+        console.print(f"  - {esc(r)}")
 
 
 # -------------------------------------------------------------------------------------------- versions
@@ -361,7 +360,7 @@ def versions_export(version: str, fmt: str = typer.Option("diffusers", "--format
     st = _open(state)
     path = export_version(st, version, fmt, out)
     st.close()
-    console.print(f"wrote {path}")
+    console.print(f"wrote {esc(str(path))}")
 
 
 @versions_app.command("diff")
@@ -395,7 +394,7 @@ def sample(
     st = _open(state)
     res = do_sample(st, prompt, version, steps, seed, n, out)
     st.close()
-    emit_json(res) if as_json else console.print(f"wrote {res['path']} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
+    emit_json(res) if as_json else console.print(f"wrote {esc(str(res['path']))} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
 
 
 @app.command("eval")
@@ -425,7 +424,7 @@ def eval_cmd(version: str | None = typer.Argument(None), as_json: bool = typer.O
     else:
         for k, val in metrics.items():
             console.print(f"{k}: {_fmt(val)}")
-        console.print(f"would be [bold]{out['verdict']}[/bold]" + "".join(f"\n  - {r}" for r in reasons))
+        console.print(f"would be [bold]{out['verdict']}[/bold]" + "".join(f"\n  - {esc(r)}" for r in reasons))
 
 
 # ---------------------------------------------------------------------------------------------- daemon
@@ -451,7 +450,7 @@ def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="ru
         Daemon(root, foreground=True).run_forever()
         return
     pid = start_background(root)
-    console.print(f"daemon running (pid {pid}); logs in {root / 'logs'}")
+    console.print(f"daemon running (pid {pid}); logs in {esc(str(root / 'logs'))}")
 
 
 @daemon_app.command("stop")
@@ -483,12 +482,14 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
         console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
     if s["next_round_at"]:
         console.print(f"next round: {s['next_round_at']}")
+    if s.get("ui"):
+        console.print(f"dashboard: {s['ui']}", highlight=False)
     scan = s.get("last_scan")
     if scan:
         console.print(f"last scan: {scan['queued']} queued, {scan['duplicates']} duplicates, {scan['pending']} pending, "
                       f"{scan['rejected']} rejected, {scan['ignored']} ignored", highlight=False)
         for p in scan["problems"]:
-            console.print(f"  {p['outcome']} {p['path']}: {p['reason']}", highlight=False)
+            console.print(f"  {p['outcome']} {esc(p['path'])}: {esc(p['reason'])}", highlight=False)
 
 
 @daemon_app.command("install-service")
@@ -500,7 +501,7 @@ def daemon_install_service(unit_dir: Path | None = typer.Option(None, "--unit-di
 
     _open(state).close()
     path = install_service(state_dir(state), unit_dir)
-    console.print(f"wrote {path}\nenable it with:\n  systemctl --user daemon-reload\n  systemctl --user enable --now dopsd.service\n"
+    console.print(f"wrote {esc(str(path))}\nenable it with:\n  systemctl --user daemon-reload\n  systemctl --user enable --now dopsd.service\n"
                   "  loginctl enable-linger $USER   # keep it running when you log out")
 
 
@@ -513,6 +514,32 @@ def demo(state: Path | None = typer.Option(None, "--state", help="folder for the
     from .demo import run_demo
 
     run_demo(state, console)
+
+
+# -------------------------------------------------------------------------------------------------- ui
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; not loopback needs a token"),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="0: any free port"),
+    token: str | None = typer.Option(None, "--token", envvar="DOPSD_UI_TOKEN",
+                                     help="required off loopback (made up and printed when not given)"),
+    state: Path | None = STATE_OPT,
+) -> None:
+    """A local web dashboard: versions, gate reports, queue, daemon; rollback, promote, sample."""
+    import secrets
+
+    from .web.server import Server, is_loopback
+
+    st = _open(state)
+    root = st.root
+    st.close()
+    if not is_loopback(host) and not token:
+        token = secrets.token_urlsafe(24)
+    server = Server(root, host, port, token)
+    console.print(f"dashboard for {esc(str(root))} at {server.url}  (Ctrl-C stops it)", highlight=False)
+    server.run()
 
 
 # ---------------------------------------------------------------------------------------------- doctor
@@ -529,10 +556,11 @@ def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = S
         if not report["ok"]:
             raise typer.Exit(1)
         return
-    console.print(f"model: {report['model']['name']} from {report['model']['source']} ({report['model']['pipeline']})")
+    console.print(f"model: {report['model']['name']} from {esc(report['model']['source'])} ({report['model']['pipeline']})")
     console.print(f"device: {report['device']}")
+    console.print(f"processes: {report['processes']['note']}")
     for p in report["problems"]:
-        console.print(f"[yellow]problem:[/yellow] {p}")
+        console.print(f"[yellow]problem:[/yellow] {esc(p)}")
     console.print("[green]ok[/green]" if report["ok"] else "[red]not ok[/red]")
     if not report["ok"]:
         raise typer.Exit(1)

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -63,14 +64,14 @@ def read_status_file(root: Path) -> dict:
 def status(state: State) -> dict:
     running = daemon_running(state.root)
     info = read_status_file(state.root) if running else {}
-    queue = {r[0]: r[1] for r in state.db.execute("select status, count(*) from samples group by status")}
+    queue = {r[0]: r[1] for r in state.conn.execute("select status, count(*) from samples group by status")}
     rnd = None
-    row = state.db.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
+    row = state.conn.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
     if row and running:
         rnd = {"id": row[0], "progress": row[1]}
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
-            "heartbeat_at": info.get("heartbeat_at") if running else None,
+            "heartbeat_at": info.get("heartbeat_at") if running else None, "ui": info.get("ui") if running else None,
             "last_scan": json.loads(state.meta("last_scan") or "null")}
 
 
@@ -138,10 +139,31 @@ class Daemon:
         self.scheduler.add_job(self.heartbeat, IntervalTrigger(seconds=2), id="heartbeat", next_run_time=datetime.now())
         self.scheduler.start()
         self.observers = self._start_observers()
+        self.ui = self._start_ui() if self.cfg["ui"] else None
         if self.install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         log.info("daemon started (pid %d), watching %d folder(s)", os.getpid(), len(self.state.watch_dirs))
+
+    def _start_ui(self):
+        """The dashboard in this process (`[daemon] ui = true`); a non-loopback address takes DOPSD_UI_TOKEN or a
+        token written to <state>/ui-token (mode 0600)."""
+        from .web.server import Server, is_loopback
+
+        host, port = self.cfg["ui_host"], int(self.cfg["ui_port"])
+        token = None
+        if not is_loopback(host):
+            token = os.environ.get("DOPSD_UI_TOKEN") or secrets.token_urlsafe(24)
+            path = self.root / "ui-token"
+            path.write_text(token)
+            path.chmod(0o600)
+        try:
+            ui = Server(self.root, host, port, token).start()
+        except UserError as e:
+            log.error("dashboard not started: %s", e)
+            return None
+        log.info("dashboard at http://%s:%d/%s", host, ui.port, " (token in ui-token)" if token else "")
+        return ui
 
     def _on_signal(self, signum, frame) -> None:
         log.info("signal %d: stopping", signum)
@@ -157,6 +179,8 @@ class Daemon:
 
     def shutdown(self, timeout: float = 60.0) -> None:
         self.stop_event.set()
+        if getattr(self, "ui", None):
+            self.ui.stop()
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
@@ -238,7 +262,7 @@ class Daemon:
         self.maybe_trigger_round()
 
     def queued_count(self) -> int:
-        return self.state.db.execute("select count(*) from samples where status='queued'").fetchone()[0]
+        return self.state.conn.execute("select count(*) from samples where status='queued'").fetchone()[0]
 
     def maybe_trigger_round(self) -> None:
         """The sample threshold: enough new samples and a quiet period since the last drop."""
@@ -324,7 +348,8 @@ class Daemon:
         thr = self.scheduler.get_job("round-threshold")
         if thr and thr.next_run_time and (nxt is None or thr.next_run_time.isoformat() < nxt):
             nxt = thr.next_run_time.isoformat()
-        info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt}
+        info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
+                "ui": f"http://{self.cfg['ui_host']}:{self.ui.port}/" if getattr(self, "ui", None) else None}
         self._started = info["started_at"]
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 

@@ -94,8 +94,8 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
                 while len(verdicts) == n_before:
                     if time.time() - t_start > timeout:
                         raise TimeoutError("the demo ran out of time")
-                    row = st.db.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
-                    queued = st.db.execute("select count(*) from samples where status='queued'").fetchone()[0]
+                    row = st.conn.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
+                    queued = st.conn.execute("select count(*) from samples where status='queued'").fetchone()[0]
                     if row:
                         status.update(f"daemon: round {row[0]} training on '{name}': {100 * (row[1] or 0):.0f}%")
                     else:

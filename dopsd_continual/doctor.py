@@ -30,8 +30,16 @@ def diagnose(state: Path | None = None) -> dict:
         problems.append(str(e))
     import torch
 
+    from .distributed import gpus
+
+    seen = gpus()
+    n = int(recipe["train"]["processes"])
     if torch.cuda.is_available():
         device = f"cuda ({torch.cuda.get_device_name(0)})"
+        if len(seen) > 1:
+            device = f"{len(seen)} GPUs: " + ", ".join(f"{i}: {name}" for i, name in enumerate(seen))
+        if n > len(seen):
+            problems.append(f"train.processes = {n} but {len(seen)} GPU(s) are visible")
     else:
         device = "cpu"
         if model["name"] != "toy-shapes":
@@ -45,5 +53,15 @@ def diagnose(state: Path | None = None) -> dict:
         "problems": problems,
         "model": {"name": model["name"], "source": source, "pipeline": PIPELINES[model["backend"]]},
         "device": device,
+        "gpus": seen,
+        "processes": {"recipe": n, "would_use": seen[:n] if seen else ["cpu"] * n, "note": _processes_note(n, seen)},
         "disk_free_gib": round(free_gb, 1),
     }
+
+
+def _processes_note(n: int, seen: list[str]) -> str:
+    if n == 1:
+        spare = f"; {len(seen) - 1} more GPU(s) idle: set train.processes = {len(seen)}" if len(seen) > 1 else ""
+        return f"1 (one process trains a round){spare}"
+    where = f"GPUs 0-{n - 1}" if seen else "CPU processes (gloo), for tests only"
+    return f"{n} data-parallel processes on {where}"

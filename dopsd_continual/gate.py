@@ -209,27 +209,7 @@ class Gate:
         return m
 
     def verdict(self, m: dict) -> list[str]:
-        g, reasons = self.g, []
-        if m["drift"] > g["max_drift"]:
-            reasons.append(f"drift {m['drift']:.3f} on held-out prompts > {g['max_drift']}")
-        if m["sharpness_ratio"] < g["min_sharpness_ratio"]:
-            reasons.append(f"sharpness ratio {m['sharpness_ratio']:.2f} < {g['min_sharpness_ratio']} (few-step blur)")
-        if m["colour_shift"] > g["max_colour_shift"]:
-            reasons.append(f"colour shift {m['colour_shift']:.3f} > {g['max_colour_shift']}")
-        if m["seed_diversity_ratio"] < g["min_seed_diversity_ratio"]:
-            reasons.append(f"seed diversity ratio {m['seed_diversity_ratio']:.2f} < {g['min_seed_diversity_ratio']} (collapse)")
-        if m["few_step_gap_ratio"] > g["max_few_step_gap_ratio"]:
-            reasons.append(f"few-step gap ratio {m['few_step_gap_ratio']:.2f} > {g['max_few_step_gap_ratio']}")
-        if "concept_gap_ratio" in m and m["concept_gap_ratio"] > g["max_concept_gap_ratio"]:
-            reasons.append(f"the student did not move toward its reference-conditioned teacher on the round's samples "
-                           f"(gap ratio {m['concept_gap_ratio']:.2f} > {g['max_concept_gap_ratio']})")
-        if "clip_drop" in m and m["clip_drop"] > g["max_clip_drop"]:
-            reasons.append(f"CLIP text-image score dropped {m['clip_drop']:.3f} > {g['max_clip_drop']}")
-        if "retention_drop" in m and m["retention_drop"] > g["max_retention_drop"]:
-            reasons.append(f"retention dropped {m['retention_drop']:.3f} > {g['max_retention_drop']}")
-        if "concept_gain" in m and m["concept_gain"] < g["min_concept_gain"]:
-            reasons.append(f"concept gain {m['concept_gain']:.3f} < {g['min_concept_gain']}")
-        return reasons
+        return [c["reason"] for c in checks(m, self.g) if not c["passed"]]
 
     def report(self, vid: str, parent: str, m: dict, reasons: list[str], round_samples: list[dict]) -> Path:
         """reports/<vid>.json and reports/<vid>.png (rows: parent, candidate; held-out then concept prompts)."""
@@ -258,6 +238,35 @@ class Gate:
         sheet.save(buf, format="PNG")
         atomic_write(self.state.reports / f"{vid}.png", buf.getvalue())
         return self.state.reports / f"{vid}.json"
+
+
+# (metric, threshold key, the side that fails, the reason when it fails): the gate's whole verdict
+CHECKS = (
+    ("drift", "max_drift", ">", "drift {v:.3f} on held-out prompts > {t}"),
+    ("sharpness_ratio", "min_sharpness_ratio", "<", "sharpness ratio {v:.2f} < {t} (few-step blur)"),
+    ("colour_shift", "max_colour_shift", ">", "colour shift {v:.3f} > {t}"),
+    ("seed_diversity_ratio", "min_seed_diversity_ratio", "<", "seed diversity ratio {v:.2f} < {t} (collapse)"),
+    ("few_step_gap_ratio", "max_few_step_gap_ratio", ">", "few-step gap ratio {v:.2f} > {t}"),
+    ("concept_gap_ratio", "max_concept_gap_ratio", ">", "the student did not move toward its reference-conditioned "
+                                                          "teacher on the round's samples (gap ratio {v:.2f} > {t})"),
+    ("clip_drop", "max_clip_drop", ">", "CLIP text-image score dropped {v:.3f} > {t}"),
+    ("retention_drop", "max_retention_drop", ">", "retention dropped {v:.3f} > {t}"),
+    ("concept_gain", "min_concept_gain", "<", "concept gain {v:.3f} < {t}"),
+)
+ALWAYS = {"drift", "sharpness_ratio", "colour_shift", "seed_diversity_ratio", "few_step_gap_ratio"}
+
+
+def checks(m: dict, g: dict) -> list[dict]:
+    """Each of the gate's checks that applies to these metrics: value, threshold, and whether it passed."""
+    out = []
+    for metric, key, fails, reason in CHECKS:
+        if metric not in m and metric not in ALWAYS:
+            continue  # a guard this model has no scorer for
+        v, t = m[metric], g[key]
+        failed = v > t if fails == ">" else v < t
+        out.append({"metric": metric, "value": v, "threshold": t, "limit": "max" if fails == ">" else "min",
+                    "passed": not failed, "reason": reason.format(v=v, t=t)})
+    return out
 
 
 def _single(scene) -> bool:

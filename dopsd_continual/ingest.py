@@ -349,6 +349,23 @@ def _history(old: str | None, event: dict) -> str:
     return json.dumps(h)
 
 
+QUEUE_ACTIONS = {"retry": ("queued", "retry"), "drop": ("dropped", "dropped by user")}
+
+
+def queue_action(state: State, sample_id: int, action: str) -> str:
+    """`dopsd queue retry|drop ID` and the dashboard's buttons: the sample's new status."""
+    from .errors import UserError
+
+    if action not in QUEUE_ACTIONS:
+        raise UserError(f"unknown queue action {action!r}; one of {', '.join(QUEUE_ACTIONS)}")
+    status, event = QUEUE_ACTIONS[action]
+    row = state.conn.execute("select history from samples where id = ?", [sample_id]).fetchone()
+    if row is None:
+        raise UserError(f"no sample with id {sample_id}")
+    state.db["samples"].update(sample_id, {"status": status, "updated_at": now(), "history": _history(row[0], {"event": event})})
+    return status
+
+
 def stability_seconds(state: State) -> float:
     env = os.environ.get("DOPSD_STABILITY_SECONDS")
     if env is not None:

@@ -38,12 +38,13 @@ def pipeline_class(backend: str):
     return getattr(diffusers, PIPELINES[backend])
 
 
-def load_pipeline(recipe: dict, device=None):
+def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache).
 
     The weights land in CPU memory in the recipe's dtype (float32 when computing on the CPU); the phases of
     `placement.Placement` move each component to the GPU when it is used. On a GPU the process is capped at
-    the recipe's `model.memory_budget_gib`.
+    the recipe's `model.memory_budget_gib`. encoders=False leaves the text encoder and tokenizer unloaded
+    (a rank of a several-process round trains on cached features).
     """
     import torch
 
@@ -57,7 +58,8 @@ def load_pipeline(recipe: dict, device=None):
     source = resolve_source(model["source"])
     apply_memory_budget(float(model["memory_budget_gib"]), device)
     try:
-        pipe = cls.from_pretrained(source, dtype=dtype)
+        skip = {} if encoders else {"text_encoder": None, "tokenizer": None}
+        pipe = cls.from_pretrained(source, dtype=dtype, **skip)
     except OSError as e:
         raise UserError(f"cannot load model {model['name']} from {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)

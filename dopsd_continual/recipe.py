@@ -58,6 +58,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "gradient_checkpointing": ((bool, int, float), False),
         "base_weights": (str, "native"),
         "seed": (int, 0),
+        "processes": (int, 1),
     },
     "gate": {
         "enabled": (bool, True),
@@ -84,6 +85,9 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "rescan_seconds": ((int, float), 300),
         "polling": (bool, False),
         "keep_warm_seconds": ((int, float), 0),
+        "ui": (bool, False),
+        "ui_host": (str, "127.0.0.1"),
+        "ui_port": (int, 8765),
     },
 }
 CHOICES = {
@@ -146,7 +150,7 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
             else:
                 sec[k] = copy.deepcopy(default)
         out[section] = sec
-    for k in ("rank", "steps", "K", "batch"):
+    for k in ("rank", "steps", "K", "batch", "processes"):
         if out["train"][k] < 1:
             raise UserError(f"{where}: train.{k} must be >= 1")
     if not 0 <= out["train"]["replay_ratio"] < 1:

@@ -47,7 +47,8 @@ def recover(state: State) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
     for tmp in state.root.rglob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
-    if state.db.execute("pragma quick_check").fetchone()[0] != "ok":
+    shutil.rmtree(state.cache / "rounds", ignore_errors=True)  # a several-process round's job files
+    if state.conn.execute("pragma quick_check").fetchone()[0] != "ok":
         raise UserError(f"the database {state.root / 'dopsd.sqlite'} failed its integrity check")
     return done
 
@@ -60,8 +61,8 @@ def abandon_running(state: State, message: str) -> list[str]:
 
 def _interrupt(state: State, r: dict, message: str) -> str:
     vid = r["version"]
-    with state.db.conn:
-        state.db.execute("BEGIN IMMEDIATE")
+    with state.conn:
+        state.conn.execute("BEGIN IMMEDIATE")
         state.db["rounds"].update(r["id"], {"status": "interrupted", "finished_at": now(), "message": message})
         try:
             v = get_version(state, vid)
@@ -104,7 +105,11 @@ def run_round(
     should_stop: Callable[[], bool] | None = None,
     wait_for_lock: bool = False,
     sampler=None,
+    processes: int | None = None,
 ) -> dict:
+    """One round. processes: data-parallel training processes (default: the recipe's train.processes);
+    more than one hands the train phase to accelerate's launcher (distributed.py)."""
+    from .distributed import check_processes, jobs_dir, train_in_processes
     from .gate import Gate
     from .placement import PhaseLog, compute_device
     from .sampling import Sampler, image_tensor
@@ -120,6 +125,10 @@ def run_round(
         train["steps"] = steps
     if lr is not None:
         train["lr"] = lr
+    if processes is not None:
+        train["processes"] = processes
+    n_proc = int(train["processes"])
+    check_processes(n_proc, (sampler.device if sampler else compute_device()).type)
     with round_lock(state, wait=wait_for_lock):
         recover(state)
         new, replay = select_samples(state)
@@ -128,8 +137,8 @@ def run_round(
         parent = state.active_version
         vid = next_version_id(state)
         ids = [s["id"] for s in new]
-        with state.db.conn:
-            state.db.execute("BEGIN IMMEDIATE")
+        with state.conn:
+            state.conn.execute("BEGIN IMMEDIATE")
             rid = state.db["rounds"].insert({"version": vid, "status": "running", "pid": os.getpid(), "started_at": now(),
                                              "progress": 0.0, "samples": json.dumps(ids)}).last_pk
             for s in new:
@@ -160,9 +169,18 @@ def run_round(
                 if recipe["gate"]["enabled"]:  # the text encoder is on the GPU now: the gate's prompts too
                     sampler.prompt_features(Gate(state, sampler).texts(new))
             with phases("train"):
-                sampler.place.use("train")
-                sampler.switch.set(state, parent)  # train on top of the active chain, merged
-                result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
+                if n_proc > 1:  # the ranks load their own transformer: this one waits in CPU memory
+                    sampler.place.use("idle")
+                    job = {"state": str(state.root), "parent": parent, "train": train,
+                           "new": [str(cache.path(s["sha256"], s["caption"])) for s in new],
+                           "replay": [str(cache.path(s["sha256"], s["caption"])) for s in replay]}
+                    job_dir = jobs_dir(state) / vid
+                    result = train_in_processes(state, job_dir, job, n_proc, sampler.device.type, report, should_stop)
+                    shutil.rmtree(job_dir, ignore_errors=True)
+                else:
+                    sampler.place.use("train")
+                    sampler.switch.set(state, parent)  # train on top of the active chain, merged
+                    result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
         except BaseException:
             abandon_running(state, "the round stopped before it finished")
             raise
@@ -175,7 +193,7 @@ def run_round(
                                      "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
                                      "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
         metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
-                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits}
+                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc}
         reasons: list[str] = []
         if recipe["gate"]["enabled"]:
             with phases("gate"):
@@ -198,8 +216,8 @@ def run_round(
 
 def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: str, reasons: list[str], metrics: dict) -> None:
     limit = state.recipe["gate"]["max_rejections_per_sample"]
-    with state.db.conn:
-        state.db.execute("BEGIN IMMEDIATE")
+    with state.conn:
+        state.conn.execute("BEGIN IMMEDIATE")
         state.db["versions"].update(vid, {"status": verdict, "metrics": json.dumps(metrics), "reasons": json.dumps(reasons)})
         for s in new:
             row = state.db["samples"].get(s["id"])

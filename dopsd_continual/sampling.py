@@ -38,11 +38,11 @@ def native_guidance(backend: str) -> float:
 class Sampler:
     """A loaded pipeline that can be switched between versions (merge kept per version in memory)."""
 
-    def __init__(self, state: State, device: str | None = None):
+    def __init__(self, state: State, device: str | None = None, encoders: bool = True):
         self.state = state
         self.recipe = state.recipe
         self.device = compute_device(device)
-        self.pipe = load_pipeline(state.recipe, self.device)
+        self.pipe = load_pipeline(state.recipe, self.device, encoders)
         self.place = Placement(self.pipe, self.device)
         self.switch = WeightSwitcher(self.pipe.transformer)
         self._features: dict[str, object] = {}  # prompt -> text features in CPU memory (this process)

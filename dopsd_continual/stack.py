@@ -31,15 +31,14 @@ def _sha(path: Path) -> str:
 
 
 def get_version(state: State, vid: str) -> dict:
-    try:
-        row = state.db["versions"].get(vid)
-    except Exception:
-        raise UserError(f"no version {vid!r} (see `dopsd versions list`)") from None
-    return dict(row)
+    rows = state.rows("select * from versions where id = ?", [vid])
+    if not rows:
+        raise UserError(f"no version {vid!r} (see `dopsd versions list`)")
+    return rows[0]
 
 
 def next_version_id(state: State) -> str:
-    ids = [int(r["id"][1:]) for r in state.db["versions"].rows if r["id"][1:].isdigit()]
+    ids = [int(v[1:]) for (v,) in state.conn.execute("select id from versions") if v[1:].isdigit()]
     return f"v{max(ids, default=0) + 1}"
 
 
@@ -162,7 +161,7 @@ class WeightSwitcher:
 def list_versions(state: State) -> list[dict]:
     active = state.active_version
     out = []
-    for r in state.db["versions"].rows_where(order_by="created_at"):
+    for r in state.rows("select * from versions order by created_at"):
         out.append({"id": r["id"], "parent": r["parent"], "status": r["status"], "active": r["id"] == active,
                     "metrics": json.loads(r["metrics"] or "{}"), "reasons": json.loads(r["reasons"] or "[]"),
                     "objective": r["objective"], "samples": json.loads(r["samples"] or "[]"),

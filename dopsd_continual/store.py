@@ -8,13 +8,15 @@ import sqlite3
 import time
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .recipe import load_recipe, resolve_recipe_path
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 SCHEMA_VERSION = 1
 SAMPLE_STATUSES = ("queued", "training", "used", "dropped", "set_aside")
@@ -128,44 +130,50 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
 MIGRATIONS = {1: _migrate_1}
 
 
-def open_db(path: Path, readonly: bool = False) -> sqlite_utils.Database:
-    """The state's database. readonly: opened as immutable (a backup, a read-only mount), no migration."""
+def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """The state's database. readonly: opened as immutable (a backup, a read-only mount), no migration.
+
+    A plain connection: commands that only read (`versions list`, `queue list`, `daemon status`) never
+    import sqlite-utils, which imports numpy; writes wrap the connection in sqlite-utils (State.db).
+    """
     try:
         if readonly:
             if not path.is_file():
                 raise UserError(f"no database at {path}")
             uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        else:
-            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-        db = sqlite_utils.Database(conn)
-        if readonly:
-            db.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
-            _check_schema(db)
-            return db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
-        migrate(db)
-        return db
+            conn.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+            found = _schema_version(conn)
+            if found != SCHEMA_VERSION:
+                raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {found if found else 'none'}); "
+                                "open it once where it can be written")
+            return conn
+        conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        migrate(conn)
+        return conn
     except sqlite3.DatabaseError as e:
         raise UserError(f"{path} cannot be used as the state's database ({e}); restore it from a backup") from None
 
 
-def _check_schema(db: sqlite_utils.Database) -> None:
-    row = db.execute("select value from meta where key='schema_version'").fetchone() if "meta" in db.table_names() else None
-    if row is None or int(row[0]) != SCHEMA_VERSION:
-        raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {row[0] if row else 'none'}); "
-                        "open it once where it can be written")
+def _schema_version(conn: sqlite3.Connection) -> int:
+    if conn.execute("select 1 from sqlite_master where type='table' and name='meta'").fetchone() is None:
+        return 0
+    row = conn.execute("select value from meta where key='schema_version'").fetchone()
+    return int(row[0]) if row else 0
 
 
-def migrate(db: sqlite_utils.Database) -> None:
-    current = 0
-    if "meta" in db.table_names():
-        row = db.execute("select value from meta where key='schema_version'").fetchone()
-        current = int(row[0]) if row else 0
+def migrate(conn: sqlite3.Connection) -> None:
+    current = _schema_version(conn)
     if current > SCHEMA_VERSION:
         raise UserError(f"state was written by a newer dopsd (schema {current} > {SCHEMA_VERSION})")
+    if current == SCHEMA_VERSION:
+        return
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn)
     for v in range(current + 1, SCHEMA_VERSION + 1):
         with db.conn:
             db.execute("BEGIN IMMEDIATE")
@@ -186,8 +194,21 @@ class State:
     root: Path
     config: dict[str, Any]
     recipe: dict[str, Any]
-    db: sqlite_utils.Database
+    conn: sqlite3.Connection
     readonly: bool = False
+
+    @cached_property
+    def db(self) -> sqlite_utils.Database:
+        """The database through sqlite-utils, for writes and table helpers (imported on first use)."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
+    def rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
+        """A read as dicts on the plain connection (what the read-only commands use)."""
+        cur = self.conn.execute(sql, params)
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
 
     @property
     def blobs(self) -> Path:
@@ -215,7 +236,7 @@ class State:
         return [self.root / Path(p).expanduser() for p in self.config.get("watch", [])]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.db.execute("select value from meta where key=?", [key]).fetchone()
+        row = self.conn.execute("select value from meta where key=?", [key]).fetchone()
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
@@ -226,7 +247,7 @@ class State:
         return self.meta("active_version", "v0") or "v0"
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
 
 SUBDIRS = ("blobs", "adapters", "cache", "reports", "logs")
@@ -262,15 +283,16 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
         if p not in cfg["watch"]:
             cfg["watch"].append(p)
     atomic_write(cfg_path, _dump_config(cfg).encode())
-    db = open_db(root / "dopsd.sqlite")
+    conn = open_db(root / "dopsd.sqlite")
     if switch:  # the old model's versions stay listed, but never load onto the new model
-        foreign = _foreign_versions(db)
-        for (vid,) in db.execute("select id from versions where id != 'v0'").fetchall():
+        foreign = _foreign_versions(conn)
+        for (vid,) in conn.execute("select id from versions where id != 'v0'").fetchall():
             foreign.setdefault(vid, switch)
-        with db.conn:
-            db["meta"].upsert({"key": "foreign_versions", "value": json.dumps(foreign)}, pk="key")
-            db["meta"].upsert({"key": "active_version", "value": "v0"}, pk="key")
-    db.conn.close()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("insert or replace into meta (key, value) values (?, ?)",
+                             [("foreign_versions", json.dumps(foreign)), ("active_version", "v0")])
+    conn.close()
     return open_state(root)
 
 
@@ -283,12 +305,12 @@ def _model_switch(root: Path, cfg: dict[str, Any], new_recipe: dict[str, Any], f
     new = new_recipe["model"]
     if (old["backend"], old["source"]) == (new["backend"], new["source"]):
         return None
-    db = open_db(root / "dopsd.sqlite")
+    conn = open_db(root / "dopsd.sqlite")
     try:
-        foreign = _foreign_versions(db)
-        n = sum(1 for (v,) in db.execute("select id from versions where id != 'v0'") if v not in foreign)
+        foreign = _foreign_versions(conn)
+        n = sum(1 for (v,) in conn.execute("select id from versions where id != 'v0'") if v not in foreign)
     finally:
-        db.conn.close()
+        conn.close()
     if n == 0:
         return None
     if not force:
@@ -314,9 +336,9 @@ def _readonly(root: Path) -> bool:
     return not os.access(root, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK))
 
 
-def _foreign_versions(db: sqlite_utils.Database) -> dict[str, str]:
+def _foreign_versions(conn: sqlite3.Connection) -> dict[str, str]:
     """Versions trained on a model the state has since left (`init --force`): id -> that model's name."""
-    row = db.execute("select value from meta where key='foreign_versions'").fetchone()
+    row = conn.execute("select value from meta where key='foreign_versions'").fetchone()
     return json.loads(row[0]) if row else {}
 
 

@@ -109,12 +109,13 @@ class KleinBackend:
         return [float(s) for s in sched.sigmas]
 
 
-def make_backend(pipe, recipe: dict, device):
-    """The training backend for the recipe's model family."""
+def make_backend(pipe, recipe: dict, device, encoders: bool = True):
+    """The training backend for the recipe's model family. encoders=False: training on cached features only
+    (a rank of a several-process round), so Z-Image's teacher encoder is not loaded."""
     if recipe["model"]["backend"] == "z-image-turbo":
         from .zimage import ZImageBackend, load_teacher_encoder
 
-        vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device)
+        vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device) if encoders else (None, None)
         return ZImageBackend(pipe, recipe, device, vl, processor)
     return KleinBackend(pipe, recipe, device)
 
@@ -138,11 +139,14 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
+    def path(self, sha: str, caption: str) -> Path:
+        key = hashlib.sha256(f"{sha}\0{caption}".encode()).hexdigest()
+        return self.dir / f"{key}.safetensors"
+
     def get(self, sha: str, caption: str, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
 
-        key = hashlib.sha256(f"{sha}\0{caption}".encode()).hexdigest()
-        path = self.dir / f"{key}.safetensors"
+        path = self.path(sha, caption)
         if path.exists():
             try:
                 self.hits += 1
@@ -291,8 +295,13 @@ def train_delta(
     objective: str,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    dist=None,
 ) -> TrainResult:
-    """Train a new delta on top of the backend's current weights. `new`/`replay`: cached features."""
+    """Train a new delta on top of the backend's current weights. `new`/`replay`: cached features.
+
+    dist: an accelerate Accelerator when this is one rank of several (distributed.py): the step's global
+    batch is train.batch x ranks, this rank computes its slice, and the gradients are averaged.
+    """
     tr = backend.transformer
     gen = torch.Generator("cpu").manual_seed(int(train["seed"]))
     rank, alpha = int(train["rank"]), float(train["alpha"])
@@ -311,7 +320,7 @@ def train_delta(
         t0 = time.time()
         tr.train()
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
-                    steps, bs, amp, amp_dtype, losses)
+                    steps, bs, amp, amp_dtype, losses, dist)
         delta = from_peft(tr, STUDENT, alpha / rank)  # the adapter's A and B (the base weights do not enter)
     finally:  # one way out, trained or not: the plain transformer with its exact weights
         tr.eval()
@@ -319,31 +328,49 @@ def train_delta(
         set_checkpointing(tr, False)
         remove_adapters(tr)
     seconds = time.time() - t0
-    return TrainResult(delta, losses, seconds, steps * bs / max(seconds, 1e-9))
+    world = dist.num_processes if dist is not None else 1
+    return TrainResult(delta, losses, seconds, steps * bs * world / max(seconds, 1e-9))
 
 
 def _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
-                steps, bs, amp, amp_dtype, losses) -> None:
+                steps, bs, amp, amp_dtype, losses, dist=None) -> None:
+    world, rank = (dist.num_processes, dist.process_index) if dist is not None else (1, 0)
+    mine = slice(rank * bs, (rank + 1) * bs)  # every rank draws the global batch; this rank computes its slice
     for step in range(steps):
         if should_stop and should_stop():
             raise InterruptedError("round stopped")
-        feats = pick_batch(new, replay, bs, float(train["replay_ratio"]), gen)
-        noise = torch.randn((len(feats), *feats[0]["latents"].shape), generator=gen).to(backend.device)
+        feats = pick_batch(new, replay, bs * world, float(train["replay_ratio"]), gen)
+        noise = torch.randn((len(feats), *feats[0]["latents"].shape), generator=gen)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=amp):
             if objective == "dopsd":
-                loss = dopsd_loss_and_backward(backend, feats, sigmas, noise)
+                loss = dopsd_loss_and_backward(backend, feats[mine], sigmas, noise[mine].to(backend.device))
             else:
-                u = torch.rand(len(feats), generator=gen)
-                sig = torch.tensor(sigmas[:-1])[torch.randint(len(sigmas) - 1, (len(feats),), generator=gen)]
-                sig = torch.where(torch.rand(len(feats), generator=gen) < 0.5, sig, u).to(backend.device)
-                loss = sft_loss_and_backward(backend, feats, noise, sig)
+                n = len(feats)
+                u = torch.rand(n, generator=gen)
+                sig = torch.tensor(sigmas[:-1])[torch.randint(len(sigmas) - 1, (n,), generator=gen)]
+                sig = torch.where(torch.rand(n, generator=gen) < 0.5, sig, u)
+                loss = sft_loss_and_backward(backend, feats[mine], noise[mine].to(backend.device), sig[mine].to(backend.device))
+        if dist is not None:
+            loss = average_gradients(dist, student, loss)
         torch.nn.utils.clip_grad_norm_(student, 1.0)
         opt.step()
         ema_update(teacher, student, float(train["ema_decay"]))
         losses.append(loss)
         if progress:
             progress(step + 1, steps, loss)
+
+
+def average_gradients(dist, params: list[torch.nn.Parameter], loss: float) -> float:
+    """One all-reduce per step: every parameter's gradient and the loss, flattened, averaged over the ranks."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+    flat = dist.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
+        offset += g.numel()
+    return float(flat[-1])
 
 
 def pick_batch(new: list[dict], replay: list[dict], bs: int, replay_ratio: float, gen: torch.Generator) -> list[dict]:

@@ -549,3 +549,25 @@ def test_queue_list_help_names_the_real_statuses():
     from dopsd_continual.store import SAMPLE_STATUSES
 
     assert SAMPLE_STATUS_HELP == ", ".join(SAMPLE_STATUSES)
+
+
+def test_brackets_in_paths_captions_and_errors_are_text_not_markup(tmp_path):
+    """Rich reads "[/x]" as a closing tag: every path, caption and reason we print is escaped."""
+    root = tmp_path / "[/x] [red]"
+    drop = root / "drop [bold]"
+    drop.mkdir(parents=True)
+    (drop / "a.png").write_bytes(b"not a png")
+    (drop / "a.txt").write_text("a [/b] caption [red]x")
+    from conftest import make_pair
+
+    make_pair(drop, "good", "my [/i] mug [red]")
+    r = run("init", "--state", root / "s", "--watch", drop)
+    assert r.returncode == 0 and str(root / "s") in r.stdout
+    r = run("ingest", "--state", root / "s")
+    assert r.returncode == 0 and str(drop / "a.png") in r.stdout.replace("\n", "")
+    r = run("queue", "list", "--state", root / "s")
+    assert r.returncode == 0 and "my [/i] mug [red]" in r.stdout
+    r = run("versions", "show", "v9", "--state", root / "s")
+    assert r.returncode == 1 and r.stderr.strip() == "error: no version 'v9' (see `dopsd versions list`)"
+    r = run("train", "--state", root / "nope")
+    assert r.returncode == 1 and str(root / "nope") in r.stderr

@@ -191,3 +191,11 @@ def test_a_full_round_on_tiny_zimage_through_the_cli(zimage_dirs, tmp_path):
     s = r.invoke(app, ["sample", "a photo of my mug", "--version", "v1", "--out", str(tmp_path / "m.png"),
                        "--json", "--state", str(tmp_path / "s")])
     assert s.exit_code == 0, s.output
+    # the next round as two processes: the ranks load Z-Image without its text encoder and train on the cache
+    for i in range(2, 4):
+        make_pair(drop, f"p{i}", "a photo of my mug", seed=i)
+    assert r.invoke(app, ["ingest", "--state", str(tmp_path / "s")]).exit_code == 0
+    res = r.invoke(app, ["train", "--json", "--processes", "2", "--state", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["version"] == "v2" and out["metrics"]["processes"] == 2 and out["verdict"] in ("accepted", "rejected")

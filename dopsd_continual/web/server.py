@@ -1,0 +1,605 @@
+"""`dopsd ui`: a small local dashboard over a state dir, served by Starlette (uvicorn), rendered on the server.
+
+What it shows comes from the same library calls as the CLI (`stack.list_versions`, `daemon.status`, the
+gate's reports); what it does too (`stack.rollback`, `stack.promote`, `ingest.queue_action`,
+`sampling.sample`). Each request opens the state and closes it again, so the page and the CLI never
+disagree and a running round's writes are seen at once.
+
+Security, in order of the request's path through `guard`:
+- it listens on 127.0.0.1 unless told otherwise; any other address needs a token (`?token=` once, then a
+  cookie); on loopback the Host header must be a loopback name (no DNS rebinding);
+- every action is a POST carrying the session's token (an HMAC of the session cookie); a POST whose Origin
+  is not this server's is refused;
+- images are served by version id or sample id looked up in the database, and assets from a table read at
+  start: nothing from a request reaches the filesystem as a path;
+- a read-only state (a backup, another user's) can be viewed; actions that write say so (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import secrets
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from ..errors import UserError
+
+HERE = Path(__file__).resolve().parent
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+ASSETS = {"style.css": "text/css", "ui.js": "text/javascript"}
+SESSION, TOKEN = "dopsd_session", "dopsd_token"
+KEEP_JOBS = 24  # sample and compare renders kept in memory
+EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+class Dashboard:
+    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None):
+        from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+        self.root = Path(root)
+        self.host = host
+        if not is_loopback(host) and not token:
+            raise UserError(f"the dashboard on {host} (not loopback) needs a token: --token T or DOPSD_UI_TOKEN")
+        self.token = token
+        self.secret = secrets.token_bytes(32)
+        self.assets = {name: (HERE / "static" / name).read_bytes() for name in ASSETS}
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.jobs: dict[str, dict] = {}  # sample and compare renders: id -> {kind, status, error, png, ...}
+        self.model_lock = threading.Lock()  # one model job at a time, on one loaded pipeline
+        self._sampler = None
+        self._sampler_state = None
+        self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
+        self.closing = False  # set when the server stops: open event streams end
+        self.app = self._build()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def state(self):
+        from ..store import open_state
+
+        return open_state(self.root)
+
+    def csrf(self, session: str) -> str:
+        return hmac.new(self.secret, session.encode(), hashlib.sha256).hexdigest()
+
+    def _build(self):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        routes = [
+            Route("/", self.overview), Route("/versions/{vid}", self.version), Route("/compare", self.compare),
+            Route("/queue", self.queue), Route("/events", self.events), Route("/static/{name}", self.asset),
+            Route("/img/sample/{sid:int}", self.sample_image), Route("/img/sheet/{vid}", self.sheet),
+            Route("/img/job/{job}", self.job_image),
+            Route("/actions/{action}", self.action, methods=["POST"]),
+        ]
+        app = Starlette(routes=routes)
+        app.add_middleware(_Guard, dashboard=self)
+        return app
+
+    def render(self, request, name: str, **ctx):
+        from starlette.responses import HTMLResponse
+
+        st = ctx.get("st")
+        ctx.update(csrf=request.state.csrf, readonly=bool(st and st.readonly), root=str(self.root))
+        return HTMLResponse(self.env.get_template(name).render(**ctx))
+
+    # ------------------------------------------------------------------------------------------- pages
+
+    def overview(self, request):
+        from ..daemon import status
+        from ..stack import list_versions
+
+        st = self.state()
+        try:
+            versions = list_versions(st)
+            return self.render(request, "overview.html", st=st, status=status(st), tree=_tree(versions),
+                               versions=versions, page="overview")
+        finally:
+            st.close()
+
+    def version(self, request):
+        from starlette.exceptions import HTTPException
+
+        from ..gate import checks
+        from ..stack import list_versions
+
+        vid = request.path_params["vid"]
+        st = self.state()
+        try:
+            versions = list_versions(st)
+            v = next((x for x in versions if x["id"] == vid), None)
+            if v is None:
+                raise HTTPException(404, f"no version {vid!r}")
+            report = _report(st, vid)
+            rows = checks(report["metrics"], report["thresholds"]) if report else []
+            samples = st.rows(f"select id, caption, status from samples where id in ({','.join('?' * len(v['samples']))})",
+                              v["samples"]) if v["samples"] else []
+            jobs = [dict(j, id=k) for k, j in self.jobs.items() if j.get("version") == vid]
+            return self.render(request, "version.html", st=st, v=v, versions=versions, checks=rows, report=report,
+                               samples=samples, jobs=jobs, steps=st.recipe["model"]["steps"],
+                               has_sheet=(st.reports / f"{vid}.png").is_file(), page="versions")
+        finally:
+            st.close()
+
+    def compare(self, request):
+        from starlette.exceptions import HTTPException
+
+        from ..stack import list_versions
+
+        st = self.state()
+        try:
+            versions = list_versions(st)
+            ids = {v["id"] for v in versions}
+            a, b = request.query_params.get("a", ""), request.query_params.get("b", "")
+            if (a or b) and (a not in ids or b not in ids):
+                raise HTTPException(404, "no such version")
+            job = self.jobs.get(_compare_key(a, b)) if a and b else None
+            return self.render(request, "compare.html", st=st, versions=versions, a=a, b=b, job=job,
+                               job_id=_compare_key(a, b), page="compare")
+        finally:
+            st.close()
+
+    def queue(self, request):
+        from starlette.exceptions import HTTPException
+
+        from ..daemon import status
+        from ..store import SAMPLE_STATUSES
+
+        wanted = request.query_params.get("status") or None
+        if wanted is not None and wanted not in SAMPLE_STATUSES:
+            raise HTTPException(404, f"no status {wanted!r}")
+        st = self.state()
+        try:
+            where, args = ("where status = ?", [wanted]) if wanted else ("", [])
+            rows = st.rows(f"select id, status, caption, source_path, rejections, history from samples {where} order by id", args)
+            for r in rows:
+                r["last_event"] = (json.loads(r.pop("history") or "[]") or [{}])[-1].get("event", "")
+            rejected = st.rows("select path, reason from files where outcome = 'rejected' order by path")
+            return self.render(request, "queue.html", st=st, rows=rows, wanted=wanted, statuses=SAMPLE_STATUSES,
+                               status=status(st), rejected=rejected, page="queue")
+        finally:
+            st.close()
+
+    async def events(self, request):
+        """Server-sent events: `change` whenever what the pages show has changed (checked once a second)."""
+        from starlette.responses import StreamingResponse
+
+        async def stream():
+            last = None
+            yield "retry: 3000\n\n"
+            while not self.closing and not await request.is_disconnected():
+                now = await asyncio.to_thread(self.fingerprint)
+                if now != last:
+                    if last is not None:
+                        yield f"event: change\ndata: {now}\n\n"
+                    last = now
+                await asyncio.sleep(EVENTS_EVERY)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    def fingerprint(self) -> str:
+        from ..daemon import status
+
+        st = self.state()
+        try:
+            daemon = {k: v for k, v in status(st).items() if k != "heartbeat_at"}  # the heartbeat alone is no news
+            parts = [st.rows("select id, status from versions order by id"),
+                     st.rows("select status, count(*) n from samples group by status"),
+                     st.rows("select id, status, progress from rounds order by id desc limit 1"),
+                     daemon, sorted((k, j["status"]) for k, j in self.jobs.items())]
+            return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        finally:
+            st.close()
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def asset(self, request):
+        from starlette.exceptions import HTTPException
+        from starlette.responses import Response
+
+        name = request.path_params["name"]
+        if name not in self.assets:
+            raise HTTPException(404)
+        return Response(self.assets[name], media_type=ASSETS[name])
+
+    def sample_image(self, request):
+        """A sample's picture, from its blob, as a PNG at most 256 px (HEIC and AVIF too)."""
+        from PIL import Image
+        from starlette.exceptions import HTTPException
+
+        from ..ingest import sample_image
+
+        st = self.state()
+        try:
+            rows = st.rows("select * from samples where id = ?", [request.path_params["sid"]])
+            if not rows:
+                raise HTTPException(404, "no such sample")
+            try:
+                im = sample_image(st, rows[0])
+            except (UserError, OSError) as e:
+                raise HTTPException(404, str(e)) from None
+        finally:
+            st.close()
+        im.thumbnail((256, 256), Image.LANCZOS)
+        return _png(im)
+
+    def sheet(self, request):
+        from starlette.exceptions import HTTPException
+        from starlette.responses import Response
+
+        vid = request.path_params["vid"]
+        st = self.state()
+        try:
+            known = st.conn.execute("select 1 from versions where id = ?", [vid]).fetchone()
+            path = st.reports / f"{vid}.png" if known else None
+            if path is None or not path.is_file():
+                raise HTTPException(404, "no gate sheet for that version")
+            return Response(path.read_bytes(), media_type="image/png")
+        finally:
+            st.close()
+
+    def job_image(self, request):
+        from starlette.exceptions import HTTPException
+        from starlette.responses import Response
+
+        job = self.jobs.get(request.path_params["job"])
+        if not job or job["status"] != "done":
+            raise HTTPException(404, "no such picture")
+        return Response(job["png"], media_type="image/png")
+
+    # ----------------------------------------------------------------------------------------- actions
+
+    async def action(self, request):
+        from starlette.exceptions import HTTPException
+        from starlette.responses import RedirectResponse
+
+        form = await request.form()
+        action = request.path_params["action"]
+        handlers = {"rollback": self._rollback, "promote": self._promote, "queue": self._queue,
+                    "sample": self._sample, "compare": self._compare}
+        if action not in handlers:
+            raise HTTPException(404, f"no action {action!r}")
+        try:
+            target = await asyncio.to_thread(handlers[action], {k: str(v) for k, v in form.items()})
+        except UserError as e:
+            raise HTTPException(409 if "read-only" in str(e) else 400, str(e)) from None
+        return RedirectResponse(target, status_code=303)
+
+    def _writable(self, what: str):
+        st = self.state()
+        if st.readonly:
+            st.close()
+            raise UserError(f"this state is read-only: {what} needs to write")
+        return st
+
+    def _known(self, st, vid: str) -> str:
+        if not vid or st.conn.execute("select 1 from versions where id = ?", [vid]).fetchone() is None:
+            raise UserError(f"no version {vid!r}")
+        return vid
+
+    def _rollback(self, form: dict) -> str:
+        from ..stack import rollback
+
+        return self._on_version(form, "rollback", rollback)
+
+    def _promote(self, form: dict) -> str:
+        from ..stack import promote
+
+        return self._on_version(form, "promote", promote)
+
+    def _on_version(self, form: dict, what: str, fn) -> str:
+        """`dopsd versions rollback|promote V`: the same call; the page of the version that is active after it."""
+        st = self._writable(what)
+        try:
+            vid = fn(st, self._known(st, form.get("version", "")))
+        finally:
+            st.close()
+        return f"/versions/{vid}"
+
+    def _queue(self, form: dict) -> str:
+        from ..ingest import queue_action
+
+        st = self._writable("the queue")
+        try:
+            if not form.get("sample", "").isdigit():
+                raise UserError("no sample given")
+            queue_action(st, int(form["sample"]), form.get("do", ""))
+        finally:
+            st.close()
+        return "/queue"
+
+    def _sample(self, form: dict) -> str:
+        """`dopsd sample PROMPT --version V --seed S --steps N` in the background; the page shows it when done."""
+        st = self.state()
+        try:
+            vid = self._known(st, form.get("version", ""))
+            prompt = form.get("prompt", "").strip()
+            if not prompt or len(prompt) > 2000:
+                raise UserError("a prompt of 1-2000 characters is needed")
+            seed, steps = _int(form.get("seed"), "seed", 0, 2**31 - 1), _int(form.get("steps"), "steps", 1, 1000)
+        finally:
+            st.close()
+        job = uuid.uuid4().hex
+        self.jobs[job] = {"kind": "sample", "status": "running", "version": vid, "prompt": prompt, "seed": seed,
+                          "steps": steps, "error": None}
+
+        def run(sampler, st):
+            from ..sampling import sample
+
+            out = self._tmp / f"{job}.png"
+            sample(st, prompt, vid, steps, seed, 1, out, sampler=sampler)
+            return out.read_bytes()
+
+        self._start(job, run)
+        return f"/versions/{vid}#jobs"
+
+    def _compare(self, form: dict) -> str:
+        """Both versions on the gate's first held-out prompts and seeds: a over b, one column per prompt."""
+        st = self.state()
+        try:
+            a, b = self._known(st, form.get("a", "")), self._known(st, form.get("b", ""))
+        finally:
+            st.close()
+        job = _compare_key(a, b)
+        if self.jobs.get(job, {}).get("status") == "running":
+            return f"/compare?a={a}&b={b}"
+        self.jobs[job] = {"kind": "compare", "status": "running", "a": a, "b": b, "error": None}
+
+        def run(sampler, st):
+            from ..gate import held_out_prompts
+            from ..sampling import grid, to_pil
+
+            prompts = held_out_prompts(st.recipe)[:6]
+            seeds = [int(s) for s in st.recipe["gate"]["seeds"]][:1] * len(prompts)
+            steps = st.recipe["model"]["steps"]
+            rows = [sampler.images(prompts, seeds, steps, v) for v in (a, b)]
+            sheet = grid([to_pil(x) for row in rows for x in row], cols=len(prompts))
+            self.jobs[job]["prompts"] = prompts
+            return _png(sheet).body
+
+        self._start(job, run)
+        return f"/compare?a={a}&b={b}"
+
+    def _start(self, job: str, run) -> None:
+        """A render in a thread: one at a time, never beside a round (the round lock, as rounds share it), the
+        pipeline back in CPU memory afterwards so a round finds the GPU free. The last KEEP_JOBS are kept."""
+        for old in [k for k, j in self.jobs.items() if j["status"] != "running"][:-KEEP_JOBS]:
+            self.jobs.pop(old, None)
+
+        def work():
+            from ..rounds import round_lock
+            from ..sampling import Sampler
+
+            with self.model_lock:
+                try:
+                    if self._sampler is None:
+                        self._sampler_state = self.state()
+                        self._sampler = Sampler(self._sampler_state)
+                    st = self._sampler_state
+                    with round_lock(st, wait=True) if not st.readonly else contextlib.nullcontext():
+                        try:
+                            self.jobs[job]["png"] = run(self._sampler, self._sampler_state)
+                        finally:
+                            self._sampler.place.use("idle")
+                    self.jobs[job]["status"] = "done"
+                except Exception as e:  # the page says what failed; the server goes on
+                    self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+        threading.Thread(target=work, name=f"dopsd-ui-{job[:8]}", daemon=True).start()
+
+
+class _Guard:
+    """Host, token, session and the per-session token of every POST; security headers on every answer."""
+
+    def __init__(self, app, dashboard: Dashboard):
+        self.app, self.d = app, dashboard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.requests import Request
+        from starlette.responses import PlainTextResponse, RedirectResponse
+
+        request = Request(scope)
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        refuse = None
+        if is_loopback(self.d.host) and not is_loopback(host):
+            refuse = PlainTextResponse("this dashboard answers on its loopback address only", 400)
+        elif self.d.token:
+            given = request.query_params.get("token")
+            if given is not None and hmac.compare_digest(given, self.d.token):
+                resp = RedirectResponse(request.url.path, 303)  # the token leaves the address bar
+                resp.set_cookie(TOKEN, self.d.token, httponly=True, samesite="strict")
+                return await _headers(resp)(scope, receive, send)
+            if not hmac.compare_digest(request.cookies.get(TOKEN, ""), self.d.token):
+                refuse = PlainTextResponse("a token is needed: open the address `dopsd ui` printed", 401)
+        session = request.cookies.get(SESSION, "")
+        new_session = len(session) != 32 or not session.isalnum()
+        if new_session:
+            session = secrets.token_hex(16)
+        if refuse is None and scope["method"] not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            here = f"{scope.get('scheme', 'http')}://{request.headers.get('host', '')}"
+            if origin is not None and origin != here:
+                refuse = PlainTextResponse("refused: this request came from another site", 403)
+            elif scope["method"] != "POST":
+                refuse = PlainTextResponse("method not allowed", 405)
+            else:
+                body = await _read_body(receive)
+                receive = _replay(body)
+                form = dict(_parse_form(body, request.headers.get("content-type", "")))
+                if new_session or not hmac.compare_digest(form.get("csrf", ""), self.d.csrf(session)):
+                    refuse = PlainTextResponse("refused: the page's token is missing or stale; reload the page", 403)
+        if refuse is not None:
+            return await _headers(refuse)(scope, receive, send)
+        scope.setdefault("state", {})["csrf"] = self.d.csrf(session)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                if new_session:
+                    headers.append((b"set-cookie", f"{SESSION}={session}; HttpOnly; SameSite=Strict; Path=/".encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _headers(resp):
+    resp.headers.update(SECURITY_HEADERS)
+    return resp
+
+
+async def _read_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > 1_000_000:
+            break
+    return body
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _parse_form(body: bytes, content_type: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    if not content_type.startswith("application/x-www-form-urlencoded"):
+        return []  # the pages post plain forms only
+    return parse_qsl(body.decode(errors="replace"), keep_blank_values=True)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _tree(versions: list[dict]) -> list[dict]:
+    """Versions as nested nodes under v0; versions without a parent (interrupted early) at the top level."""
+    by_parent: dict[str | None, list[dict]] = {}
+    for v in versions:
+        by_parent.setdefault(v["parent"], []).append(v)
+
+    def node(v: dict) -> dict:
+        return {**v, "children": [node(c) for c in by_parent.get(v["id"], [])]}
+
+    return [node(v) for v in by_parent.get(None, [])]
+
+
+def _report(st, vid: str) -> dict | None:
+    path = st.reports / f"{vid}.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _compare_key(a: str, b: str) -> str:
+    return hashlib.sha256(f"compare\0{a}\0{b}".encode()).hexdigest()[:32]
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise UserError(f"{name} must be a whole number") from None
+    if not lo <= n <= hi:
+        raise UserError(f"{name} must be in {lo}..{hi}")
+    return n
+
+
+def _png(im):
+    from starlette.responses import Response
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
+
+
+# -------------------------------------------------------------------------------------------- serving
+
+
+def bind(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(64)
+    return sock
+
+
+def url(host: str, port: int, token: str | None = None) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"http://{h}:{port}/" + (f"?token={token}" if token else "")
+
+
+class Server:
+    """The dashboard on a socket, in this thread (`run`) or a background one (`start`/`stop`)."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
+        import uvicorn
+
+        self.dashboard = Dashboard(root, host, token)
+        self.sock = bind(host, port)
+        self.host, self.port, self.token = host, self.sock.getsockname()[1], token
+        self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return url(self.host, self.port, self.token)
+
+    def run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def start(self) -> Server:
+        self.thread = threading.Thread(target=self.run, name="dopsd-ui", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.dashboard.closing = True
+        self.server.should_exit = True
+        if self.thread:
+            self.thread.join(10)
+        self.sock.close()

@@ -1,0 +1,164 @@
+"""The dashboard's server: pages, images by id only, and the guards on every action (Starlette's test client)."""
+
+import json
+import re
+
+import pytest
+from starlette.testclient import TestClient
+
+from dopsd_continual.errors import UserError
+from dopsd_continual.ingest import ingest_paths
+from dopsd_continual.store import init_state, open_state
+from dopsd_continual.toy.packs import write_pack
+from dopsd_continual.web.server import Dashboard
+
+HERE = "http://127.0.0.1:8765"
+
+
+@pytest.fixture
+def root(tmp_path):
+    write_pack("heart", tmp_path / "drop")
+    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
+    ingest_paths(st)
+    st.close()
+    return tmp_path / "s"
+
+
+def client(root, **kw) -> TestClient:
+    return TestClient(Dashboard(root, **kw).app, base_url=HERE, follow_redirects=False)
+
+
+def page_token(c: TestClient, path: str = "/queue") -> str:
+    r = c.get(path)
+    assert r.status_code == 200
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', r.text).group(1)
+
+
+def status_of(root, sid: int) -> str:
+    st = open_state(root)
+    try:
+        return st.rows("select status from samples where id = ?", [sid])[0]["status"]
+    finally:
+        st.close()
+
+
+def test_pages_render_and_unknown_ids_are_404(root):
+    c = client(root)
+    for path in ("/", "/queue", "/queue?status=queued", "/versions/v0", "/compare", "/compare?a=v0&b=v0"):
+        r = c.get(path)
+        assert r.status_code == 200, path
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "v0" in c.get("/").text and "a large red heart" in c.get("/queue").text
+    for path in ("/versions/v9", "/versions/..%2F..%2Fdopsd.toml", "/compare?a=v0&b=v9", "/queue?status=nope",
+                 "/img/sheet/v9", "/img/sample/999", "/img/job/abc"):
+        assert c.get(path).status_code == 404, path
+
+
+def test_no_path_from_a_request_reaches_the_filesystem(root):
+    c = client(root)
+    assert c.get("/img/sample/1").headers["content-type"] == "image/png"
+    assert c.get("/static/style.css").status_code == 200
+    secret = (root / "dopsd.toml").read_text()
+    for path in ("/static/..%2Fdopsd.toml", "/static/../dopsd.toml", "/static/%2e%2e/%2e%2e/dopsd.toml",
+                 "/img/sheet/..%2Fdopsd.toml", "/img/sheet/%2Fetc%2Fpasswd", "/img/sample/..%2F1",
+                 "/img/sample/-1", "/img/job/..%2F..%2Fdopsd.sqlite", "/versions/v0/../../dopsd.toml",
+                 "/" + str(root / "dopsd.toml")):
+        r = c.get(path)
+        assert r.status_code == 404, path
+        assert secret not in r.text and "root:" not in r.text
+
+
+def test_an_action_needs_the_page_token_and_this_origin_and_changes_nothing_without(root):
+    c = client(root)
+    token = page_token(c)
+    drop = {"sample": "1", "do": "drop"}
+    assert c.post("/actions/queue", data=drop).status_code == 403  # no token
+    assert c.post("/actions/queue", data={**drop, "csrf": "0" * 64}).status_code == 403  # a wrong one
+    assert c.post("/actions/queue", data={**drop, "csrf": token}, headers={"Origin": "http://evil.example"}).status_code == 403
+    other = client(root)  # another session (a new visitor) cannot use this page's token
+    other.get("/")
+    assert other.post("/actions/queue", data={**drop, "csrf": token}).status_code == 403
+    fresh = TestClient(c.app, base_url=HERE, follow_redirects=False)  # no session cookie at all
+    assert fresh.post("/actions/queue", data={**drop, "csrf": token}).status_code == 403
+    assert c.get("/actions/queue").status_code == 405  # actions are POSTs only
+    assert status_of(root, 1) == "queued"
+    r = c.post("/actions/queue", data={**drop, "csrf": token}, headers={"Origin": HERE})
+    assert r.status_code == 303 and r.headers["location"] == "/queue"
+    assert status_of(root, 1) == "dropped"
+    # the CLI sees the same state
+    from typer.testing import CliRunner
+
+    from dopsd_continual.cli import app
+
+    out = CliRunner().invoke(app, ["queue", "list", "--json", "--state", str(root)])
+    assert {r["id"]: r["status"] for r in json.loads(out.stdout)}[1] == "dropped"
+
+
+def test_bad_version_ids_and_values_are_4xx_and_change_nothing(root):
+    c = client(root)
+    token = page_token(c)
+    for vid in ("v9", "../v0", "", "v0' or '1'='1"):
+        for action in ("rollback", "promote"):
+            r = c.post(f"/actions/{action}", data={"version": vid, "csrf": token})
+            assert r.status_code == 400, (action, vid)
+    assert c.post("/actions/queue", data={"sample": "x", "do": "drop", "csrf": token}).status_code == 400
+    assert c.post("/actions/queue", data={"sample": "1", "do": "rm -rf", "csrf": token}).status_code == 400
+    assert c.post("/actions/sample", data={"version": "v0", "prompt": "", "seed": "0", "steps": "4",
+                                           "csrf": token}).status_code == 400
+    assert c.post("/actions/sample", data={"version": "v0", "prompt": "x", "seed": "-1", "steps": "4",
+                                           "csrf": token}).status_code == 400
+    assert c.post("/actions/nothing", data={"csrf": token}).status_code == 404
+    st = open_state(root)
+    assert st.active_version == "v0" and st.rows("select count(*) n from versions")[0]["n"] == 1
+    st.close()
+    assert status_of(root, 1) == "queued"
+
+
+def test_loopback_only_by_default_and_a_token_anywhere_else(root):
+    c = client(root)
+    assert c.get("/", headers={"Host": "evil.example"}).status_code == 400  # a rebound DNS name
+    with pytest.raises(UserError, match="needs a token"):
+        Dashboard(root, host="0.0.0.0")
+    t = TestClient(Dashboard(root, host="0.0.0.0", token="s3cret").app, base_url="http://192.0.2.1:8765",
+                   follow_redirects=False)
+    assert t.get("/").status_code == 401
+    assert t.get("/img/sample/1").status_code == 401
+    assert t.get("/?token=wrong").status_code == 401
+    r = t.get("/queue?token=s3cret")
+    assert r.status_code == 303 and r.headers["location"] == "/queue"  # the token leaves the address bar
+    assert t.get("/").status_code == 200  # the cookie carries it now
+
+
+def test_a_read_only_state_is_shown_and_not_written(root, monkeypatch):
+    import dopsd_continual.store as store
+
+    monkeypatch.setattr(store, "_readonly", lambda r: True)  # as for another user's state or a read-only mount
+    c = client(root)
+    r = c.get("/queue")
+    assert r.status_code == 200 and "read-only" in r.text and "disabled" in r.text
+    token = page_token(c)
+    r = c.post("/actions/queue", data={"sample": "1", "do": "drop", "csrf": token})
+    assert r.status_code == 409 and "read-only" in r.text
+    monkeypatch.undo()
+    assert status_of(root, 1) == "queued"
+
+
+def test_the_daemon_serves_the_dashboard_when_the_recipe_says_so(tmp_path):
+    import httpx
+    from test_daemon import fast_recipe, wait_for
+
+    from dopsd_continual.daemon import Daemon, status
+
+    (tmp_path / "w").mkdir()
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, ui=True, ui_port=0)), [tmp_path / "w"])
+    d = Daemon(st.root, install_signals=False)
+    d.start()
+    try:
+        assert wait_for(lambda: (status(st).get("ui") or "").startswith("http://127.0.0.1:"))
+        r = httpx.get(status(st)["ui"])
+        assert r.status_code == 200 and "versions" in r.text
+    finally:
+        d.shutdown()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{d.ui.port}/", timeout=5)
+    st.close()
