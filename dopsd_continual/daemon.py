@@ -35,6 +35,19 @@ def _lock_path(root: Path) -> Path:
     return root / "daemon.lock"
 
 
+def _alive(pid: int | None) -> bool:
+    """The process is there (a row left 'running' by a dead process does not count)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def daemon_running(root: Path) -> bool:
     """True if a live process holds the daemon lock (tested by trying to take it)."""
     path = _lock_path(root)
@@ -66,8 +79,8 @@ def status(state: State) -> dict:
     info = read_status_file(state.root) if running else {}
     queue = {r[0]: r[1] for r in state.conn.execute("select status, count(*) from samples group by status")}
     rnd = None
-    row = state.conn.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
-    if row and running:
+    row = state.conn.execute("select version, progress, pid from rounds where status='running' order by id desc limit 1").fetchone()
+    if row and (running or _alive(row[2])):  # the daemon's round, or one `dopsd train` runs
         rnd = {"id": row[0], "progress": row[1]}
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,

@@ -162,3 +162,29 @@ def test_the_daemon_serves_the_dashboard_when_the_recipe_says_so(tmp_path):
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{d.ui.port}/", timeout=5)
     st.close()
+
+
+def test_a_round_run_by_the_cli_shows_its_progress_and_a_dead_one_does_not(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from test_daemon import fast_recipe, wait_for
+
+    from dopsd_continual.daemon import status
+
+    write_pack("heart", tmp_path / "drop")
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, steps=2000)), [tmp_path / "drop"])
+    ingest_paths(st)
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.cli_entry", "train", "--json", "--state", str(st.root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (status(st)["round"] or {}).get("progress", 0) > 0 or proc.poll() is not None)
+        assert proc.poll() is None, proc.stderr.read()
+        assert status(st)["running"] is False  # no daemon: the round is the CLI's
+        assert "<progress" in client(st.root).get("/").text
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert status(st)["round"] is None  # its row still says running; its process is gone
+    st.close()

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ASSETS = {"style.css": "text/css", "ui.js": "text/javascript"}
 SESSION, TOKEN = "dopsd_session", "dopsd_token"
+QUEUE_ROWS = 300  # the queue page shows the newest samples (`dopsd queue list` has them all)
 KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
 
@@ -163,11 +164,13 @@ class Dashboard:
         st = self.state()
         try:
             where, args = ("where status = ?", [wanted]) if wanted else ("", [])
-            rows = st.rows(f"select id, status, caption, source_path, rejections, history from samples {where} order by id", args)
+            total = st.rows(f"select count(*) n from samples {where}", args)[0]["n"]
+            rows = st.rows(f"select id, status, caption, source_path, rejections, history from samples {where} "
+                           f"order by id desc limit {QUEUE_ROWS}", args)
             for r in rows:
                 r["last_event"] = (json.loads(r.pop("history") or "[]") or [{}])[-1].get("event", "")
             rejected = st.rows("select path, reason from files where outcome = 'rejected' order by path")
-            return self.render(request, "queue.html", st=st, rows=rows, wanted=wanted, statuses=SAMPLE_STATUSES,
+            return self.render(request, "queue.html", st=st, rows=rows, total=total, wanted=wanted, statuses=SAMPLE_STATUSES,
                                status=status(st), rejected=rejected, page="queue")
         finally:
             st.close()
