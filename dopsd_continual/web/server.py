@@ -571,6 +571,10 @@ def bind(host: str, port: int):
 
 
 def url(host: str, port: int, token: str | None = None) -> str:
+    if host in ("0.0.0.0", "::"):  # every address: name the machine, which a browser elsewhere can reach
+        import socket
+
+        host = socket.gethostname()
     h = f"[{host}]" if ":" in host else host
     return f"http://{h}:{port}/" + (f"?token={token}" if token else "")
 
