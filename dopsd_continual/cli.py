@@ -528,16 +528,12 @@ def ui(
     state: Path | None = STATE_OPT,
 ) -> None:
     """A local web dashboard: versions, gate reports, queue, daemon; rollback, promote, sample."""
-    import secrets
-
-    from .web.server import Server, is_loopback
+    from .web.server import Server, token_for
 
     st = _open(state)
     root = st.root
     st.close()
-    if not is_loopback(host) and not token:
-        token = secrets.token_urlsafe(24)
-    server = Server(root, host, port, token)
+    server = Server(root, host, port, token_for(host, token))
     console.print(f"dashboard for {esc(str(root))} at {server.url}  (Ctrl-C stops it)", highlight=False)
     server.run()
 

@@ -16,7 +16,6 @@ import gc
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -161,12 +160,11 @@ class Daemon:
     def _start_ui(self):
         """The dashboard in this process (`[daemon] ui = true`); a non-loopback address takes DOPSD_UI_TOKEN or a
         token written to <state>/ui-token (mode 0600)."""
-        from .web.server import Server, is_loopback
+        from .web.server import Server, token_for, url
 
         host, port = self.cfg["ui_host"], int(self.cfg["ui_port"])
-        token = None
-        if not is_loopback(host):
-            token = os.environ.get("DOPSD_UI_TOKEN") or secrets.token_urlsafe(24)
+        token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
+        if token:
             path = self.root / "ui-token"
             path.write_text(token)
             path.chmod(0o600)
@@ -175,8 +173,16 @@ class Daemon:
         except UserError as e:
             log.error("dashboard not started: %s", e)
             return None
-        log.info("dashboard at http://%s:%d/%s", host, ui.port, " (token in ui-token)" if token else "")
+        log.info("dashboard at %s%s", url(host, ui.port), " (token in ui-token)" if token else "")
         return ui
+
+    def _ui_url(self) -> str | None:
+        """The dashboard's address without its token (daemon.json is no place for it); None without one."""
+        if getattr(self, "ui", None) is None:  # the first heartbeat runs before the dashboard starts
+            return None
+        from .web.server import url
+
+        return url(self.ui.host, self.ui.port)
 
     def _on_signal(self, signum, frame) -> None:
         log.info("signal %d: stopping", signum)
@@ -362,7 +368,7 @@ class Daemon:
         if thr and thr.next_run_time and (nxt is None or thr.next_run_time.isoformat() < nxt):
             nxt = thr.next_run_time.isoformat()
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
-                "ui": f"http://{self.cfg['ui_host']}:{self.ui.port}/" if getattr(self, "ui", None) else None}
+                "ui": self._ui_url()}
         self._started = info["started_at"]
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 

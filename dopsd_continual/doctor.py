@@ -28,18 +28,17 @@ def diagnose(state: Path | None = None) -> dict:
     except UserError as e:
         source = model["source"]
         problems.append(str(e))
-    import torch
-
-    from .distributed import gpus
+    from .distributed import check_processes, gpus
 
     seen = gpus()
     n = int(recipe["train"]["processes"])
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-        if len(seen) > 1:
-            device = f"{len(seen)} GPUs: " + ", ".join(f"{i}: {name}" for i, name in enumerate(seen))
-        if n > len(seen):
-            problems.append(f"train.processes = {n} but {len(seen)} GPU(s) are visible")
+    if seen:
+        device = f"cuda ({seen[0]})" if len(seen) == 1 else f"{len(seen)} GPUs: " + ", ".join(
+            f"{i}: {name}" for i, name in enumerate(seen))
+        try:
+            check_processes(n, "cuda")
+        except UserError as e:
+            problems.append(str(e))
     else:
         device = "cpu"
         if model["name"] != "toy-shapes":

@@ -128,7 +128,8 @@ def run_round(
     if processes is not None:
         train["processes"] = processes
     n_proc = int(train["processes"])
-    check_processes(n_proc, (sampler.device if sampler else compute_device()).type)
+    device = sampler.device if sampler else compute_device()
+    check_processes(n_proc, device.type)
     with round_lock(state, wait=wait_for_lock):
         recover(state)
         new, replay = select_samples(state)
@@ -143,7 +144,7 @@ def run_round(
                                              "progress": 0.0, "samples": json.dumps(ids)}).last_pk
             for s in new:
                 state.db["samples"].update(s["id"], {"status": "training"})
-        phases = PhaseLog(sampler.device if sampler else compute_device())
+        phases = PhaseLog(device)
         h, w = recipe["model"]["height"], recipe["model"]["width"]
 
         def report(step, total, loss):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .store import State, fsync_dir, now
+from .store import State, foreign_versions, fsync_dir, now
 
 if TYPE_CHECKING:  # torch stays out of processes that only list versions or idle (the daemon)
     import torch
@@ -95,8 +95,11 @@ def load_delta(state: State, vid: str) -> Delta:
 def intact_ancestor(state: State, vid: str) -> str:
     """The nearest ancestor of vid that is neither corrupt nor interrupted (v0 at worst)."""
     cur = get_version(state, vid)["parent"]
-    while cur and cur != "v0" and get_version(state, cur)["status"] in ("corrupt", "interrupted"):
-        cur = get_version(state, cur)["parent"]
+    while cur and cur != "v0":
+        v = get_version(state, cur)
+        if v["status"] not in ("corrupt", "interrupted"):
+            break
+        cur = v["parent"]
     return cur or "v0"
 
 
@@ -113,7 +116,7 @@ def chain(state: State, vid: str) -> list[str]:
 def chain_deltas(state: State, vid: str) -> list[Delta]:
     get_version(state, vid)
     ids = chain(state, vid)
-    foreign = json.loads(state.meta("foreign_versions") or "{}")  # written by `dopsd init --force`
+    foreign = foreign_versions(state.conn)  # written by `dopsd init --force`
     for v in ids:
         if v in foreign:
             raise UserError(f"version {v} was trained on {foreign[v]}; this state now tunes "

@@ -285,7 +285,7 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
     atomic_write(cfg_path, _dump_config(cfg).encode())
     conn = open_db(root / "dopsd.sqlite")
     if switch:  # the old model's versions stay listed, but never load onto the new model
-        foreign = _foreign_versions(conn)
+        foreign = foreign_versions(conn)
         for (vid,) in conn.execute("select id from versions where id != 'v0'").fetchall():
             foreign.setdefault(vid, switch)
         with conn:
@@ -307,7 +307,7 @@ def _model_switch(root: Path, cfg: dict[str, Any], new_recipe: dict[str, Any], f
         return None
     conn = open_db(root / "dopsd.sqlite")
     try:
-        foreign = _foreign_versions(conn)
+        foreign = foreign_versions(conn)
         n = sum(1 for (v,) in conn.execute("select id from versions where id != 'v0'") if v not in foreign)
     finally:
         conn.close()
@@ -336,7 +336,7 @@ def _readonly(root: Path) -> bool:
     return not os.access(root, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK))
 
 
-def _foreign_versions(conn: sqlite3.Connection) -> dict[str, str]:
+def foreign_versions(conn: sqlite3.Connection) -> dict[str, str]:
     """Versions trained on a model the state has since left (`init --force`): id -> that model's name."""
     row = conn.execute("select value from meta where key='foreign_versions'").fetchone()
     return json.loads(row[0]) if row else {}

@@ -40,6 +40,10 @@ KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
 
 
+class ReadOnlyState(UserError):
+    """An action that must write, on a state this process may not write (answered 409)."""
+
+
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
@@ -128,7 +132,7 @@ class Dashboard:
             samples = st.rows(f"select id, caption, status from samples where id in ({','.join('?' * len(v['samples']))})",
                               v["samples"]) if v["samples"] else []
             jobs = [dict(j, id=k) for k, j in self.jobs.items() if j.get("version") == vid]
-            return self.render(request, "version.html", st=st, v=v, versions=versions, checks=rows, report=report,
+            return self.render(request, "version.html", st=st, v=v, checks=rows,
                                samples=samples, jobs=jobs, steps=st.recipe["model"]["steps"],
                                has_sheet=(st.reports / f"{vid}.png").is_file(), page="versions")
         finally:
@@ -221,6 +225,7 @@ class Dashboard:
         """A sample's picture, from its blob, as a PNG at most 256 px (HEIC and AVIF too)."""
         from PIL import Image
         from starlette.exceptions import HTTPException
+        from starlette.responses import Response
 
         from ..ingest import sample_image
 
@@ -236,7 +241,7 @@ class Dashboard:
         finally:
             st.close()
         im.thumbnail((256, 256), Image.LANCZOS)
-        return _png(im)
+        return Response(_png(im), media_type="image/png")
 
     def sheet(self, request):
         from starlette.exceptions import HTTPException
@@ -268,29 +273,31 @@ class Dashboard:
         from starlette.exceptions import HTTPException
         from starlette.responses import RedirectResponse
 
-        form = await request.form()
+        form = request.state.form  # parsed once, by the guard that checked its token
         action = request.path_params["action"]
         handlers = {"rollback": self._rollback, "promote": self._promote, "queue": self._queue,
                     "sample": self._sample, "compare": self._compare}
         if action not in handlers:
             raise HTTPException(404, f"no action {action!r}")
         try:
-            target = await asyncio.to_thread(handlers[action], {k: str(v) for k, v in form.items()})
+            target = await asyncio.to_thread(handlers[action], form)
+        except ReadOnlyState as e:
+            raise HTTPException(409, str(e)) from None
         except UserError as e:
-            raise HTTPException(409 if "read-only" in str(e) else 400, str(e)) from None
+            raise HTTPException(400, str(e)) from None
         return RedirectResponse(target, status_code=303)
 
     def _writable(self, what: str):
         st = self.state()
         if st.readonly:
             st.close()
-            raise UserError(f"this state is read-only: {what} needs to write")
+            raise ReadOnlyState(f"this state is read-only: {what} needs to write")
         return st
 
     def _known(self, st, vid: str) -> str:
-        if not vid or st.conn.execute("select 1 from versions where id = ?", [vid]).fetchone() is None:
-            raise UserError(f"no version {vid!r}")
-        return vid
+        from ..stack import get_version
+
+        return get_version(st, vid)["id"]
 
     def _rollback(self, form: dict) -> str:
         from ..stack import rollback
@@ -370,7 +377,7 @@ class Dashboard:
             rows = [sampler.images(prompts, seeds, steps, v) for v in (a, b)]
             sheet = grid([to_pil(x) for row in rows for x in row], cols=len(prompts))
             self.jobs[job]["prompts"] = prompts
-            return _png(sheet).body
+            return _png(sheet)
 
         self._start(job, run)
         return f"/compare?a={a}&b={b}"
@@ -445,6 +452,7 @@ class _Guard:
                 form = dict(_parse_form(body, request.headers.get("content-type", "")))
                 if new_session or not hmac.compare_digest(form.get("csrf", ""), self.d.csrf(session)):
                     refuse = PlainTextResponse("refused: the page's token is missing or stale; reload the page", 403)
+                scope.setdefault("state", {})["form"] = form
         if refuse is not None:
             return await _headers(refuse)(scope, receive, send)
         scope.setdefault("state", {})["csrf"] = self.d.csrf(session)
@@ -544,12 +552,10 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     return n
 
 
-def _png(im):
-    from starlette.responses import Response
-
+def _png(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return Response(buf.getvalue(), media_type="image/png")
+    return buf.getvalue()
 
 
 # -------------------------------------------------------------------------------------------- serving
@@ -568,6 +574,11 @@ def bind(host: str, port: int):
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(64)
     return sock
+
+
+def token_for(host: str, given: str | None = None) -> str | None:
+    """The token a server on host needs: the one given, else one made up off loopback, else none."""
+    return given or (None if is_loopback(host) else secrets.token_urlsafe(24))
 
 
 def url(host: str, port: int, token: str | None = None) -> str:
