@@ -4,8 +4,9 @@ For FLUX.2-klein-4B and Z-Image-Turbo (with its Qwen3-VL-4B teacher encoder), in
   1. write real-size random-weight pipelines in `from_pretrained` layout to local folders (no downloads;
      random weights say nothing of image quality, all of time and memory);
   2. write the shipped recipe with `source` (and `teacher_encoder`) pointing at those folders, the round
-     shortened to --steps optimiser steps, the gate to two held-out prompts, and
-     `model.memory_budget_gib = --budget-gib` (the product caps its own process: a 24 GB card's share);
+     shortened to --steps optimiser steps, the recipe's own gate (every default prompt and seed at 1024 px;
+     --short-gate: two prompts), and `model.memory_budget_gib` = the model's cap from --caps, else
+     --budget-gib (the product caps its own process: 14.5 for a 16 GB card, 22 for a 24 GB card);
   3. run the product's command line as a user does, each command its own process:
      `dopsd init`, `dopsd ingest` of two generated 1024 px pairs, `dopsd train --json` (load, features,
      train, gate), `dopsd sample --json`, `dopsd versions export` (diffusers and ComfyUI).
@@ -236,13 +237,17 @@ def run_model(name: str, a, row: dict, save) -> None:
     row["weights_gib"] = sum(f.stat().st_size for f in work.rglob("*.safetensors")) / 2**30
     save()
     px = 64 if a.tiny else 1024
-    model = {"source": str(weights), "memory_budget_gib": a.budget_gib}
+    budget = a.caps.get(name, a.budget_gib)
+    row["budget_gib"] = budget
+    model = {"source": str(weights), "memory_budget_gib": budget}
     if a.tiny:
         model |= {"height": px, "width": px, "max_sequence_length": 32, "text_encoder_out_layers": [1, 2, 3],
                   "teacher_min_pixels": 64 * 64, "teacher_max_pixels": 64 * 64}
     if name == "z-image-turbo":
         model["teacher_encoder"] = str(vl)
-    changes = {"model": model, "train": {"steps": a.steps}, "gate": {"prompts": PROMPTS}, "ingest": {"min_side": 32}}
+    changes = {"model": model, "train": {"steps": a.steps}, "ingest": {"min_side": 32}}
+    if a.short_gate:
+        changes["gate"] = {"prompts": PROMPTS}
     recipe = write_recipe(MODELS[name], work / "recipe.toml", changes)
     make_pairs(work / "drop", px)
     state = work / "state"
@@ -285,7 +290,15 @@ def run_model(name: str, a, row: dict, save) -> None:
              for p in part.get("phases", {}).values() if p.get("peak_gib") is not None]
     row["peak_gib"] = max(peaks) if peaks else None
     row["within_budget"] = all(c["ok"] for k, c in row["commands"].items() if not k.endswith("_uncapped")) and (
-        row["peak_gib"] is None or a.budget_gib <= 0 or row["peak_gib"] <= a.budget_gib)
+        row["peak_gib"] is None or budget <= 0 or row["peak_gib"] <= budget)
+    try:  # the accountant's plan for this recipe under this cap, beside what was measured
+        from dopsd_continual import memory
+        from dopsd_continual.recipe import load_recipe
+
+        plan = memory.plan(load_recipe(recipe), budget)
+        row["plan"] = {"phases": plan.phases, "batches": plan.batches, "fits": plan.fits}
+    except Exception as e:
+        row["plan"] = {"error": f"{type(e).__name__}: {e}"}
     save()
     if not a.keep:
         shutil.rmtree(work / "weights", ignore_errors=True)
@@ -306,12 +319,15 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (the same code path)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--steps", type=int, default=3, help="optimiser steps of the shortened round")
-    ap.add_argument("--budget-gib", type=float, default=22.0)
+    ap.add_argument("--budget-gib", type=float, default=22.0, help="the cap for models --caps does not name")
+    ap.add_argument("--caps", default="", help="per-model caps, e.g. flux2-klein-4b=14.5,z-image-turbo=22")
+    ap.add_argument("--short-gate", action="store_true", help="two held-out prompts instead of the recipe's gate")
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per command")
     ap.add_argument("--work", default=None, help="default: a folder on the disk with the most free space")
     ap.add_argument("--keep", action="store_true", help="keep the written weights")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_e2e.json"))
     a = ap.parse_args()
+    a.caps = {k: float(v) for k, v in (kv.split("=") for kv in a.caps.split(",") if kv)}
     if a.work is None:
         roots = [Path("/tmp"), REPO / "runs"]
         (REPO / "runs").mkdir(exist_ok=True)
@@ -319,7 +335,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "machine": machine(),
               "date": time.strftime("%Y-%m-%d"), "versions": versions(), "tiny": a.tiny, "budget_gib": a.budget_gib,
-              "resolution": 64 if a.tiny else 1024, "train_steps": a.steps, "gate_prompts": len(PROMPTS), "models": {}}
+              "resolution": 64 if a.tiny else 1024, "train_steps": a.steps,
+              "gate": "two held-out prompts" if a.short_gate else "the recipe's default", "models": {}}
 
     def save():
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

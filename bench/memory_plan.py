@@ -1,126 +1,130 @@
-"""GPU memory per phase of the default real-model recipes, planned without a GPU.
+"""GPU memory per phase of the shipped real-model recipes from the product's accountant, and its error.
 
-Resident bytes come from the real-size architectures built on the `meta` device (no weights): each
-component's parameters and buffers in the recipe's dtype, and the round's LoRA training state in float32
-(student and EMA teacher adapters, gradients, AdamW's two moments: 5 x 4 bytes a LoRA parameter).
-What a phase holds follows `dopsd_continual.placement.PHASES`. Activations are not arithmetic: each phase's
-figure is its measured peak in bench/results/gpu_e2e.json (the product's own run, 1024 px, batch 1) minus
-the resident bytes planned here for that phase, and is written down beside the plan. With
-`train.base_weights = "int8"` the train phase holds the transformer's Linear weights in 1 byte (plus a
-float32 scale per output channel).
-
-Writes bench/results/memory_plan.json: {"models": {NAME: {"phases": {PHASE: gib}, "peak_gib", "budget_gib",
-"fits_16gb", ...}}}. tests/test_bench.py fails if a default recipe's planned peak exceeds 22 GiB.
+`dopsd_continual.memory` plans each phase from the real-size module trees on `meta` (resident bytes) and
+activations counted by running the phase's own forward on `meta`. Here:
+  1. every peak measured on a card (bench/results/gpu_activations.json: the sampling call, the VAE decode
+     and the text encoder at several batches; bench/results/gpu_e2e.json: the product's own round and
+     `dopsd sample`) is set beside the accountant's figure for the same shapes, with the error;
+  2. the calibration factors that would fit the measurements best are printed beside the ones the
+     product uses (memory.CALIBRATION);
+  3. each shipped recipe is planned at its defaults for a 16 GB card (14.5 GiB usable), a 24 GB card
+     (22 GiB) and a 48 GB card (46 GiB): the batches the product would run at and each phase's GiB.
+Writes bench/results/memory_plan.json. tests/test_memory.py holds the errors within 15%.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_e2e import klein_modules, zimage_modules  # noqa: E402
-
-from dopsd_continual.lora import resolve_targets  # noqa: E402
-from dopsd_continual.placement import PHASES  # noqa: E402
+from dopsd_continual import memory  # noqa: E402
+from dopsd_continual.doctor import usable_gib  # noqa: E402
 from dopsd_continual.recipe import RECIPES_DIR, load_recipe  # noqa: E402
 
-BUDGET_GIB = 22.0
-CARD_16GB_GIB = 14.5  # what a 16 GB card leaves a process after the driver, the CUDA context and the desktop
-GIB = 2**30
-E2E = REPO / "bench" / "results" / "gpu_e2e.json"
-MEASURED_PHASE = {"features": "features", "train": "train", "gate": "gate", "sample": "sample"}
+RESULTS = REPO / "bench" / "results"
+CARDS = {f"{gb}gb": usable_gib(gb) for gb in (16, 24, 48)}  # 14.5, 22 and 46 GiB: what `dopsd doctor --card-gb` plans with
+SHIPPED = ("flux2-klein-4b", "z-image-turbo", "flux2-klein-9b")
 
 
-def module_bytes(module: torch.nn.Module, dtype_bytes: int) -> int:
-    return sum(t.numel() for t in list(module.parameters()) + list(module.buffers())) * dtype_bytes
+def gpu_e2e_recipe(name: str) -> dict:
+    """The recipe gpu_e2e ran: the shipped one (its round shortened; training settings as shipped)."""
+    return load_recipe(RECIPES_DIR / f"{name}.toml")
 
 
-def int8_bytes(transformer: torch.nn.Module, dtype_bytes: int) -> int:
-    """The transformer with its Linear weights in int8 and a float32 scale per output row."""
-    total = module_bytes(transformer, dtype_bytes)
-    for m in transformer.modules():
-        if isinstance(m, torch.nn.Linear):
-            total -= m.weight.numel() * (dtype_bytes - 1)
-            total += m.weight.shape[0] * 4
-    return total
-
-
-def lora_params(transformer: torch.nn.Module, targets: list[str], rank: int) -> int:
-    modules = dict(transformer.named_modules())
-    return sum(rank * (modules[n].in_features + modules[n].out_features) for n in resolve_targets(transformer, targets))
-
-
-def plan_model(name: str, parts: dict, recipe: dict, measured: dict | None) -> dict:
-    dtype_bytes = torch.finfo(getattr(torch, recipe["model"]["dtype"])).bits // 8
-    sizes = {k: module_bytes(m, dtype_bytes) / GIB for k, m in parts.items()}
-    train = recipe["train"]
-    n_lora = lora_params(parts["transformer"], train["targets"], train["rank"])
-    adapters = n_lora * 4 * 5 / GIB
-    resident = {
-        "features": sum(sizes[k] for k in (*PHASES["features"], "teacher_encoder") if k in sizes),
-        "train": sizes["transformer"] + adapters,
-        "gate": sum(sizes[k] for k in PHASES["sample"]),
-        "sample": sum(sizes[k] for k in PHASES["sample"]),
-    }
-    activation, source = {}, {}
-    for phase in resident:
-        peak = (measured or {}).get(phase)
-        activation[phase] = max(0.0, peak - resident[phase]) if peak is not None else None
-        source[phase] = "measured" if peak is not None else "not measured"
-    phases = {p: resident[p] + (activation[p] or 0.0) for p in resident}
-    int8_train = int8_bytes(parts["transformer"], dtype_bytes) / GIB + adapters + (activation["train"] or 0.0)
-    peak = max(phases.values())
-    return {
-        "components_gib": sizes,
-        "lora_parameters": n_lora,
-        "adapter_training_state_gib": adapters,
-        "resident_gib": resident,
-        "activation_gib": activation,
-        "activation_source": source,
-        "phases": phases,
-        "peak_phase": max(phases, key=phases.get),
-        "peak_gib": peak,
-        "budget_gib": BUDGET_GIB,
-        "train_with_int8_base_gib": int8_train,
-        "fits_16gb": peak <= CARD_16GB_GIB,
-    }
-
-
-def measured_peaks(e2e: dict, name: str) -> dict | None:
+def compare(name: str, acct: memory.Accountant, act: dict, e2e: dict) -> list[dict]:
+    """[{what, measured_gib, planned_gib, error}] for every measured peak of this model."""
+    rows = []
+    s = acct.sizes
+    sample_res = s["transformer"] + s["vae"]
+    p = acct.plan(0)
+    sf, sp = acct.linear("sample", lambda b: memory.sample_bytes(acct.recipe, acct.parts, b))
+    df, dp = acct.linear("decode", lambda b: memory.decode_bytes(acct.recipe, acct.parts, b))
+    ef, ep = acct.linear("encode", lambda b: memory.encode_bytes(acct.recipe, acct.parts, b))
+    m = act.get("models", {}).get(name, {})
+    for b, r in m.get("transformer", {}).items():
+        if "peak_gib" in r:
+            rows.append({"what": f"sampling call, {b} pictures (gpu_activations)", "measured_gib": r["peak_gib"],
+                         "planned_gib": sample_res + sf + sp * int(b), "phase": "sample",
+                         "counted_activation_gib": sp * int(b) + sf, "measured_activation_gib": r["peak_gib"] - r["resident_gib"]})
+    for b, r in m.get("decode", {}).items():
+        if "peak_gib" in r:
+            rows.append({"what": f"VAE decode, {b} pictures (gpu_activations)", "measured_gib": r["peak_gib"],
+                         "planned_gib": sample_res + df + dp * int(b), "phase": "decode",
+                         "counted_activation_gib": df + dp * int(b), "measured_activation_gib": r["peak_gib"] - r["resident_gib"]})
+    for b, r in m.get("encode", {}).items():
+        rows.append({"what": f"text encoder, {b} prompts (gpu_activations)", "measured_gib": r["peak_gib"],
+                     "planned_gib": s["text_encoder"] + ef + ep * int(b), "phase": "encode",
+                     "counted_activation_gib": ef + ep * int(b), "measured_activation_gib": r["peak_gib"] - r["resident_gib"]})
     row = e2e.get("models", {}).get(name, {})
-    if "round" not in row:
-        return None
-    out = {p: r["peak_gib"] for p, r in row["round"]["phases"].items() if r.get("peak_gib") is not None}
-    sample = row.get("sample", {}).get("phases", {}).get("sample", {})
-    if sample.get("peak_gib") is not None:
-        out["sample"] = sample["peak_gib"]
+    phases = row.get("round", {}).get("phases", {})
+    if phases.get("train", {}).get("peak_gib"):
+        rows.append({"what": "round's train phase, batch 1 (gpu_e2e)", "measured_gib": phases["train"]["peak_gib"],
+                     "planned_gib": p.phases["train"], "phase": "train"})
+    if phases.get("features", {}).get("peak_gib"):
+        planned = p.phases["features"]
+        if "teacher_encoder" in s:  # the measured run held the text encoder and Qwen3-VL's copy of it at once
+            planned += s["text_encoder"]
+        rows.append({"what": "round's features phase (gpu_e2e" + (", two copies of Qwen3-4B then" if "teacher_encoder" in s
+                     else "") + ")", "measured_gib": phases["features"]["peak_gib"], "planned_gib": planned, "phase": "features"})
+    if phases.get("gate", {}).get("peak_gib"):  # 2 prompts x 2 seeds: 4 pictures a call, decoded 2 at a time
+        sample_act = max(sf + 4 * sp, df + 2 * dp)
+        if name.startswith("flux2-klein"):
+            sample_act = max(sample_act, memory.sample_bytes(acct.recipe, acct.parts, 1, True) / memory.GIB)
+        rows.append({"what": "round's gate, 4 pictures a call (gpu_e2e)", "measured_gib": phases["gate"]["peak_gib"],
+                     "planned_gib": sample_res + sample_act, "phase": "gate"})
+    shot = row.get("sample", {}).get("phases", {}).get("sample", {})
+    if shot.get("peak_gib"):
+        rows.append({"what": "`dopsd sample`, 1 picture (gpu_e2e)", "measured_gib": shot["peak_gib"],
+                     "planned_gib": sample_res + max(sf + sp, df + dp), "phase": "sample"})
+    for r in rows:
+        r["error"] = r["planned_gib"] / r["measured_gib"] - 1
+    return rows
+
+
+def fitted_calibration(rows: list[dict]) -> dict:
+    """The factor per phase that would make counted activations match the measured ones (median ratio)."""
+    out = {}
+    for phase in ("sample", "decode", "encode"):
+        ratios = [r["measured_activation_gib"] / (r["counted_activation_gib"] / memory.CALIBRATION[phase])
+                  for r in rows if r.get("phase") == phase and r.get("counted_activation_gib")]
+        if ratios:
+            out[phase] = statistics.median(ratios)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_plan.json"))
+    ap.add_argument("--out", default=str(RESULTS / "memory_plan.json"))
     a = ap.parse_args()
-    e2e = json.loads(E2E.read_text()) if E2E.exists() else {}
-    result = {"date": time.strftime("%Y-%m-%d"), "resolution": 1024, "batch": 1,
-              "activations_from": f"{E2E.relative_to(REPO)} ({e2e.get('device', '?')}, {e2e.get('date', '?')})",
-              "card_16gb_usable_gib": CARD_16GB_GIB, "models": {}}
-    for name, build in (("flux2-klein-4b", klein_modules), ("z-image-turbo", zimage_modules)):
-        recipe = load_recipe(RECIPES_DIR / f"{name}.toml")
-        result["models"][name] = plan_model(name, build(False, "meta"), recipe, measured_peaks(e2e, name))
+    act = json.loads((RESULTS / "gpu_activations.json").read_text())
+    e2e = json.loads((RESULTS / "gpu_e2e.json").read_text())
+    result = {"date": time.strftime("%Y-%m-%d"), "calibration": memory.CALIBRATION, "headroom": memory.HEADROOM,
+              "measured_on": {"gpu_activations": f"{act['device']}, {act['date']}", "gpu_e2e": f"{e2e['device']}, {e2e['date']}"},
+              "cards_gib": CARDS, "models": {}}
+    for name in SHIPPED:
+        path = RECIPES_DIR / f"{name}.toml"
+        if not path.exists():
+            continue
+        recipe = load_recipe(path)
+        acct = memory.accountant(recipe)
+        rows = compare(name, acct, act, e2e)
+        plans = {card: acct.plan(gib).to_dict() for card, gib in CARDS.items()}
+        result["models"][name] = {"components_gib": acct.sizes, "comparison": rows, "fitted_calibration": fitted_calibration(rows),
+                                  "max_abs_error": max((abs(r["error"]) for r in rows), default=None), "plans": plans}
+        print(f"{name}:")
+        for r in rows:
+            print(f"  {r['what']:<58} measured {r['measured_gib']:6.2f}  planned {r['planned_gib']:6.2f}  {r['error']:+.1%}")
+        for card in plans:
+            print(f"  {card}: {acct.plan(CARDS[card]).line()}")
+        Path(a.out).write_text(json.dumps(result, indent=2))
     Path(a.out).write_text(json.dumps(result, indent=2))
-    for name, row in result["models"].items():
-        print(f"{name}: peak {row['peak_gib']:.1f} GiB in {row['peak_phase']} "
-              + ", ".join(f"{p} {g:.1f}" for p, g in row["phases"].items()))
 
 
 if __name__ == "__main__":

@@ -482,6 +482,8 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
         console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
     if s["next_round_at"]:
         console.print(f"next round: {s['next_round_at']}")
+    if s.get("held"):
+        console.print(esc(s["held"]), highlight=False)
     if s.get("ui"):
         console.print(f"dashboard: {s['ui']}", highlight=False)
     scan = s.get("last_scan")
@@ -542,11 +544,14 @@ def ui(
 
 
 @app.command()
-def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
-    """What is missing on this box (GPU, weights, disk)."""
+def doctor(as_json: bool = typer.Option(False, "--json"),
+           card_gb: float | None = typer.Option(None, "--card-gb", min=1, help="plan for a card of this many GB "
+                                                "(16, 24, 48...) instead of this box's, for every shipped recipe"),
+           state: Path | None = STATE_OPT) -> None:
+    """What is missing on this box (GPU, weights, disk), and whether the recipe fits the card."""
     from .doctor import diagnose
 
-    report = diagnose(state)
+    report = diagnose(state, card_gb)
     if as_json:
         emit_json(report)
         if not report["ok"]:
@@ -555,6 +560,8 @@ def doctor(as_json: bool = typer.Option(False, "--json"), state: Path | None = S
     console.print(f"model: {report['model']['name']} from {esc(report['model']['source'])} ({report['model']['pipeline']})")
     console.print(f"device: {report['device']}")
     console.print(f"processes: {report['processes']['note']}")
+    for line in report["memory"]:
+        console.print(f"memory: {esc(line)}", highlight=False)
     for p in report["problems"]:
         console.print(f"[yellow]problem:[/yellow] {esc(p)}")
     console.print("[green]ok[/green]" if report["ok"] else "[red]not ok[/red]")

@@ -84,6 +84,7 @@ def status(state: State) -> dict:
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
             "heartbeat_at": info.get("heartbeat_at") if running else None, "ui": info.get("ui") if running else None,
+            "held": info.get("held") if running else None,
             "last_scan": json.loads(state.meta("last_scan") or "null")}
 
 
@@ -117,6 +118,7 @@ class Daemon:
         self._sampler = None
         self._sampler_used = 0.0
         self.round_lock = threading.Lock()
+        self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
@@ -292,7 +294,9 @@ class Daemon:
                                    replace_existing=True, kwargs={"reason": "threshold"})
 
     def round_job(self, reason: str = "schedule") -> dict | None:
-        from .errors import RoundBusy
+        from .errors import DoesNotFit, RoundBusy
+        from .memory import check_fits
+        from .placement import compute_device
         from .rounds import run_round
 
         if self.stop_event.is_set() or not self.round_lock.acquire(blocking=False):
@@ -303,13 +307,28 @@ class Daemon:
             if time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
                 self.maybe_trigger_round()  # try again after the quiet period
                 return None
+            key = self.round_key()
+            if self.held is not None and self.held["key"] == key:
+                return None  # the same round, unchanged, would fail the same way: held (daemon status says why)
+            self.held = None
             self.rounds_started += 1
             log.info("round starting (%s): %d queued sample(s)", reason, self.queued_count())
             st = open_state(self.root)
             try:
+                check_fits(st.recipe, compute_device())  # before the model loads
                 result = run_round(st, sampler=self.sampler(st), should_stop=self.stop_event.is_set)
             except RoundBusy as e:
                 log.info("%s", e)
+                return None
+            except DoesNotFit as e:
+                self.hold(key, f"rounds held: {e}")
+                return None
+            except torch_oom() as e:
+                from .rounds import abandon_running
+
+                abandon_running(st, "the round ran out of GPU memory")
+                self.hold(key, "rounds held: the last round ran out of GPU memory "
+                          f"({str(e).splitlines()[0][:160]}); a new drop, a recipe change or `dopsd train` tries again")
                 return None
             except InterruptedError:
                 from .rounds import abandon_running
@@ -337,6 +356,24 @@ class Daemon:
             elif self._sampler is not None:
                 self._sampler.place.use("idle")  # kept loaded in CPU memory; the GPU holds nothing between rounds
             self.round_lock.release()
+
+    def round_key(self) -> str:
+        """What the next round would be: its queued samples and the recipe (a held round waits for a change)."""
+        from .recipe import recipe_hash
+
+        st = open_state(self.root)  # the recipe as it is now (a user may have edited it)
+        try:
+            ids = [r[0] for r in st.conn.execute("select id from samples where status='queued' order by id")]
+            return json.dumps([ids, recipe_hash(st.recipe)])
+        finally:
+            st.close()
+
+    def hold(self, key: str, reason: str) -> None:
+        if self.held is None or self.held["reason"] != reason:
+            log.warning("%s", reason)  # once, not at every trigger
+        self.held = {"key": key, "reason": reason}
+        if getattr(self, "scheduler", None) is not None:
+            self.heartbeat()  # `daemon status` and the dashboard say it now, not at the next beat
 
     def sampler(self, st: State):
         from .sampling import Sampler
@@ -368,7 +405,7 @@ class Daemon:
         if thr and thr.next_run_time and (nxt is None or thr.next_run_time.isoformat() < nxt):
             nxt = thr.next_run_time.isoformat()
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
-                "ui": self._ui_url()}
+                "ui": self._ui_url(), "held": self.held["reason"] if self.held else None}
         self._started = info["started_at"]
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 
@@ -421,6 +458,14 @@ TimeoutStopSec=180
 [Install]
 WantedBy=default.target
 """
+
+
+def torch_oom() -> type[BaseException]:
+    """torch's out-of-memory error, without importing torch where no round ran."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
 
 
 def install_service(root: Path, unit_dir: Path | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""`dopsd doctor`: what is missing on this box (GPU, weights, disk)."""
+"""`dopsd doctor`: what is missing on this box (GPU, weights, disk), and whether the recipe fits the card."""
 
 from __future__ import annotations
 
@@ -8,8 +8,48 @@ from pathlib import Path
 from .errors import UserError
 from .models import PIPELINES, resolve_source
 
+SHIPPED_REAL = ("flux2-klein-4b", "flux2-klein-9b", "z-image-turbo")
 
-def diagnose(state: Path | None = None) -> dict:
+
+def usable_gib(card_gb: float) -> float:
+    """What a card sold as N GB leaves one process after the driver, the CUDA context and a desktop."""
+    return card_gb - (1.5 if card_gb <= 16 else 2.0)
+
+
+def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list[str], list[str]]:
+    """(the plan's lines, problems): the state's recipe on this card or on --card-gb, and with --card-gb
+    every shipped recipe. Planned from config files alone: no weight loads, no download."""
+    from . import memory
+    from .errors import UserError
+    from .recipe import RECIPES_DIR, load_recipe
+
+    lines, problems = [], []
+    if card_gb is not None:
+        budget = usable_gib(card_gb)
+        where = f"a {card_gb:g} GB card"
+    elif device.startswith("cuda") and recipe["model"]["name"] != "toy-shapes":
+
+        budget = memory.budget_gib(recipe, "cuda")
+        where = "this card"
+    else:
+        return lines, problems
+    recipes = [recipe] if recipe["model"]["name"] != "toy-shapes" else []
+    if card_gb is not None:
+        recipes += [load_recipe(RECIPES_DIR / f"{n}.toml") for n in SHIPPED_REAL if n != recipe["model"]["name"]]
+    for i, r in enumerate(recipes):
+        try:
+            plan = memory.plan(r, budget)
+        except UserError as e:
+            lines.append(str(e))
+            continue
+        mine = i == 0 and r is recipe
+        lines.append(("this state's recipe on " if mine else "on ") + f"{where}: {plan.line()}")
+        if mine and not plan.fits:
+            problems.append(f"{r['model']['name']} does not fit {where}: {'; '.join(plan.advice)}")
+    return lines, problems
+
+
+def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
     from .recipe import load_recipe, resolve_recipe_path
     from .store import open_state, state_dir
 
@@ -47,8 +87,11 @@ def diagnose(state: Path | None = None) -> dict:
     free_gb = shutil.disk_usage(probe).free / 2**30
     if free_gb < 2:
         problems.append(f"low disk space at {probe}: {free_gb:.1f} GiB free")
+    memory, memory_problems = memory_lines(recipe, card_gb, device)
+    problems += memory_problems
     return {
         "ok": not problems,
+        "memory": memory,
         "problems": problems,
         "model": {"name": model["name"], "source": source, "pipeline": PIPELINES[model["backend"]]},
         "device": device,

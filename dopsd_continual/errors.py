@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class RoundBusy(UserError):
     """Another round holds the round lock."""
+
+
+class DoesNotFit(UserError):
+    """The recipe's round needs more GPU memory than this card (or its budget) has: refused before loading."""

@@ -111,6 +111,7 @@ def run_round(
     more than one hands the train phase to accelerate's launcher (distributed.py)."""
     from .distributed import check_processes, jobs_dir, train_in_processes
     from .gate import Gate
+    from .memory import check_fits
     from .placement import PhaseLog, compute_device
     from .sampling import Sampler, image_tensor
     from .training import FeatureCache, make_backend, train_delta
@@ -130,6 +131,7 @@ def run_round(
     n_proc = int(train["processes"])
     device = sampler.device if sampler else compute_device()
     check_processes(n_proc, device.type)
+    check_fits({**recipe, "train": train}, device)  # a round the card cannot hold is refused before it starts
     with round_lock(state, wait=wait_for_lock):
         recover(state)
         new, replay = select_samples(state)

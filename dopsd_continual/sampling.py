@@ -47,8 +47,24 @@ class Sampler:
         self.switch = WeightSwitcher(self.pipe.transformer)
         self._features: dict[str, object] = {}  # prompt -> text features in CPU memory (this process)
         m = self.recipe["model"]
-        if m["height"] * m["width"] > TILE_ABOVE_PIXELS and hasattr(self.pipe.vae, "enable_tiling"):
+        self.batches = self.plan_batches()
+        tiled = m["height"] * m["width"] > TILE_ABOVE_PIXELS or self.batches.get("decode_tiled")
+        if tiled and hasattr(self.pipe.vae, "enable_tiling"):
             self.pipe.vae.enable_tiling()
+
+    def plan_batches(self) -> dict[str, int]:
+        """Pictures per pipeline call, latents per VAE decode and prompts per encoder call: from the memory
+        accountant on a GPU (what the card's budget holds), fixed sizes on a CPU."""
+        from . import memory
+
+        m = self.recipe["model"]
+        fixed = {"sample": memory.MAX_SAMPLE_BATCH, "decode": max(1, DECODE_PIXELS // (m["height"] * m["width"])),
+                 "encode": memory.MAX_ENCODE_BATCH}
+        plan = memory.device_plan(self.recipe, self.device)
+        if plan is None:
+            return fixed
+        return {"sample": max(1, plan.batches["sample"]), "decode": max(1, plan.batches["decode"]),
+                "encode": max(1, plan.batches["encode"]), "decode_tiled": plan.batches.get("decode_tiled", 0)}
 
     def call_kwargs(self, steps: int) -> dict:
         m = self.recipe["model"]
@@ -63,8 +79,9 @@ class Sampler:
             self.place.use("encode")
             te = self.pipe.text_encoder
             with torch.no_grad():
-                for i in range(0, len(missing), 8):
-                    chunk = missing[i : i + 8]  # encode_prompt may rewrite the list it is given: pass copies
+                per = self.batches["encode"]
+                for i in range(0, len(missing), per):
+                    chunk = missing[i : i + per]  # encode_prompt may rewrite the list it is given: pass copies
                     if m["backend"] == "z-image-turbo":
                         feats, _ = self.pipe.encode_prompt(prompt=list(chunk), device=te.device, do_classifier_free_guidance=False,
                                                            max_sequence_length=m["max_sequence_length"])
@@ -83,8 +100,11 @@ class Sampler:
         return torch.stack(feats).to(self.device, dtype)
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, version: str,
-               references: list[Image.Image] | None = None, batch: int = 32) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1]. With references, each prompt is run on klein's reference-image path."""
+               references: list[Image.Image] | None = None, batch: int | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1]. With references, each prompt is run on klein's reference-image path.
+        batch: pictures per pipeline call (default: the plan's); the pictures do not depend on it beyond
+        the float rounding of batched kernels."""
+        batch = batch or self.batches["sample"]
         get_version(self.state, version)
         if references is not None:
             instr = self.recipe["model"]["teacher_instruction"]
@@ -110,7 +130,7 @@ class Sampler:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's own decode of output_type="latent" results, in micro-batches; (B, 3, H, W) on the CPU."""
         m, vae = self.recipe["model"], self.pipe.vae
-        per = max(1, DECODE_PIXELS // (m["height"] * m["width"]))
+        per = self.batches["decode"]
         out = []
         for i in range(0, latents.shape[0], per):
             lat = latents[i : i + per].to(vae.device, vae.dtype)

@@ -6,6 +6,10 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("DOPSD_STABILITY_SECONDS", "0")
+if "DOPSD_CACHE_DIR" not in os.environ:  # the memory accountant's counts: one temporary cache for the whole run
+    import tempfile
+
+    os.environ["DOPSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="dopsd-test-cache-")
 
 
 @pytest.fixture

@@ -189,3 +189,31 @@ def test_install_service_writes_a_unit(tmp_path, watch):
     assert r.exit_code == 0
     unit = (tmp_path / "units" / "dopsd.service").read_text()
     assert "ExecStart=" in unit and str(tmp_path / "s") in unit and "systemctl --user enable" in r.output
+
+
+def test_a_round_the_card_cannot_hold_is_held_with_its_reason_until_something_changes(tmp_path, watch, monkeypatch):
+    from dopsd_continual import memory, rounds
+    from dopsd_continual.ingest import ingest_paths
+
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1)), [watch])
+    make_pair(watch, "one", seed=1)
+    ingest_paths(st)
+    plan = memory.Plan("toy-shapes", 4.0, resident_gib={"train": 9.0}, activation_gib={"train": 1.0},
+                       advice=["a larger card"])
+    monkeypatch.setattr(memory, "device_plan", lambda recipe, device: plan)
+    calls = []
+    real = rounds.run_round
+    monkeypatch.setattr(rounds, "run_round", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = Daemon(st.root, install_signals=False)
+    assert d.round_job("schedule") is None and not calls  # refused before the model loads
+    assert d.held["reason"] == "rounds held: toy-shapes does not fit 4 GiB: peak 10.0 GiB in train; a larger card"
+    monkeypatch.setattr(memory, "check_fits", lambda *a: calls.append("checked"))
+    assert d.round_job("schedule") is None and not calls  # unchanged: not even checked again
+    assert count(st.root, "rounds") == 0 and count(st.root, "samples where status='queued'") == 1
+    make_pair(watch, "two", seed=2)
+    ingest_paths(st)
+    monkeypatch.setattr(memory, "device_plan", lambda recipe, device: None)  # e.g. the user changed the card
+    assert d.round_job("schedule")["version"] == "v1" and d.held is None
+    assert calls == ["checked", 1, "checked"]  # the daemon's check, the round (which checks again)
+    d.state.close()
+    st.close()

@@ -1,0 +1,124 @@
+"""The memory accountant: counts that add up, plans that fit the promised cards, figures that match the card."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dopsd_continual import memory
+from dopsd_continual.recipe import RECIPES_DIR, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def test_live_bytes_counts_what_lives_and_not_views_or_resident_tensors():
+    w = torch.empty(1024, 1024, device="meta")  # resident: made before the count
+
+    def run(keep_x: bool):
+        x = torch.empty(256, 1024, device="meta")  # 1 MiB
+        y = x @ w.t()  # +1 MiB (w.t() is a view of a resident tensor: nothing)
+        if not keep_x:
+            del x
+        z = y.relu()  # +1 MiB while y lives
+        z.add_(1)  # in place: nothing new
+        return z
+
+    assert memory.count(lambda: run(True)) == 3 * MIB
+    assert memory.count(lambda: run(False)) == 2 * MIB  # a freed tensor no longer counts
+
+
+def test_attention_is_counted_as_a_fused_kernel_without_sequence_squared_scores():
+    q = torch.empty(1, 8, 4096, 64, device="meta", dtype=torch.bfloat16)
+
+    def run():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    counted = memory.count(run)
+    out, lse = q.numel() * 2, 8 * 4096 * 4
+    assert counted == out + lse  # a materialised score matrix would be 8 x 4096 x 4096 x 2 bytes = 256 MiB
+    x = torch.randn(1, 2, 5, 4)  # real tensors still get the real kernel while a count patches the function
+    assert torch.allclose(memory._fused_sdpa(x, x, x), memory._SDPA(x, x, x))
+
+
+@pytest.mark.parametrize("name,card", [("flux2-klein-4b", 14.5), ("z-image-turbo", 22.0), ("flux2-klein-9b", 22.0)])
+def test_default_recipes_plan_within_their_cards_at_the_default_gate(name, card):
+    """Every phase at the recipe's own defaults (1024 px, the default gate, batch 1 training), activations
+    counted by the accountant (not taken from a shrunken run), within the card the recipe promises."""
+    recipe = load_recipe(RECIPES_DIR / f"{name}.toml")
+    plan = memory.plan(recipe, card)
+    assert set(plan.phases) == {"sample", "encode", "features", "train"}
+    assert plan.peak_gib <= card, (name, plan.phases)
+    assert plan.fits and plan.batches["sample"] >= 1 and plan.batches["decode"] >= 1
+    assert all(v > 0 for v in plan.activation_gib.values())  # counted, never left out
+    assert memory.accountant(recipe).sizes["transformer"] > 7  # real size, from the shipped configs
+    bigger = memory.plan(recipe, card * 2)
+    assert bigger.batches["sample"] >= plan.batches["sample"]
+
+
+def test_plans_within_15_percent_of_every_peak_measured_on_the_card():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan
+
+    act = json.loads((ROOT / "bench/results/gpu_activations.json").read_text())
+    e2e = json.loads((ROOT / "bench/results/gpu_e2e.json").read_text())
+    for name in ("flux2-klein-4b", "z-image-turbo"):
+        rows = memory_plan.compare(name, memory.accountant(load_recipe(RECIPES_DIR / f"{name}.toml")), act, e2e)
+        kinds = {r["what"].split(",")[0] for r in rows}
+        assert {"sampling call", "VAE decode", "text encoder", "round's train phase", "round's gate"} <= kinds
+        bad = [(r["what"], round(r["error"], 3)) for r in rows if abs(r["error"]) > 0.15]
+        assert not bad, (name, bad)
+
+
+def test_a_small_card_shrinks_batches_tiles_the_decode_and_says_what_to_change():
+    recipe = load_recipe(RECIPES_DIR / "z-image-turbo.toml")
+    small = memory.plan(recipe, 14.5)
+    assert not small.fits and small.peak_phase == "train"
+    assert 'train.base_weights = "int8"' in small.line()
+    assert small.batches["decode"] == 0 and small.batches.get("decode_tiled") == 1  # one picture decodes in tiles
+    klein = memory.plan(load_recipe(RECIPES_DIR / "flux2-klein-4b.toml"), 10.0)
+    assert not klein.fits and klein.advice
+
+
+def test_the_accountant_keeps_its_counts_and_plans_again_without_building_the_model(tmp_path):
+    recipe = load_recipe(RECIPES_DIR / "flux2-klein-4b.toml")
+    first = memory.Accountant(recipe, cache_dir=tmp_path)
+    p1 = first.plan(14.5)
+    again = memory.Accountant(recipe, cache_dir=tmp_path)
+    p2 = again.plan(14.5)
+    assert again._parts is None  # every count came from the cache
+    assert p1.to_dict() == p2.to_dict()
+
+
+def test_sampler_batches_come_from_the_plan_and_do_not_change_the_pictures(state, monkeypatch):
+    from dopsd_continual.sampling import Sampler
+
+    full = Sampler(state)
+    prompts = ["a small red circle", "a large blue square", "two green triangles"]
+    ref = full.images(prompts, [0, 1, 2], 2, "v0")
+    plan = memory.Plan("toy-shapes", 1.0, batches={"sample": 2, "decode": 1, "encode": 2})
+    monkeypatch.setattr(memory, "device_plan", lambda recipe, device: plan)
+    small = Sampler(state)
+    assert small.batches == {"sample": 2, "decode": 1, "encode": 2, "decode_tiled": 0}
+    out = small.images(prompts, [0, 1, 2], 2, "v0")
+    assert (out - ref).abs().max() < 1e-4  # the same pictures, up to the rounding of batched kernels
+
+
+def test_a_round_that_cannot_fit_is_refused_before_it_starts(state, monkeypatch, watch):
+    from conftest import make_pair
+
+    from dopsd_continual.errors import DoesNotFit
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.rounds import run_round
+
+    make_pair(watch, "a")
+    ingest_paths(state, [watch])
+    plan = memory.Plan("toy-shapes", 4.0, resident_gib={"train": 9.0}, activation_gib={"train": 1.0},
+                       advice=['set train.base_weights = "int8" (train 3.9 GiB)'])
+    monkeypatch.setattr(memory, "device_plan", lambda recipe, device: plan)
+    with pytest.raises(DoesNotFit, match="does not fit 4 GiB: peak 10.0 GiB in train; set train.base_weights"):
+        run_round(state, steps=1)
+    assert state.conn.execute("select count(*) from rounds").fetchone()[0] == 0  # nothing started
+    assert state.conn.execute("select status from samples").fetchone()[0] == "queued"
