@@ -66,7 +66,7 @@ def compare(name: str, acct: memory.Accountant, act: dict, e2e: dict) -> list[di
     phases = row.get("round", {}).get("phases", {})
     if phases.get("train", {}).get("peak_gib"):
         rows.append({"what": "round's train phase, batch 1 (gpu_e2e)", "measured_gib": phases["train"]["peak_gib"],
-                     "planned_gib": p.phases["train"], "phase": "train"})
+                     "planned_gib": p.phases["train"] - acct.chain_term_gib(), "phase": "train"})  # it trained from v0
     if phases.get("features", {}).get("peak_gib"):
         planned = p.phases["features"]
         if "teacher_encoder" in s:  # the measured run held the text encoder and Qwen3-VL's copy of it at once

@@ -545,7 +545,7 @@ def ui(
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json"),
-           card_gb: float | None = typer.Option(None, "--card-gb", min=1, help="plan for a card of this many GB "
+           card_gb: float | None = typer.Option(None, "--card-gb", min=4, help="plan for a card of this many GB "
                                                 "(16, 24, 48...) instead of this box's, for every shipped recipe"),
            state: Path | None = STATE_OPT) -> None:
     """What is missing on this box (GPU, weights, disk), and whether the recipe fits the card."""

@@ -174,7 +174,7 @@ def _failure(path: Path) -> str:
 
 
 def rank_main(job_dir: Path) -> None:
-    """One rank: load the transformer, merge the parent chain, train on the cached features, rank 0 saves."""
+    """One rank: load the transformer, set the parent chain on it, train on the cached features, rank 0 saves."""
     from accelerate import Accelerator
     from safetensors.torch import load_file
 

@@ -20,7 +20,6 @@ def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list
     """(the plan's lines, problems): the state's recipe on this card or on --card-gb, and with --card-gb
     every shipped recipe. Planned from config files alone: no weight loads, no download."""
     from . import memory
-    from .errors import UserError
     from .recipe import RECIPES_DIR, load_recipe
 
     lines, problems = [], []
@@ -39,8 +38,8 @@ def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list
     for i, r in enumerate(recipes):
         try:
             plan = memory.plan(r, budget)
-        except UserError as e:
-            lines.append(str(e))
+        except Exception as e:  # doctor reports; it never fails on a plan
+            lines.append(f"{r['model']['name']}: cannot plan: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue
         mine = i == 0 and r is recipe
         lines.append(("this state's recipe on " if mine else "on ") + f"{where}: {plan.line()}")

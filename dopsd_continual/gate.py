@@ -103,7 +103,8 @@ class Gate:
     def _cached(self, vid: str, tag: str, prompts: list[str], seeds: list[int], steps: int, refs=None) -> torch.Tensor:
         from safetensors.torch import load_file, save_file
 
-        key = hashlib.sha256(json.dumps([tag, prompts, seeds, steps, refs is not None]).encode()).hexdigest()[:16]
+        how = [self.recipe["model"]["dtype"], getattr(getattr(self.sampler, "switch", None), "mode", None)]
+        key = hashlib.sha256(json.dumps([tag, prompts, seeds, steps, refs is not None, how]).encode()).hexdigest()[:16]
         path = self.state.cache / "gate" / f"{vid}-{key}.safetensors"
         if path.exists():
             try:
@@ -142,7 +143,9 @@ class Gate:
         caps = [s["caption"] for s in round_samples]
         out = list(self.prompts) + caps
         if self.recipe["model"]["backend"] == "flux2-klein":
-            out += [f"{self.recipe['model']['teacher_instruction']} {c}" for c in caps]
+            from .recipe import teacher_text
+
+            out += [teacher_text(c, self.recipe["model"]) for c in caps]
         return out
 
     def metrics(self, vid: str, parent: str, round_samples: list[dict]) -> dict:

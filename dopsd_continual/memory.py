@@ -12,7 +12,7 @@ measured on an H200 (bench/results/gpu_activations.json, gpu_e2e.json; bench/mem
 remaining error, tests/test_memory.py holds it within 15%).
 
 The plan sizes every batch the product runs (gate and `dopsd sample` pictures per pipeline call, VAE decode,
-prompt encoding) from the budget, answers `dopsd doctor --card-gib`, and lets the daemon refuse a round
+prompt encoding) from the budget, answers `dopsd doctor --card-gb`, and lets the daemon refuse a round
 that cannot fit instead of running it out of memory.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SAMPLE_BATCH = 32  # pictures per pipeline call, at most (beyond it a call is no faster per picture)
 MAX_DECODE_BATCH = 8
 MAX_ENCODE_BATCH = 8
-CUDA_CONTEXT_GIB = 0.0  # the budget is what the process may allocate: the context is outside it
+COUNT_VERSION = 2  # part of the cache key: counts made by an older counting method are not reused
+_LOCK = threading.RLock()  # counting patches attention globally and shares the meta modules: one at a time
 # measured peak / counted activations, per phase (bench/memory_plan.py fits and reports them)
 # (the VAE's convolutions hold more on the card than their tensors: cuDNN workspaces and upsampling copies;
 # the train count runs without autocast, so peft's float32 casts of layer inputs are counted in full)
@@ -61,8 +63,10 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        for i, t in enumerate(tree_leaves(out)):
-            if not isinstance(t, torch.Tensor) or (i < len(returns) and returns[i].alias_info is not None):
+        leaves = tree_leaves(out)
+        for i, t in enumerate(leaves):
+            ret = returns[0] if len(returns) == 1 else (returns[i] if i < len(returns) else None)  # one list return: split
+            if not isinstance(t, torch.Tensor) or (ret is not None and ret.alias_info is not None):
                 continue  # a view or an in-place result shares a storage counted (or resident) already
             st = t.untyped_storage()
             key = id(st)
@@ -106,14 +110,15 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 
 def count(fn) -> int:
     """Peak bytes of the tensors that fn creates, on `meta`, with attention counted as a fused kernel."""
-    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
-    mode = LiveBytes()
-    try:
-        with mode:
-            fn()
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = _SDPA
-    return mode.peak
+    with _LOCK:
+        torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+        mode = LiveBytes()
+        try:
+            with mode:
+                fn()
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = _SDPA
+        return mode.peak
 
 
 # ------------------------------------------------------------------------------------- module trees
@@ -392,7 +397,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.budget_gib <= 0 or self.peak_gib <= self.budget_gib
+        """Within the budget less the allocator's fragmentation headroom (what the batches are sized to)."""
+        return self.budget_gib <= 0 or self.peak_gib <= self.budget_gib * HEADROOM
 
     def line(self) -> str:
         where = f"{self.budget_gib:g} GiB" if self.budget_gib > 0 else "an uncapped card"
@@ -452,7 +458,8 @@ class Accountant:
         import transformers
 
         h.update(json.dumps([m["dtype"], m["height"], m["width"], m["max_sequence_length"], m["teacher_max_pixels"],
-                             CALIBRATION, torch.__version__, diffusers.__version__, transformers.__version__]).encode())
+                             CALIBRATION, COUNT_VERSION, torch.__version__, diffusers.__version__,
+                             transformers.__version__]).encode())
         base = cache_dir or Path(os.environ.get("DOPSD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                  / "dopsd-continual") / "memory"
         return base / f"{m['name']}-{h.hexdigest()[:16]}.json"
@@ -470,10 +477,11 @@ class Accountant:
 
     def _count(self, key, fn) -> float:
         k = json.dumps(key)
-        if k not in self._counts:
-            self._counts[k] = fn() / GIB
-            self._save()
-        return self._counts[k]
+        with _LOCK:
+            if k not in self._counts:
+                self._counts[k] = fn() / GIB
+                self._save()
+            return self._counts[k]
 
     def linear(self, phase: str, fn) -> tuple[float, float]:
         """(fixed, per item) GiB of a phase's activations, from counts at one and two items, calibrated."""
@@ -481,6 +489,17 @@ class Accountant:
         c = CALIBRATION[phase]
         per = max(two - one, 0.0) * c
         return max(one * c - per, 0.0), per
+
+    def chain_term_gib(self) -> float:
+        """A version's chain applied unmerged (stack.WeightSwitcher on a non-float32 base), at its largest:
+        factors of CHAIN_RANK_FACTOR x the rounds' rank over every touched layer, in the model's dtype."""
+        from .stack import CHAIN_RANK_FACTOR
+
+        if self.recipe["model"]["dtype"] == "float32":
+            return 0.0
+        train = self.recipe["train"]
+        lora = self._count(("lora", train["rank"], train["targets"]), lambda: lora_parameters(self.parts["transformer"], train) * GIB)
+        return lora * CHAIN_RANK_FACTOR * torch.finfo(getattr(torch, self.recipe["model"]["dtype"])).bits / 8 / GIB
 
     def features_gib(self) -> float:
         """The features phase's activations: the larger of one VAE encode and one (teacher) text encoding."""
@@ -496,17 +515,27 @@ class Accountant:
         act = self._count(key, lambda: train_bytes(self.recipe, self.parts, train)) * CALIBRATION["train"]
         int8 = self._count(("int8",), lambda: int8_bytes(self.parts["transformer"]))
         lora = self._count(("lora", train["rank"], train["targets"]), lambda: lora_parameters(self.parts["transformer"], train) * GIB)
-        base = int8 if train.get("base_weights") == "int8" else self.sizes["transformer"]
+        # an int8 base (quantised in CPU memory, training.train_delta) dequantises one layer at a time
+        widest = self._count(("widest_linear",), lambda: max(
+            m.weight.numel() * m.weight.element_size() for m in self.parts["transformer"].modules()
+            if isinstance(m, torch.nn.Linear)))
+        base = int8 + widest if train.get("base_weights") == "int8" else self.sizes["transformer"]
         return base + lora * 4 * 5 / GIB, act  # adapters: student + teacher + grad + AdamW's two moments, float32
 
     def plan(self, budget_gib: float | None = None) -> Plan:
+        with _LOCK:
+            return self._plan(budget_gib)
+
+    def _plan(self, budget_gib: float | None) -> Plan:
         r = self.recipe
         budget = float(r["model"]["memory_budget_gib"] if budget_gib is None else budget_gib)
         usable = budget * HEADROOM if budget > 0 else math.inf
         s = self.sizes
         p = Plan(r["model"]["name"], budget)
-        # sampling: transformer + VAE resident; the transformer's call and the decode run one after the other
-        sample_res = s["transformer"] + s["vae"]
+        # sampling: transformer + VAE resident (+ a version's unmerged chain term on a bf16 base); the
+        # transformer's call and the decode run one after the other
+        chain = self.chain_term_gib()
+        sample_res = s["transformer"] + s["vae"] + chain
         sf, sp = self.linear("sample", lambda b: sample_bytes(r, self.parts, b))
         df, dp = self.linear("decode", lambda b: decode_bytes(r, self.parts, b))
         ef, ep = self.linear("encode", lambda b: encode_bytes(r, self.parts, b))
@@ -524,14 +553,15 @@ class Accountant:
             sample_act = max(sample_act, self._count(("reference", 1), lambda: sample_bytes(r, self.parts, 1, True))
                              * CALIBRATION["sample"])
         p.resident_gib["sample"], p.activation_gib["sample"] = sample_res, sample_act
-        p.resident_gib["encode"], p.activation_gib["encode"] = s["text_encoder"], ef + ep * p.batches["encode"]
+        p.resident_gib["encode"], p.activation_gib["encode"] = s["text_encoder"], ef + ep * max(1, p.batches["encode"])
         # features: the text encoder and the VAE (and Z-Image's teacher: its vision tower and the same language model)
         feat_res = s["text_encoder"] + s["vae"]
         if "teacher_encoder" in s:
             feat_res += s["teacher_encoder"] - s["text_encoder"]  # one copy of the shared language model
         p.resident_gib["features"] = feat_res
         p.activation_gib["features"] = self.features_gib()
-        p.resident_gib["train"], p.activation_gib["train"] = self.train_gib(r["train"])
+        res, act = self.train_gib(r["train"])
+        p.resident_gib["train"], p.activation_gib["train"] = res + chain, act  # a round trains on top of its parent
         if not p.fits:
             p.advice = self.advice(p, budget)
         return p
@@ -548,20 +578,23 @@ class Accountant:
                 if not change:
                     continue
                 res, act = self.train_gib({**t, **change})
+                res += self.chain_term_gib()
                 if res + act <= usable:
                     out.append("set " + ", ".join(f"train.{k} = {json.dumps(v)}" for k, v in change.items())
                                + f" (train {res + act:.1f} GiB)")
                     break
             else:
                 res, act = self.train_gib({**t, "gradient_checkpointing": True, "base_weights": "int8"})
+                res += self.chain_term_gib()
                 out.append(f"the train phase needs {res + act:.1f} GiB even with every block checkpointed and an "
                            "int8 base: a larger card")
         if p.batches["sample"] == 0 or (p.batches["decode"] == 0 and not p.batches.get("decode_tiled")):
             out.append(f"sampling needs {p.resident_gib['sample'] + p.per_item_gib['sample']:.1f} GiB for one picture: "
                        "a lower model.height/width or a larger card")
-        if phases["features"] > usable:
-            out.append(f"the features phase needs {phases['features']:.1f} GiB: lower model.teacher_max_pixels or a "
-                       "larger card")
+        if phases["features"] > usable or phases["encode"] > usable:
+            lever = "lower model.teacher_max_pixels or " if self.family == "z-image-turbo" else ""
+            out.append(f"the text encoder's phases need {max(phases['features'], phases['encode']):.1f} GiB: "
+                       f"{lever}a larger card")
         return out or [f"needs {p.peak_gib:.1f} GiB in {p.peak_phase}"]
 
 
@@ -591,10 +624,13 @@ def budget_gib(recipe: dict, device) -> float:
     """The GPU memory this process may plan with: the recipe's cap, else the whole card."""
     cap = float(recipe["model"]["memory_budget_gib"])
     device = torch.device(device)
-    if cap > 0 or device.type != "cuda":
+    if device.type != "cuda":
         return cap
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).total_memory / GIB
+    free, _ = torch.cuda.mem_get_info(index)  # after the CUDA context, a desktop and other processes
+    mine = torch.cuda.memory_reserved(index)  # what this process holds already is its to plan with
+    room = (free + mine) / GIB
+    return min(cap, room) if cap > 0 else room
 
 
 def device_plan(recipe: dict, device) -> Plan | None:
@@ -606,9 +642,15 @@ def device_plan(recipe: dict, device) -> Plan | None:
 
 def check_fits(recipe: dict, device) -> Plan | None:
     """Refuse, before anything loads, a round that the card cannot hold (one line: what and what to change)."""
+    import logging
+
     from .errors import DoesNotFit
 
-    p = device_plan(recipe, device)
+    try:
+        p = device_plan(recipe, device)
+    except Exception as e:  # the round still runs; only the early refusal is lost
+        logging.getLogger("dopsd").warning("memory plan unavailable (%s): the round is not checked", str(e).splitlines()[0])
+        return None
     if p is not None and not p.fits:
         raise DoesNotFit(p.line())
     return p

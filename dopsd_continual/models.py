@@ -41,7 +41,7 @@ def pipeline_class(backend: str):
 def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache).
 
-    The weights land in CPU memory in the recipe's dtype (float32 when computing on the CPU); the phases of
+    The weights land in CPU memory in the recipe's dtype (on a CPU too); the phases of
     `placement.Placement` move each component to the GPU when it is used. On a GPU the process is capped at
     the recipe's `model.memory_budget_gib`. encoders=False leaves the text encoder and tokenizer unloaded
     (a rank of a several-process round trains on cached features).
@@ -54,7 +54,7 @@ def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     model = recipe["model"]
     cls = pipeline_class(model["backend"])
     device = compute_device(device)
-    dtype = getattr(torch, model["dtype"]) if device.type != "cpu" else torch.float32
+    dtype = getattr(torch, model["dtype"])  # on every device: a bf16 recipe runs its bf16 path on a CPU too
     source = resolve_source(model["source"])
     apply_memory_budget(float(model["memory_budget_gib"]), device)
     try:

@@ -69,19 +69,25 @@ def frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> dict[str, torch.Tensor]:
     """Store every frozen base Linear weight of `model` as int8; returns the originals (moved to the CPU),
-    which `restore` puts back."""
-    originals = {}
-    for name, m in frozen_linears(model):
-        w = m.weight
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        q = (w.float() / scale).round().clamp_(-127, 127).to(torch.int8)
-        originals[name] = w.detach().to("cpu", copy=True)
-        del m._parameters["weight"]
-        m.__class__ = Int8Linear
-        m.register_buffer("qweight", q, persistent=False)
-        m.register_buffer("scale", scale, persistent=False)
-        m.weight_dtype = w.dtype
-        del w
+    which `restore` puts back. A failure part way (out of memory, say) restores the layers already
+    converted before it is raised: the model is never left half quantised."""
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for name, m in frozen_linears(model):
+            w = m.weight
+            scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            q = (w.float() / scale).round().clamp_(-127, 127).to(torch.int8)
+            original = w.detach().to("cpu", copy=True)  # what can fail (memory) happens before the layer changes
+            del m._parameters["weight"]
+            m.__class__ = Int8Linear
+            m.register_buffer("qweight", q, persistent=False)
+            m.register_buffer("scale", scale, persistent=False)
+            m.weight_dtype = w.dtype
+            originals[name] = original
+            del w
+    except BaseException:
+        restore(model, originals)
+        raise
     return originals
 
 

@@ -28,6 +28,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_sequence_length": (int, 512),
         "text_encoder_out_layers": (list, [9, 18, 27]),
         "teacher_instruction": (str, "Make the main subject, background and overall composition consistent with the reference image."),
+        "teacher_instruction_position": (str, "after"),  # the teacher's text: caption + instruction (the authors') or before
         "teacher_encoder": (str, ""),
         "dtype": (str, "float32"),
         "memory_budget_gib": ((int, float), 0),
@@ -96,6 +97,7 @@ CHOICES = {
     ("train", "mixed_precision"): {"no", "bf16", "fp16"},
     ("model", "dtype"): {"float32", "bfloat16", "float16"},
     ("train", "base_weights"): set(BASE_WEIGHTS),
+    ("model", "teacher_instruction_position"): {"after", "before"},
 }
 
 
@@ -172,6 +174,14 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
 def _tname(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true/false"}[t] for t in types)
+
+
+def teacher_text(caption: str, model: dict) -> str:
+    """The teacher's text: the caption, then the instruction, as the authors build it (f"{caption} {instruction}");
+    `teacher_instruction_position = "before"` puts it first (the toy model was trained with a prefix)."""
+    instr = model["teacher_instruction"]
+    parts = (instr, caption) if model.get("teacher_instruction_position") == "before" else (caption, instr)
+    return " ".join(p for p in parts if p)
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:

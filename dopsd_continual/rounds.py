@@ -159,8 +159,10 @@ def run_round(
                 sampler = sampler or Sampler(state)
             with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
                 sampler.place.use("features")
-                backend = make_backend(sampler.pipe, recipe, sampler.device)
+                backend = make_backend(sampler.pipe, recipe, sampler.device, encoders=False)
                 cache = FeatureCache(state.cache / "features", backend.encoder_id)
+                if not all(cache.path(s["sha256"], s["caption"]).exists() for s in new + replay):
+                    backend = make_backend(sampler.pipe, recipe, sampler.device)  # Z-Image's teacher loads only now
 
                 def features(s: dict) -> dict:
                     return cache.get(s["sha256"], s["caption"],
@@ -182,7 +184,7 @@ def run_round(
                     shutil.rmtree(job_dir, ignore_errors=True)
                 else:
                     sampler.place.use("train")
-                    sampler.switch.set(state, parent)  # train on top of the active chain, merged
+                    sampler.switch.set(state, parent)  # train on top of the active chain (stack.WeightSwitcher)
                     result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
         except BaseException:
             abandon_running(state, "the round stopped before it finished")

@@ -60,7 +60,13 @@ class Sampler:
         m = self.recipe["model"]
         fixed = {"sample": memory.MAX_SAMPLE_BATCH, "decode": max(1, DECODE_PIXELS // (m["height"] * m["width"])),
                  "encode": memory.MAX_ENCODE_BATCH}
-        plan = memory.device_plan(self.recipe, self.device)
+        try:
+            plan = memory.device_plan(self.recipe, self.device)
+        except Exception as e:  # a plan that cannot be made (no config files, say) costs speed, never the picture
+            import logging
+
+            logging.getLogger("dopsd").warning("memory plan unavailable (%s): fixed batch sizes", str(e).splitlines()[0])
+            return fixed
         if plan is None:
             return fixed
         return {"sample": max(1, plan.batches["sample"]), "decode": max(1, plan.batches["decode"]),
@@ -107,8 +113,9 @@ class Sampler:
         batch = batch or self.batches["sample"]
         get_version(self.state, version)
         if references is not None:
-            instr = self.recipe["model"]["teacher_instruction"]
-            prompts = [f"{instr} {p}" for p in prompts]
+            from .recipe import teacher_text
+
+            prompts = [teacher_text(p, self.recipe["model"]) for p in prompts]
         feats = self.prompt_features(prompts)
         self.place.use("sample")
         self.switch.set(self.state, version)

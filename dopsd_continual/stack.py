@@ -124,18 +124,38 @@ def chain_deltas(state: State, vid: str) -> list[Delta]:
     return [load_delta(state, v) for v in ids]
 
 
-class WeightSwitcher:
-    """Sets a transformer to any version's merged weights, exactly and without a second copy of the model.
+CHAIN_RANK_FACTOR = 4  # a chain is squashed past 4x its rounds' rank (bench/bf16_versions.py: 1.1% at depth 5)
 
-    Only the Linear weights that some delta touches are ever changed; their base values are kept in CPU
-    memory the first time a delta reaches them. Setting a version restores those and computes
-    W = base + sum(scale * B @ A) in float32, rounded once to the model's dtype: the weights of a version
-    do not depend on which versions were set before (rollback is exact in any dtype).
+
+class WeightSwitcher:
+    """Sets a transformer to any version as the stack describes it: base + the sum of scale x B @ A over its chain.
+
+    float32 weights ("merge"): each touched Linear weight is base + sum(scale x B @ A), computed on the weight's
+    own device from A and B; the touched base weights are kept once (CPU memory, the model's dtype). Exact, and
+    a version samples at the bare model's cost.
+
+    Lower precision, e.g. bf16 ("unmerged"): the base weights are never written. Each touched Linear carries
+    the chain as one low-rank term applied beside it, y = W x + B_c (A_c x), with A_c and B_c the chain's
+    factors stacked (exact), or, once the stacked rank passes `max_rank` (default 4x the rounds' rank), the
+    chain squashed to its leading singular directions (computed in float32 on the weight's device); the
+    factors are held in the model's dtype, which moves the product by a rounding of the term itself. A merge
+    rounded into bf16 holds a different version from the one the stack describes; the unmerged term holds it
+    whole, costs no copy of any weight, and is what an exported LoRA does in diffusers and ComfyUI. The factors are
+    buffers of their Linear, so they move with it between the CPU and the GPU; a round's peft adapters wrap
+    that Linear and add the new round on top of the chain. What a bf16 merge loses shows in the version's
+    weights (float32 compute on the toy model: 26% of a round's effect, against 0.1% for the term); in bf16
+    compute every way, merged or not, sits on the same floor of activation rounding (bench/bf16_versions.py).
     """
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, mode: str | None = None, max_rank: int | None = None, factor_dtype=None):
+        import torch
+
         self.transformer = transformer
-        self.base: dict[str, torch.Tensor] = {}  # module name -> base weight (CPU)
+        self.mode = mode or ("merge" if transformer.dtype == torch.float32 else "unmerged")
+        self.max_rank = max_rank
+        self.factor_dtype = factor_dtype or transformer.dtype  # the term computes in the model's dtype
+        self.base: dict[str, torch.Tensor] = {}  # merge: module name -> base weight (CPU), touched ones only
+        self.hooked: set[str] = set()  # unmerged: modules that carry a chain term
         self.current: str | None = "v0"
 
     def set(self, state: State, vid: str) -> None:
@@ -145,6 +165,12 @@ class WeightSwitcher:
         self.current = vid
 
     def apply(self, deltas: list[Delta]) -> None:
+        if self.mode == "merge":
+            self._merge(deltas)
+        else:
+            self._unmerged(deltas)
+
+    def _merge(self, deltas: list[Delta]) -> None:
         import torch
 
         modules = dict(self.transformer.named_modules())
@@ -157,8 +183,57 @@ class WeightSwitcher:
                 merged = base.to(weight.device, torch.float32, copy=True)  # never an alias of the kept base
                 for d in deltas:
                     if name in d.weights:
-                        merged += d.product(name).to(weight.device)
+                        a, b = d.weights[name]
+                        merged += d.scale * (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32))
                 weight.copy_(merged.to(weight.dtype))
+
+    def _unmerged(self, deltas: list[Delta]) -> None:
+        import torch
+
+        modules = dict(self.transformer.named_modules())
+        names = {n for d in deltas for n in d.weights}
+        with torch.no_grad():
+            for name in self.hooked - names:  # touched by the last version, not by this one
+                modules[name]._buffers.pop("chain_A", None)
+                modules[name]._buffers.pop("chain_B", None)
+            for name in names:
+                mod = modules[name]
+                dev = mod.weight.device if "weight" in mod._parameters else mod.qweight.device
+                parts = [(d.weights[name][0], d.weights[name][1], d.scale) for d in deltas if name in d.weights]
+                a = torch.cat([p[0].to(dev, torch.float32) for p in parts])
+                b = torch.cat([p[1].to(dev, torch.float32) * p[2] for p in parts], dim=1)
+                limit = self.max_rank or CHAIN_RANK_FACTOR * max(d.rank for d in deltas)
+                if a.shape[0] > limit:
+                    a, b = squash(a, b, limit)
+                mod.register_buffer("chain_A", a.to(self.factor_dtype).contiguous(), persistent=False)
+                mod.register_buffer("chain_B", b.to(self.factor_dtype).contiguous(), persistent=False)
+                if not getattr(mod, "_chain_hooked", False):  # one hook per layer, however many switchers
+                    mod.register_forward_hook(_chain_term)
+                    mod._chain_hooked = True
+        self.hooked = names | self.hooked
+
+
+def _chain_term(module, args, out):
+    """Forward hook of a Linear that a version touches: adds B_c (A_c x), the chain's unmerged term."""
+    a = module._buffers.get("chain_A")
+    if a is None:
+        return out
+    from torch.nn import functional as F
+
+    x = args[0]
+    return out + F.linear(F.linear(x.to(a.dtype), a), module._buffers["chain_B"]).to(out.dtype)
+
+
+def squash(a, b, rank: int):
+    """The best rank-`rank` factors (A', B') of B @ A (truncated SVD through QR of both stacked factors:
+    cost (in + out) x R^2 for a stacked rank R, never an in x out matrix)."""
+    import torch
+
+    qb, rb = torch.linalg.qr(b)  # b: out x R
+    qa, ra = torch.linalg.qr(a.t())  # a^T: in x R
+    u, sv, vh = torch.linalg.svd(rb @ ra.t())
+    k = min(rank, sv.shape[0])
+    return (qa @ vh[:k].t()).t(), qb @ (u[:, :k] * sv[:k])
 
 
 def list_versions(state: State) -> list[dict]:

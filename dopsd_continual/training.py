@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from . import klein
 from .lora import Delta, from_peft, resolve_targets
 from .quant import quantize_int8, restore
+from .recipe import teacher_text
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -58,7 +59,8 @@ class KleinBackend:
             "te_weights": _param_fingerprint(self.pipe.text_encoder),
             "vae_weights": _param_fingerprint(self.pipe.vae),
             "template": [self.model["max_sequence_length"], list(self.model["text_encoder_out_layers"]),
-                         self.model["teacher_instruction"], self.model["height"], self.model["width"]],
+                         self.model["teacher_instruction"], self.model["height"], self.model["width"],
+                         self.model.get("teacher_instruction_position", "after")],
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -75,7 +77,7 @@ class KleinBackend:
             tokens, _ = klein.encode_images(self.pipe, image.unsqueeze(0).to(self.device))
             return {
                 "student_text": self.encode([caption])[0].float().cpu(),
-                "teacher_text": self.encode([f"{self.model['teacher_instruction']} {caption}"])[0].float().cpu(),
+                "teacher_text": self.encode([teacher_text(caption, self.model)])[0].float().cpu(),
                 "latents": tokens[0].float().cpu(),
             }
 
@@ -308,15 +310,21 @@ def train_delta(
     student = add_adapters(tr, rank, alpha, train["targets"], seed=int(train["seed"]))
     originals: dict = {}
     losses: list[float] = []
+    opt = None
+    home = next(tr.parameters()).device
+    int8 = train.get("base_weights", "native") == "int8"
     try:  # from here on, an error (a bad value, an interrupt) too leaves the transformer as it found it
         teacher = adapter_params(tr, TEACHER)
         set_checkpointing(tr, train.get("gradient_checkpointing", False))
+        if int8:  # quantised in CPU memory: the card never holds the full-precision weights beside their codes
+            tr.to("cpu")
+            originals = quantize_int8(tr)  # restored below
+            tr.to(home)
         opt = torch.optim.AdamW(student, lr=float(train["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
         sigmas = backend.sigmas(int(train["K"]), train["schedule"])
         steps, bs = int(train["steps"]), int(train["batch"])
-        amp = train.get("mixed_precision", "no") != "no" and backend.device.type == "cuda"
+        amp = train.get("mixed_precision", "no") != "no" and (backend.device.type == "cuda" or tr.dtype != torch.float32)
         amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
-        originals = quantize_int8(tr) if train.get("base_weights", "native") == "int8" else {}  # restored below
         t0 = time.time()
         tr.train()
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
@@ -324,9 +332,15 @@ def train_delta(
         delta = from_peft(tr, STUDENT, alpha / rank)  # the adapter's A and B (the base weights do not enter)
     finally:  # one way out, trained or not: the plain transformer with its exact weights
         tr.eval()
+        if opt is not None:
+            opt.state.clear()  # AdamW's moments leave the card before the full weights come back
+        if originals:
+            tr.to("cpu")  # restored in CPU memory, then back where it was
         restore(tr, originals)
         set_checkpointing(tr, False)
         remove_adapters(tr)
+        if originals:
+            tr.to(home)
     seconds = time.time() - t0
     world = dist.num_processes if dist is not None else 1
     return TrainResult(delta, losses, seconds, steps * bs * world / max(seconds, 1e-9))

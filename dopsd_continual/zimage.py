@@ -2,7 +2,8 @@
 
 Student condition: the pipeline's own prompt encoding (Qwen3 text encoder, hidden_states[-2], padding
 removed). Teacher condition: the features of [image, prompt] from a Qwen3-VL encoder whose language model
-carries Z-Image's Qwen3 text-encoder weights (copied by matching keys; any mismatch is a clear error), so
+carries Z-Image's Qwen3 text-encoder weights (the same tensors, shared by matching keys; any mismatch is a
+clear error), so
 the teacher speaks the student's feature language but has seen the target image.
 Velocity: `ZImagePipeline.__call__` feeds t = 1 - sigma and negates the transformer's output.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .recipe import teacher_text
 
 
 def _suffix(key: str) -> str:
@@ -25,8 +27,10 @@ def _suffix(key: str) -> str:
     return key
 
 
-def load_text_weights_into_vl(vl_model, text_encoder) -> int:
-    """Copy the Qwen3 text encoder's weights into the Qwen3-VL language model, key by key."""
+def share_text_weights_with_vl(vl_model, text_encoder) -> int:
+    """Make the Qwen3-VL language model use the Qwen3 text encoder's own weight tensors, key by key: the
+    features phase then holds one copy of the 4 B language weights, not two. Buffers are copied."""
+    params = {_suffix(k): p for k, p in text_encoder.named_parameters() if not k.startswith("lm_head")}
     src = {_suffix(k): v for k, v in text_encoder.state_dict().items() if not k.startswith("lm_head")}
     lm = vl_model.model.language_model
     dst = {_suffix(k): k for k in lm.state_dict()}
@@ -42,8 +46,14 @@ def load_text_weights_into_vl(vl_model, text_encoder) -> int:
         if state[key].shape != src[suffix].shape:
             raise UserError(f"the teacher encoder's {key} has shape {tuple(state[key].shape)}, "
                             f"Z-Image's text encoder has {tuple(src[suffix].shape)}")
-        state[key] = src[suffix]
-    lm.load_state_dict(state)
+    with torch.no_grad():
+        for suffix, key in dst.items():
+            path, name = key.rsplit(".", 1) if "." in key else ("", key)
+            owner = lm.get_submodule(path)
+            if suffix in params:
+                owner._parameters[name] = params[suffix]  # the same tensor: shared, not copied
+            else:
+                owner._buffers[name].copy_(src[suffix])
     return len(dst)
 
 
@@ -57,8 +67,11 @@ class ZImageBackend:
 
     @property
     def encoder_id(self) -> str:
-        ident = {"source": str(self.model["source"]), "teacher": str(self.model["teacher_encoder"]),
-                 "template": [self.model["max_sequence_length"], self.model["teacher_instruction"], self.model["height"]]}
+        m = self.model
+        ident = {"source": str(m["source"]), "teacher": str(m["teacher_encoder"]),
+                 "te_weights": _fingerprint(self.pipe.text_encoder), "vae_weights": _fingerprint(self.pipe.vae),
+                 "template": [m["max_sequence_length"], m["teacher_instruction"], m["height"], m["width"],
+                              m["teacher_min_pixels"], m["teacher_max_pixels"], m.get("teacher_instruction_position", "after")]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def release_encoders(self) -> None:
@@ -77,7 +90,7 @@ class ZImageBackend:
 
         pil = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
         pil = bound_pixels(pil, self.model["teacher_min_pixels"], self.model["teacher_max_pixels"])
-        text = f"{self.model['teacher_instruction']} {caption}".strip()
+        text = teacher_text(caption, self.model)
         inputs = {k: v.to(self.device) for k, v in vl_inputs(*self.processor, pil, text).items()}
         with torch.no_grad():
             out = self.teacher_model(**inputs, output_hidden_states=True)
@@ -114,6 +127,12 @@ class ZImageBackend:
                              sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
         sched.set_timesteps(sigmas=get_default_z_image_sigmas(k), mu=mu, device="cpu")
         return [float(s) for s in sched.sigmas]
+
+
+def _fingerprint(module) -> str:
+    from .training import _param_fingerprint
+
+    return _param_fingerprint(module)
 
 
 def bound_pixels(image, min_pixels: int, max_pixels: int):
@@ -157,5 +176,5 @@ def load_teacher_encoder(source: str, text_encoder, device):
         processor = (AutoTokenizer.from_pretrained(source), AutoImageProcessor.from_pretrained(source))
     except OSError as e:
         raise UserError(f"cannot load the teacher encoder {source}: {str(e).splitlines()[0]}") from None
-    load_text_weights_into_vl(vl, text_encoder)
+    share_text_weights_with_vl(vl, text_encoder)
     return vl.to(device).eval(), processor  # lives only through a round's features phase (release_encoders)

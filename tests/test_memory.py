@@ -51,7 +51,8 @@ def test_default_recipes_plan_within_their_cards_at_the_default_gate(name, card)
     plan = memory.plan(recipe, card)
     assert set(plan.phases) == {"sample", "encode", "features", "train"}
     assert plan.peak_gib <= card, (name, plan.phases)
-    assert plan.fits and plan.batches["sample"] >= 1 and plan.batches["decode"] >= 1
+    assert plan.fits and plan.batches["sample"] >= 1
+    assert plan.batches["decode"] >= 1 or plan.batches.get("decode_tiled") == 1
     assert all(v > 0 for v in plan.activation_gib.values())  # counted, never left out
     assert memory.accountant(recipe).sizes["transformer"] > 7  # real size, from the shipped configs
     bigger = memory.plan(recipe, card * 2)

@@ -140,3 +140,23 @@ def test_recipe_names_a_bad_base_weights_value(tmp_path):
     (tmp_path / "r.toml").write_text(text)
     with pytest.raises(UserError, match="base_weights"):
         load_recipe(tmp_path / "r.toml")
+
+
+def test_a_conversion_that_fails_part_way_restores_the_layers_it_had_converted(monkeypatch):
+    m = _frozen_mlp()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    calls = []
+    real = torch.Tensor.round
+
+    def failing_round(self, *a, **k):  # the second layer's conversion runs out of memory
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "round", failing_round)
+    with pytest.raises(torch.OutOfMemoryError):
+        quantize_int8(m)
+    assert len(calls) == 2 and all(type(lin) is nn.Linear for lin in (m[0], m[2]))
+    after = m.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # a later merge lands on the exact weights

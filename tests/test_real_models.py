@@ -56,24 +56,80 @@ def test_adapters_optimiser_and_ema_are_float32_under_a_bf16_base(bf16_backend):
     assert backend.transformer.dtype == torch.bfloat16 and not any("lora" in n for n, _ in backend.transformer.named_parameters())
 
 
-def test_version_switching_is_exact_in_bf16_and_keeps_only_touched_weights(bf16_backend):
-    backend, _ = bf16_backend
-    tr = backend.transformer
-    names = resolve_targets(tr, ["to_q", "to_v"])
-    g = torch.Generator().manual_seed(0)
+def _deltas(tr, names, g):
     modules = dict(tr.named_modules())
 
     def delta(scale):
         return Delta({n: (torch.randn(2, modules[n].in_features, generator=g) * scale,
                           torch.randn(modules[n].out_features, 2, generator=g) * scale) for n in names}, 1.0)
 
-    d1, d2 = delta(1e-2), delta(1e-3)
+    return delta
+
+
+def test_versions_on_a_bf16_base_are_applied_unmerged_whole_and_never_touch_a_weight(bf16_backend):
+    """A bf16 base keeps its weights; each version is base + its chain's exact low-rank term beside them,
+    so nothing of a round rounds away (a bf16 merge would keep only what survives bf16's 8 bits)."""
+    backend, _ = bf16_backend
+    tr = backend.transformer
+    names = resolve_targets(tr, ["to_q", "to_v"])
+    modules = dict(tr.named_modules())
+    d1, d2 = (_deltas(tr, names, torch.Generator().manual_seed(0))(s) for s in (3e-2, 1e-2))
+    weights = {n: p.detach().clone() for n, p in tr.named_parameters()}
+    x = torch.randn(3, modules[names[0]].in_features, dtype=torch.bfloat16)
+    lin = modules[names[0]]
+    bare = lin(x)
+    sw = WeightSwitcher(tr, factor_dtype=torch.float32)
+    assert sw.mode == "unmerged"
+    sw.apply([d1, d2])
+    y = lin(x)
+    full = sum(d.product(names[0]) for d in (d1, d2))
+    ref = x.float() @ (lin.weight.float() + full).t()
+    assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2)  # base + the whole chain, in bf16 compute
+    for n in names:  # the term holds the chain exactly, however small a round's update
+        m = modules[n]
+        assert torch.allclose(m._buffers["chain_B"] @ m._buffers["chain_A"], sum(d.product(n) for d in (d1, d2)), atol=1e-7)
+    small = _deltas(tr, names, torch.Generator().manual_seed(2))(1e-4)  # lr-2e-5-sized: a merge rounds it away
+    w = lin.weight.float()
+    lost = ((w + small.product(names[0])).to(torch.bfloat16).float() - w - small.product(names[0])).norm()
+    assert lost / small.product(names[0]).norm() > 0.5
+    assert all(torch.equal(p, weights[n]) for n, p in tr.named_parameters())  # no weight was written
+    sw.apply([d1])
+    assert lin._buffers["chain_A"].shape[0] == 2
+    sw.apply([])
+    assert torch.equal(lin(x), bare)  # rollback to the base is exact
+    assert not any("chain_A" in m._buffers for m in modules.values())
+
+
+def test_a_long_chain_is_squashed_to_its_leading_directions_on_the_device(bf16_backend):
+    backend, _ = bf16_backend
+    tr = backend.transformer
+    names = resolve_targets(tr, ["to_q"])
+    make = _deltas(tr, names, torch.Generator().manual_seed(1))
+    chain = [make(1e-3) for _ in range(5)]  # stacked rank 10
+    exact = sum(d.product(names[0]) for d in chain)
+    sw = WeightSwitcher(tr, max_rank=6, factor_dtype=torch.float32)
+    sw.apply(chain)
+    m = dict(tr.named_modules())[names[0]]
+    a, b = m._buffers["chain_A"], m._buffers["chain_B"]
+    assert a.shape[0] == 6 and b.shape[1] == 6
+    s = torch.linalg.svdvals(exact)
+    best = s[6:].square().sum().sqrt()  # Eckart-Young: nothing of rank 6 comes closer
+    assert torch.allclose((b @ a - exact).norm(), best, rtol=1e-3)
+    sw.apply([])
+
+
+def test_version_switching_merges_exactly_on_a_float32_base():
+    recipe = load_recipe(resolve_recipe_path(None))
+    tr = load_pipeline(recipe, "cpu").transformer
+    names = resolve_targets(tr, ["to_q", "to_v"])
+    modules = dict(tr.named_modules())
+    d1, d2 = (_deltas(tr, names, torch.Generator().manual_seed(0))(s) for s in (1e-2, 1e-3))
     base = {n: modules[n].weight.detach().clone() for n in names}
     sw = WeightSwitcher(tr)
+    assert sw.mode == "merge"
     sw.apply([d1])
     v1 = {n: modules[n].weight.detach().clone() for n in names}
-    for n in names:  # one rounding of base + B @ A computed in float32
-        assert torch.equal(v1[n], (base[n].float() + d1.product(n)).to(torch.bfloat16))
+    assert all(torch.equal(v1[n], base[n] + d1.product(n)) for n in names)
     sw.apply([d1, d2])
     sw.apply([d1])
     assert all(torch.equal(modules[n].weight, v1[n]) for n in names)  # back to v1 bit for bit
@@ -107,7 +163,7 @@ def test_zimage_sampler_equals_the_pipeline_call_without_guidance(tmp_path):
     build_zimage(True, tmp_path / "z", tmp_path / "vl", "cpu")
     recipe = write_recipe("z-image-turbo", tmp_path / "z.toml", {"model": {
         "source": str(tmp_path / "z"), "teacher_encoder": str(tmp_path / "vl"), "height": 64, "width": 64,
-        "max_sequence_length": 32, "steps": 3}})
+        "max_sequence_length": 32, "steps": 3, "dtype": "float32"}})  # the tiny weights' own dtype, as the pipeline loads them
     st = init_state(tmp_path / "s", str(recipe), [])
     ours = Sampler(st).images(PROMPTS, [3, 4], 3, "v0")
     pipe = ZImagePipeline.from_pretrained(tmp_path / "z")
@@ -116,4 +172,62 @@ def test_zimage_sampler_equals_the_pipeline_call_without_guidance(tmp_path):
     theirs = pipe(prompt=PROMPTS, generator=gens, num_inference_steps=3, height=64, width=64, guidance_scale=0.0,
                   max_sequence_length=32, output_type="pt").images
     assert (ours - theirs).abs().max() < 1e-5
+    st.close()
+
+
+def test_two_switchers_on_one_transformer_add_the_chain_once(bf16_backend):
+    backend, _ = bf16_backend
+    tr = backend.transformer
+    names = resolve_targets(tr, ["to_q"])
+    d = _deltas(tr, names, torch.Generator().manual_seed(3))(3e-2)
+    lin = dict(tr.named_modules())[names[0]]
+    x = torch.randn(2, lin.in_features, dtype=torch.bfloat16)
+    WeightSwitcher(tr).apply([d])
+    once = lin(x)
+    WeightSwitcher(tr).apply([d])
+    assert torch.equal(lin(x), once)
+    WeightSwitcher(tr).apply([])
+
+
+def test_the_toy_model_in_bf16_runs_a_round_the_gate_and_sampling_on_the_cpu(tmp_path):
+    """The recipe's dtype holds on every device: the bf16 path (unmerged versions, float32 adapters) end to end."""
+    import re
+
+    from conftest import make_pair
+
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.recipe import RECIPES_DIR
+    from dopsd_continual.rounds import run_round
+    from dopsd_continual.sampling import sample
+    from dopsd_continual.stack import rollback
+    from dopsd_continual.store import init_state
+
+    text = (RECIPES_DIR / "toy-shapes.toml").read_text()
+    text = re.sub(r'(?m)^dtype = "float32"', 'dtype = "bfloat16"', text) if 'dtype = "float32"' in text else \
+        text.replace("[model]\n", '[model]\ndtype = "bfloat16"\n', 1)
+    recipe = tmp_path / "bf16.toml"
+    recipe.write_text(text)
+    drop = tmp_path / "drop"
+    for i in range(3):
+        make_pair(drop, f"p{i}", caption="a large red circle in the center, blue background", seed=i)
+    st = init_state(tmp_path / "s", str(recipe), [drop])
+    ingest_paths(st)
+    sampler = Sampler(st)
+    assert sampler.pipe.transformer.dtype == torch.bfloat16 and sampler.switch.mode == "unmerged"
+    r = run_round(st, steps=2, lr=1e-2, sampler=sampler)
+    assert r["verdict"] in ("accepted", "rejected") and "drift" in r["metrics"]
+    v = r["version"]
+    assert all(p.dtype == torch.bfloat16 for p in sampler.pipe.transformer.parameters())  # nothing merged into it
+    one = sample(st, "a large red circle", v, None, 0, 1, tmp_path / "v.png", sampler=sampler)
+    base = sample(st, "a large red circle", "v0", None, 0, 1, tmp_path / "v0.png", sampler=sampler)
+    again = sample(st, "a large red circle", v, None, 0, 1, tmp_path / "v2.png", sampler=sampler)
+    from PIL import Image
+
+    def px(p):
+        return torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB"))).float()
+
+    assert not torch.equal(px(one["path"]), px(base["path"]))  # the version is applied
+    assert torch.equal(px(one["path"]), px(again["path"]))  # and switching back and forth is exact
+    if r["verdict"] == "accepted":
+        rollback(st, "v0")
     st.close()

@@ -8,7 +8,7 @@ import torch
 
 from dopsd_continual.errors import UserError
 from dopsd_continual.training import add_adapters, dopsd_loss_and_backward, remove_adapters, train_delta
-from dopsd_continual.zimage import ZImageBackend, load_teacher_encoder, load_text_weights_into_vl
+from dopsd_continual.zimage import ZImageBackend, load_teacher_encoder, share_text_weights_with_vl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_e2e import tokenizer  # noqa: E402  (the tiny Qwen tokenizer with chat template and vision tokens)
@@ -97,11 +97,40 @@ def test_pipeline_loads_and_samples(zimage_dirs):
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
 
 
-def test_teacher_takes_the_text_encoders_weights_by_key(backend):
-    te = backend.pipe.text_encoder.state_dict()
-    lm = backend.teacher_model.model.language_model.state_dict()
-    torch.testing.assert_close(lm["layers.0.self_attn.q_proj.weight"], te["layers.0.self_attn.q_proj.weight"])
-    torch.testing.assert_close(lm["embed_tokens.weight"], te["embed_tokens.weight"])
+def test_teacher_shares_the_text_encoders_weights_by_key(backend):
+    """One copy of the language weights in the features phase: the teacher's are the text encoder's own tensors."""
+    te = dict(backend.pipe.text_encoder.named_parameters())
+    lm = dict(backend.teacher_model.model.language_model.named_parameters())
+    for key in ("layers.0.self_attn.q_proj.weight", "embed_tokens.weight", "norm.weight"):
+        assert lm[key] is te[key]
+    shared = {id(p) for p in te.values()}
+    own = [n for n, p in backend.teacher_model.named_parameters() if id(p) not in shared]
+    assert own and all(not n.startswith("model.language_model.") for n in own)  # only the vision tower is its own
+
+
+def test_feature_key_holds_every_setting_that_changes_a_feature(backend):
+    base = backend.encoder_id
+    for key, value in (("width", 128), ("teacher_min_pixels", 32 * 32), ("teacher_max_pixels", 32 * 32),
+                       ("teacher_instruction", "other"), ("teacher_instruction_position", "before")):
+        had, old = key in backend.model, backend.model.get(key)
+        backend.model[key] = value
+        try:
+            assert backend.encoder_id != base, key
+        finally:
+            if had:
+                backend.model[key] = old
+            else:
+                del backend.model[key]
+    assert backend.encoder_id == base
+
+
+def test_teacher_text_puts_the_instruction_after_the_caption_as_the_authors_do():
+    from dopsd_continual.recipe import teacher_text
+
+    m = {"teacher_instruction": "Keep the subject."}
+    assert teacher_text("my mug", m) == "my mug Keep the subject."
+    assert teacher_text("my mug", {**m, "teacher_instruction_position": "before"}) == "Keep the subject. my mug"
+    assert teacher_text("my mug", {"teacher_instruction": ""}) == "my mug"
 
 
 def test_mismatched_teacher_is_a_clear_error(zimage_dirs):
@@ -110,7 +139,7 @@ def test_mismatched_teacher_is_a_clear_error(zimage_dirs):
     vl = Qwen3VLForConditionalGeneration.from_pretrained(zimage_dirs / "vl")
     other = Qwen3Model(Qwen3Config(**text_config(vl.config.text_config.vocab_size, layers=3)))
     with pytest.raises(UserError, match="does not match Z-Image's text encoder"):
-        load_text_weights_into_vl(vl, other)
+        share_text_weights_with_vl(vl, other)
 
 
 def test_velocity_matches_the_pipeline_convention(backend):
