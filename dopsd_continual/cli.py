@@ -58,6 +58,12 @@ def _open(state: Path | None, writes: str | None = None):
     if writes and st.readonly:
         st.close()
         fail(f"state at {st.root} is read-only: `dopsd {writes}` needs to write (listing, status, sample and export work)")
+    if writes:
+        from .store import tighten_state
+
+        if tighten_state(st.root):  # once: an older state was readable by other accounts
+            err_console.print(f"note: {esc(str(st.root))} was readable by other accounts; it is now owner-only "
+                              "(folders 0700, files 0600)", highlight=False)
     return st
 
 
@@ -485,13 +491,22 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
     if s.get("held"):
         console.print(esc(s["held"]), highlight=False)
     if s.get("ui"):
-        console.print(f"dashboard: {s['ui']}", highlight=False)
+        token = _ui_token(st.root)
+        console.print(f"dashboard: {s['ui']}" + (f"?token={token}" if token else ""), highlight=False)
     scan = s.get("last_scan")
     if scan:
         console.print(f"last scan: {scan['queued']} queued, {scan['duplicates']} duplicates, {scan['pending']} pending, "
                       f"{scan['rejected']} rejected, {scan['ignored']} ignored", highlight=False)
         for p in scan["problems"]:
             console.print(f"  {p['outcome']} {esc(p['path'])}: {esc(p['reason'])}", highlight=False)
+
+
+def _ui_token(root: Path) -> str | None:
+    """The daemon's dashboard token (ui-token, 0600): what its owner needs to open it; None for anyone else."""
+    try:
+        return (root / "ui-token").read_text().strip() or None
+    except OSError:
+        return None
 
 
 @daemon_app.command("install-service")
@@ -526,7 +541,9 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; not loopback needs a token"),
     port: int = typer.Option(8765, "--port", min=0, max=65535, help="0: any free port"),
     token: str | None = typer.Option(None, "--token", envvar="DOPSD_UI_TOKEN",
-                                     help="required off loopback (made up and printed when not given)"),
+                                     help="the dashboard's token (made up and printed when not given)"),
+    no_token: bool = typer.Option(False, "--no-token", help="no token, on a loopback address only: safe only where "
+                                  "no other account can run programs (docs/security.md)"),
     state: Path | None = STATE_OPT,
 ) -> None:
     """A local web dashboard: versions, gate reports, queue, daemon; rollback, promote, sample."""
@@ -535,7 +552,7 @@ def ui(
     st = _open(state)
     root = st.root
     st.close()
-    server = Server(root, host, port, token_for(host, token))
+    server = Server(root, host, port, token_for(host, token, no_token), no_token=no_token)
     console.print(f"dashboard for {esc(str(root))} at {server.url}  (Ctrl-C stops it)", highlight=False)
     server.run()
 
@@ -562,6 +579,8 @@ def doctor(as_json: bool = typer.Option(False, "--json"),
     console.print(f"processes: {report['processes']['note']}")
     for line in report["memory"]:
         console.print(f"memory: {esc(line)}", highlight=False)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {esc(w)}")
     for p in report["problems"]:
         console.print(f"[yellow]problem:[/yellow] {esc(p)}")
     console.print("[green]ok[/green]" if report["ok"] else "[red]not ok[/red]")

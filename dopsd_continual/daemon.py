@@ -25,7 +25,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from .errors import UserError
-from .store import State, atomic_write, now, open_state
+from .store import State, atomic_write, now, open_state, user_file_mode
 
 log = logging.getLogger("dopsd.daemon")
 
@@ -89,7 +89,10 @@ def status(state: State) -> dict:
 
 
 def setup_logging(state: State, foreground: bool) -> None:
-    state.logs.mkdir(exist_ok=True)
+    state.logs.mkdir(exist_ok=True, mode=0o700)
+    log_file = state.logs / "daemon.log"
+    if not log_file.exists():  # the log names the user's files: owner-only from its first line
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT, 0o600))
     root = logging.getLogger("dopsd")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
@@ -122,7 +125,7 @@ class Daemon:
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
-        fd = os.open(_lock_path(self.root), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(_lock_path(self.root), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -140,6 +143,10 @@ class Daemon:
 
         self.acquire()
         setup_logging(self.state, self.foreground)
+        from .store import tighten_state
+
+        if tighten_state(self.root):
+            log.info("%s was readable by other accounts; it is now owner-only (folders 0700, files 0600)", self.root)
         with round_lock(self.state, wait=True):
             interrupted = recover(self.state)
         if interrupted:
@@ -160,22 +167,19 @@ class Daemon:
         log.info("daemon started (pid %d), watching %d folder(s)", os.getpid(), len(self.state.watch_dirs))
 
     def _start_ui(self):
-        """The dashboard in this process (`[daemon] ui = true`); a non-loopback address takes DOPSD_UI_TOKEN or a
-        token written to <state>/ui-token (mode 0600)."""
+        """The dashboard in this process (`[daemon] ui = true`), with DOPSD_UI_TOKEN or a made-up token written to
+        <state>/ui-token, owner-only from its creation; `dopsd daemon status` prints the address with it."""
         from .web.server import Server, token_for, url
 
         host, port = self.cfg["ui_host"], int(self.cfg["ui_port"])
         token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
-        if token:
-            path = self.root / "ui-token"
-            path.write_text(token)
-            path.chmod(0o600)
+        atomic_write(self.root / "ui-token", token.encode())  # 0600 from the first byte
         try:
             ui = Server(self.root, host, port, token).start()
         except UserError as e:
             log.error("dashboard not started: %s", e)
             return None
-        log.info("dashboard at %s%s", url(host, ui.port), " (token in ui-token)" if token else "")
+        log.info("dashboard at %s (its token: ui-token, or `dopsd daemon status`)", url(host, ui.port))
         return ui
 
     def _ui_url(self) -> str | None:
@@ -417,7 +421,7 @@ def start_background(root: Path, timeout: float = 180.0) -> int:
     if daemon_running(root):
         info = read_status_file(root)
         raise UserError(f"a daemon is already running for {root} (pid {info.get('pid', '?')})")
-    (root / "logs").mkdir(exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True, mode=0o700)
     out = open(root / "logs" / "daemon.stdout", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(root)],
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -472,7 +476,7 @@ def install_service(root: Path, unit_dir: Path | None = None) -> Path:
     unit_dir = unit_dir or Path.home() / ".config" / "systemd" / "user"
     unit_dir.mkdir(parents=True, exist_ok=True)
     path = unit_dir / "dopsd.service"
-    atomic_write(path, SERVICE.format(root=root, python=sys.executable).encode())
+    atomic_write(path, SERVICE.format(root=root, python=sys.executable).encode(), mode=user_file_mode())
     return path
 
 

@@ -132,7 +132,7 @@ def run_demo(state_arg: Path | None, console: Console, packs: tuple[str, ...] = 
     console.print(f"before/after (top: {before_version}, bottom: {after_version}): {pictures / 'before_after.png'}")
     console.print(f"prompts, left to right: {'; '.join(DEMO_PROMPTS)}")
     console.print(f"gate reports: {state_root / 'reports'}    try: dopsd sample \"{DEMO_PROMPTS[0]}\" --state {state_root}")
-    console.print(f"in a browser: dopsd ui --state {state_root}   (then http://127.0.0.1:8765/)")
+    console.print(f"in a browser: dopsd ui --state {state_root}   (then open the address it prints)")
     console.print(f"done in {time.time() - t_start:.0f}s")
     st.close()
     return {"state": str(state_root), "verdicts": verdicts, "active": after_version,

@@ -92,7 +92,7 @@ def train_in_processes(state, job_dir: Path, job: dict, n: int, device_type: str
 
     if job_dir.exists():
         shutil.rmtree(job_dir)
-    job_dir.mkdir(parents=True)
+    job_dir.mkdir(parents=True, mode=0o700)
     (job_dir / JOB).write_text(json.dumps(job))
     config = {  # the launch is hermetic: a user's ~/.cache/huggingface/accelerate/default_config.yaml is not read
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_processes": n, "num_machines": 1,

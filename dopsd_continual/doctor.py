@@ -82,6 +82,12 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
         device = "cpu"
         if model["name"] != "toy-shapes":
             problems.append(f"no CUDA GPU: {model['name']} needs one for training")
+    from .store import readable_by_others
+
+    warnings = []
+    if root.exists() and readable_by_others(root):
+        warnings.append(f"state {root} is readable by other accounts (photos, captions, LoRAs): the next command "
+                        f"that writes (dopsd ingest) makes it owner-only, or `chmod -R go-rwx {root}`")
     probe = root if root.exists() else Path.cwd()
     free_gb = shutil.disk_usage(probe).free / 2**30
     if free_gb < 2:
@@ -90,6 +96,7 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
     problems += memory_problems
     return {
         "ok": not problems,
+        "warnings": warnings,
         "memory": memory,
         "problems": problems,
         "model": {"name": model["name"], "source": source, "pipeline": PIPELINES[model["backend"]]},

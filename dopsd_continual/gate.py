@@ -113,7 +113,7 @@ class Gate:
                 path.unlink(missing_ok=True)
         imgs = self.sampler.images(prompts, seeds, steps, vid, references=refs)
         if not self.state.readonly:  # a read-only state is evaluated without keeping the samples
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             save_file({"images": imgs.contiguous()}, str(path))
         return imgs
 

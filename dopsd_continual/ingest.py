@@ -327,9 +327,9 @@ def _write_blob(state: State, digest: str, ext: str, data: bytes) -> Path:
     """
     path = _blob_path(state, digest, ext)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return _write_blob(state, digest, ext, data)
     except FileExistsError:
         if path.stat().st_size == len(data):
@@ -516,8 +516,9 @@ def _file_row(db, path: str, sig: str, outcome: str, reason: str | None, sample_
 def sample_image(state: State, sample: dict) -> Image.Image:
     """A queued sample's picture as RGB, from its blob (the user's original may be gone), hash-checked."""
     from .errors import UserError
+    from .store import read_inside
 
-    data = (state.root / sample["image_blob"]).read_bytes()
+    data = read_inside(state.root, state.root / sample["image_blob"])
     if hashlib.sha256(data).hexdigest() != sample["sha256"]:
         raise UserError(f"blob {sample['image_blob']} of sample {sample['id']} is damaged (sha256 mismatch)")
     return load_rgb_bytes(data)

@@ -128,9 +128,9 @@ def adapter_config(delta: Delta) -> dict:
 
 def _user_file_mode(path: Path) -> None:
     """The mode a file the user made would have (0666 less the umask); safetensors writes 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    from .store import user_file_mode
+
+    os.chmod(path, user_file_mode())
 
 
 def export_diffusers(delta: Delta, out_dir: Path) -> Path:

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from .errors import RoundBusy, UserError
 from .ingest import _history, sample_image
@@ -21,7 +21,7 @@ from .store import State, now
 def round_lock(state: State, wait: bool = False):
     """An OS lock (flock) shared by `dopsd train` and the daemon: one round at a time per state dir."""
     path = state.root / "round.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -35,6 +35,50 @@ def round_lock(state: State, wait: bool = False):
         yield
     finally:
         os.close(fd)  # closing releases the lock, also when the process dies
+
+
+@contextmanager
+def render_lock(state: State):
+    """Held by a dashboard's render while it draws, and by a round from just after it starts to its end; so a
+    round waits at most for the render in progress (renders wait for rounds: render_turn)."""
+    if state.readonly:
+        yield
+        return
+    fd = os.open(state.root / "render.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def running_round(state: State) -> str | None:
+    """The version of a round in progress in any process (its row says running and its process lives)."""
+    from .daemon import _alive
+
+    row = state.conn.execute("select version, pid from rounds where status='running' order by id desc limit 1").fetchone()
+    return row[0] if row and _alive(row[1]) else None
+
+
+@contextmanager
+def render_turn(state: State, on_wait=None, stop=None, every: float = 0.5):
+    """A render's turn to use the model: after any round in progress, holding the render lock. A round that
+    starts while a render waits for the lock goes first."""
+    import time
+
+    while True:
+        vid = running_round(state)
+        if vid is None:
+            with render_lock(state):
+                if running_round(state) is None:
+                    yield
+                    return
+            continue
+        if on_wait:
+            on_wait(f"round {vid}")
+        if stop and stop():
+            raise InterruptedError("the dashboard is stopping")
+        time.sleep(every)
 
 
 def recover(state: State) -> list[str]:
@@ -77,7 +121,7 @@ def _interrupt(state: State, r: dict, message: str) -> str:
                 state.db["samples"].update(sid, {"status": "queued", "history": _history(row["history"], {"event": f"round {vid} interrupted"})})
     if (state.adapters / vid).exists():  # a candidate written before the crash: kept aside, never active
         q = state.root / "quarantine"
-        q.mkdir(exist_ok=True)
+        q.mkdir(exist_ok=True, mode=0o700)
         shutil.move(str(state.adapters / vid), str(q / f"{vid}-{int(now())}"))
     return vid
 
@@ -132,7 +176,7 @@ def run_round(
     device = sampler.device if sampler else compute_device()
     check_processes(n_proc, device.type)
     check_fits({**recipe, "train": train}, device)  # a round the card cannot hold is refused before it starts
-    with round_lock(state, wait=wait_for_lock):
+    with round_lock(state, wait=wait_for_lock), ExitStack() as held:
         recover(state)
         new, replay = select_samples(state)
         if not new:
@@ -146,6 +190,7 @@ def run_round(
                                              "progress": 0.0, "samples": json.dumps(ids)}).last_pk
             for s in new:
                 state.db["samples"].update(s["id"], {"status": "training"})
+        held.enter_context(render_lock(state))  # a dashboard's render in progress finishes first; no new one starts
         phases = PhaseLog(device)
         h, w = recipe["model"]["height"], recipe["model"]["width"]
 

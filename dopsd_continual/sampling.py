@@ -24,7 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from .models import load_pipeline
 from .placement import PhaseLog, Placement, compute_device
 from .stack import WeightSwitcher, get_version
-from .store import State, atomic_write
+from .store import State, atomic_write, user_file_mode
 
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels decoded per VAE call (two 1024 px pictures)
 TILE_ABOVE_PIXELS = 1536 * 1536  # larger pictures decode in VAE tiles
@@ -187,7 +187,7 @@ def save_image(image: Image.Image, path: Path, meta: dict) -> None:
         exif = Image.Exif()
         exif[0x010E] = json.dumps(meta)  # ImageDescription
         image.save(buf, format="WEBP", quality=95, exif=exif)
-    atomic_write(Path(path), buf.getvalue())
+    atomic_write(Path(path), buf.getvalue(), mode=user_file_mode())  # the user's picture: their usual mode
 
 
 def output_path(out: Path | None, version: str, seed: int) -> Path:

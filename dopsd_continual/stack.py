@@ -49,7 +49,7 @@ def write_version(state: State, vid: str, parent: str, delta: Delta, meta: dict)
         raise UserError(f"version {vid} already exists")
     tmp = state.adapters / f".tmp-{vid}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=0o700)
     delta.save(tmp / "delta.safetensors", {"version": vid, "parent": parent})
     manifest = {
         "version": vid,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 import tomllib
 from dataclasses import dataclass
@@ -33,12 +34,25 @@ def state_dir(explicit: str | Path | None = None) -> Path:
     return root
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename (+ fsync of the folder): readers see the old file or the new one."""
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the state is its owner's alone (docs/security.md)
+
+
+def user_file_mode() -> int:
+    """The mode a file the user made would have: 0666 less the umask (for what leaves the state)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """temp file + fsync + rename (+ fsync of the folder): readers see the old file or the new one. The file
+    has `mode` from its first byte (owner-only unless the caller writes for the user: user_file_mode())."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)  # a leftover temp of another mode, or a umask wider than asked, is narrowed too
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -148,6 +162,8 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
                 raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {found if found else 'none'}); "
                                 "open it once where it can be written")
             return conn
+        if not path.exists():  # created owner-only before SQLite opens it: its WAL and shared memory take its mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -273,9 +289,14 @@ def init_state(root: Path, recipe: str | Path | None = None, watch: list[Path] |
     switch = None
     if recipe is not None and "recipe" in cfg and (root / "dopsd.sqlite").exists():
         switch = _model_switch(root, cfg, new_recipe, force)
-    root.mkdir(parents=True, exist_ok=True)
+    fresh = not root.exists()
+    root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    if fresh:
+        os.chmod(root, PRIVATE_DIR)
+    else:
+        tighten_state(root)
     for d in SUBDIRS:
-        (root / d).mkdir(exist_ok=True)
+        (root / d).mkdir(exist_ok=True, mode=PRIVATE_DIR)
     if recipe is not None or "recipe" not in cfg:
         cfg["recipe"] = str(recipe_path)
     for w in watch or []:
@@ -328,6 +349,51 @@ def open_state(root: Path) -> State:
     recipe = load_recipe(_recipe_path(root, cfg["recipe"]))
     readonly = _readonly(root)
     return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
+
+
+def readable_by_others(root: Path) -> bool:
+    """The state folder lets another account in (group or other permission bits)."""
+    try:
+        return bool(root.stat().st_mode & 0o077)
+    except OSError:
+        return False
+
+
+def tighten_state(root: Path) -> bool:
+    """An older state (0755 / 0644) made owner-only: folders 0700, files 0600, links left alone. Returns whether
+    anything changed; a state already private costs one stat."""
+    if not readable_by_others(root):
+        return False
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+                if stat.S_ISDIR(st.st_mode):
+                    os.chmod(p, PRIVATE_DIR)
+                elif stat.S_ISREG(st.st_mode):
+                    os.chmod(p, PRIVATE_FILE)
+            except OSError:
+                continue  # a file that vanished or is not ours: the folder's 0700 still closes it
+    os.chmod(root, PRIVATE_DIR)
+    return True
+
+
+def read_inside(root: Path, path: Path) -> bytes:
+    """A regular file of the state, read without following a link and only if it lies inside root: a link
+    planted in a state (one shared read-only, say) never serves another file."""
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(Path(path).parent)
+    if os.path.commonpath([real_root, parent]) != real_root:
+        raise OSError(f"{path} is outside the state")
+    fd = os.open(os.path.join(parent, Path(path).name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _readonly(root: Path) -> bool:

@@ -138,7 +138,7 @@ class FeatureCache:
 
     def __init__(self, root: Path, encoder_id: str):
         self.dir = Path(root) / encoder_id
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.hits = self.misses = 0
 
     def path(self, sha: str, caption: str) -> Path:

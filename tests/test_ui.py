@@ -24,8 +24,16 @@ def root(tmp_path):
     return tmp_path / "s"
 
 
-def client(root, **kw) -> TestClient:
-    return TestClient(Dashboard(root, **kw).app, base_url=HERE, follow_redirects=False)
+TOKEN = "t0ken-for-tests"
+
+
+def client(root, login: bool = True, **kw) -> TestClient:
+    """A browser on the dashboard that opened the printed address (token in the cookie) unless login=False."""
+    kw.setdefault("token", TOKEN)
+    c = TestClient(Dashboard(root, **kw).app, base_url=HERE, follow_redirects=False)
+    if login and kw.get("token"):
+        assert c.get(f"/?token={kw['token']}").status_code == 303
+    return c
 
 
 def page_token(c: TestClient, path: str = "/queue") -> str:
@@ -79,6 +87,7 @@ def test_an_action_needs_the_page_token_and_this_origin_and_changes_nothing_with
     other.get("/")
     assert other.post("/actions/queue", data={**drop, "csrf": token}).status_code == 403
     fresh = TestClient(c.app, base_url=HERE, follow_redirects=False)  # no session cookie at all
+    fresh.get(f"/?token={TOKEN}")  # the dashboard's own token: only its session is missing
     assert fresh.post("/actions/queue", data={**drop, "csrf": token}).status_code == 403
     assert c.get("/actions/queue").status_code == 405  # actions are POSTs only
     assert status_of(root, 1) == "queued"
@@ -114,19 +123,82 @@ def test_bad_version_ids_and_values_are_4xx_and_change_nothing(root):
     assert status_of(root, 1) == "queued"
 
 
-def test_loopback_only_by_default_and_a_token_anywhere_else(root):
+def test_a_token_everywhere_loopback_included(root):
     c = client(root)
     assert c.get("/", headers={"Host": "evil.example"}).status_code == 400  # a rebound DNS name
     with pytest.raises(UserError, match="needs a token"):
         Dashboard(root, host="0.0.0.0")
-    t = TestClient(Dashboard(root, host="0.0.0.0", token="s3cret").app, base_url="http://192.0.2.1:8765",
-                   follow_redirects=False)
-    assert t.get("/").status_code == 401
-    assert t.get("/img/sample/1").status_code == 401
-    assert t.get("/?token=wrong").status_code == 401
-    r = t.get("/queue?token=s3cret")
-    assert r.status_code == 303 and r.headers["location"] == "/queue"  # the token leaves the address bar
-    assert t.get("/").status_code == 200  # the cookie carries it now
+    with pytest.raises(UserError, match="needs a token"):
+        Dashboard(root)  # loopback too: another account on the box reaches 127.0.0.1
+    with pytest.raises(UserError, match="loopback address only"):
+        Dashboard(root, host="0.0.0.0", no_token=True)
+    for host, base in (("0.0.0.0", "http://192.0.2.1:8765"), ("127.0.0.1", HERE)):
+        t = TestClient(Dashboard(root, host=host, token="s3cret").app, base_url=base, follow_redirects=False)
+        assert t.get("/").status_code == 401
+        assert t.get("/img/sample/1").status_code == 401
+        assert t.get("/?token=wrong").status_code == 401
+        r = t.get("/queue?token=s3cret")
+        assert r.status_code == 303 and r.headers["location"] == "/queue"  # the token leaves the address bar
+        cookie = r.headers["set-cookie"]
+        assert "s3cret" not in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert t.get("/").status_code == 200  # the cookie carries a value derived from it now
+    nt = TestClient(Dashboard(root, no_token=True).app, base_url=HERE, follow_redirects=False)
+    assert nt.get("/").status_code == 200  # --no-token: loopback on a single-user machine
+
+
+def test_cookies_are_named_for_the_port_and_hold_no_token(root):
+    d = Dashboard(root, token="s3cret", port=8766)
+    t = TestClient(d.app, base_url="http://127.0.0.1:8766", follow_redirects=False)
+    r = t.get("/?token=s3cret")
+    assert r.headers["set-cookie"].startswith("dopsd_token_8766=") and "s3cret" not in r.headers["set-cookie"]
+    other = Dashboard(root, token="s3cret", port=8767)  # another dashboard on another port of the same host
+    assert other.token_cookie != d.token_cookie and other.session_cookie != d.session_cookie
+
+
+@pytest.mark.parametrize("host", ["127.evil.example", "127.0.0.1.evil.example", "localhost.evil.example",
+                                  "127.0.0.1.nip.io:8765", "evil.example:8765", "0.0.0.0", "[::ffff:10.0.0.1]:8765",
+                                  "2130706433", "127.1", ""])
+def test_rebinding_host_forms_are_400(root, host):
+    c = client(root)
+    assert c.get("/", headers={"Host": host}).status_code == 400
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8765", "127.5.6.7:8765", "localhost", "localhost:8765",
+                                  "[::1]", "[::1]:8765", "[::ffff:127.0.0.1]:8765", "LOCALHOST:8765"])
+def test_loopback_host_forms_are_served(root, host):
+    c = client(root)
+    assert c.get("/", headers={"Host": host}).status_code == 200
+
+
+def test_odd_tokens_and_ids_get_4xx_not_500(root):
+    c = client(root, login=False)
+    assert c.get("/?token=%C3%A9t%C3%A9").status_code == 401  # non-ASCII token
+    assert c.get("/", headers={"cookie": "dopsd_token=\u00e9t\u00e9".encode()}).status_code == 401  # raw UTF-8 bytes
+    c = client(root)
+    for sid in ("99999999999999999999999", "9223372036854775808", "9223372036854775807"):
+        assert c.get(f"/img/sample/{sid}").status_code == 404, sid
+    c.get("/queue")
+    r = c.post("/actions/queue", data={"sample": "1", "do": "drop", "csrf": "\u00e9" * 64})
+    assert r.status_code == 403
+    odd = "\u00e9" * 32
+    cookie = f"dopsd_token={c.cookies['dopsd_token']}; dopsd_session={odd}".encode()
+    assert TestClient(c.app, base_url=HERE).get("/queue", headers={"cookie": cookie}).status_code == 200  # a new session
+    assert status_of(root, 1) == "queued"
+
+
+def test_links_planted_in_the_state_are_not_followed(root, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not yours")
+    st = open_state(root)
+    (st.reports / "v0.png").symlink_to(secret)  # a sheet that is a link
+    blob = st.rows("select image_blob from samples where id = 1")[0]["image_blob"]
+    st.close()
+    c = client(root)
+    assert c.get("/img/sheet/v0").status_code == 404
+    (root / blob).unlink()
+    (root / blob).symlink_to(secret)  # a blob that is a link
+    r = c.get("/img/sample/1")
+    assert r.status_code == 404 and b"not yours" not in r.content
 
 
 def test_a_read_only_state_is_shown_and_not_written(root, monkeypatch):
@@ -155,7 +227,10 @@ def test_the_daemon_serves_the_dashboard_when_the_recipe_says_so(tmp_path):
     d.start()
     try:
         assert wait_for(lambda: (status(st).get("ui") or "").startswith("http://127.0.0.1:"))
-        r = httpx.get(status(st)["ui"])
+        assert httpx.get(status(st)["ui"]).status_code == 401  # its token is needed, on loopback too
+        token_file = st.root / "ui-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        r = httpx.get(status(st)["ui"] + "?token=" + token_file.read_text(), follow_redirects=True)
         assert r.status_code == 200 and "versions" in r.text
     finally:
         d.shutdown()

@@ -89,13 +89,14 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
 
-    from dopsd_continual.web.server import Server
+    from dopsd_continual.web.server import Server, url
 
-    server = Server(world, "127.0.0.1", 0).start()
+    server = Server(world, "127.0.0.1", 0, "browser-token").start()
+    base = url(server.host, server.port)  # after the first visit the cookie carries the token
     d = browser
     try:
         # the tree: four versions, the rejected one marked, v2 active, as the CLI says
-        d.get(server.url)
+        d.get(server.url)  # the printed address, token included: it redirects to the page without it
         wait(d, EC.presence_of_element_located((By.ID, "tree")))
         ids = [e.text for e in d.find_elements(By.CSS_SELECTOR, "a.version")]
         assert ids == ["v0", "v1", "v2", "v3"]
@@ -113,7 +114,7 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
         shot(d, "version_rejected", tmp_path)
 
         # roll back to v1 with the button: it asks first, then the active pointer moves, for the CLI too
-        d.get(server.url + "versions/v1")
+        d.get(base + "versions/v1")
         d.find_element(By.XPATH, "//button[text()='make v1 active']").click()
         wait(d, EC.alert_is_present()).dismiss()  # "no" changes nothing
         assert [v["id"] for v in cli_versions(world) if v["active"]] == ["v2"]
@@ -123,7 +124,7 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
         assert [v["id"] for v in cli_versions(world) if v["active"]] == ["v1"]
 
         # the overview follows a change made elsewhere (the CLI) without a reload
-        d.get(server.url)
+        d.get(base)
         wait(d, lambda drv: drv.find_element(By.ID, "active-version").text == "v1")
         marker = d.execute_script("window.__same_page = 1; return 1")
         from dopsd_continual.stack import rollback
@@ -135,18 +136,18 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
         assert d.execute_script("return window.__same_page") == marker  # updated in place, not reloaded
 
         # sample a prompt on a version, and compare two versions on the same prompts and seeds
-        d.get(server.url + "versions/v2")
+        d.get(base + "versions/v2")
         d.find_element(By.CSS_SELECTOR, "form.sample button").click()
         wait(d, EC.alert_is_present()).accept()
         wait(d, lambda drv: drv.execute_script(
             "const i = document.querySelector('#jobs img'); return i && i.complete && i.naturalWidth > 0"))
         shot(d, "version_sample", tmp_path)
-        d.get(server.url + "compare?a=v0&b=v2")
+        d.get(base + "compare?a=v0&b=v2")
         d.find_element(By.XPATH, "//button[text()='render']").click()
         wait(d, lambda drv: drv.execute_script(
             "const i = document.getElementById('compare-image'); return i && i.complete && i.naturalWidth > 0"))
         shot(d, "compare", tmp_path)
-        d.get(server.url + "queue")
+        d.get(base + "queue")
         assert "used" in d.find_element(By.ID, "queue").text
         shot(d, "queue", tmp_path)
     finally:

@@ -6,24 +6,30 @@ gate's reports); what it does too (`stack.rollback`, `stack.promote`, `ingest.qu
 disagree and a running round's writes are seen at once.
 
 Security, in order of the request's path through `guard`:
-- it listens on 127.0.0.1 unless told otherwise; any other address needs a token (`?token=` once, then a
-  cookie); on loopback the Host header must be a loopback name (no DNS rebinding);
+- it listens on 127.0.0.1 unless told otherwise and needs a token on every address, loopback included
+  (another account on the box reaches 127.0.0.1 too): `?token=` once, then a cookie holding a value derived
+  from it, named per port; `--no-token` is for a loopback address on a single-user machine only;
+- on loopback the Host header must be `localhost` or a loopback address, parsed (no DNS rebinding);
 - every action is a POST carrying the session's token (an HMAC of the session cookie); a POST whose Origin
   is not this server's is refused;
 - images are served by version id or sample id looked up in the database, and assets from a table read at
-  start: nothing from a request reaches the filesystem as a path;
+  start: nothing from a request reaches the filesystem as a path, and the files behind an id are opened
+  without following links, inside the state only;
+- renders queue (a few per dashboard, one at a time, more refused with 429) and never keep a round from
+  starting: a round waits at most for the render in progress (the render lock);
 - a read-only state (a backup, another user's) can be viewed; actions that write say so (409).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import secrets
+import shutil
 import tempfile
 import threading
 import uuid
@@ -32,9 +38,9 @@ from pathlib import Path
 from ..errors import UserError
 
 HERE = Path(__file__).resolve().parent
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ASSETS = {"style.css": "text/css", "ui.js": "text/javascript"}
-SESSION, TOKEN = "dopsd_session", "dopsd_token"
+MAX_RENDERS = 4  # renders a dashboard holds at once (one running, the rest waiting); more get 429
+SQLITE_MAX_ID = 2**63 - 1
 QUEUE_ROWS = 300  # the queue page shows the newest samples (`dopsd queue list` has them all)
 KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
@@ -44,24 +50,55 @@ class ReadOnlyState(UserError):
     """An action that must write, on a state this process may not write (answered 409)."""
 
 
+def host_name(header: str) -> str:
+    """A Host header's host without its port: '[::1]:8765' -> '::1', 'localhost:8765' -> 'localhost'."""
+    h = header.strip()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[1:end] if end > 0 else ""
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """`localhost` or a loopback address (IPv4, IPv6, IPv4-mapped), compared exactly: '127.x.example' is not."""
+    host = host.strip().lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def same(given: str, expected: str) -> bool:
+    """A constant-time comparison that any text, non-ASCII too, survives (a 403/401, never a 500)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 class Dashboard:
-    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None):
+    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None, no_token: bool = False,
+                 port: int | None = None):
         from jinja2 import Environment, FileSystemLoader, select_autoescape
 
         self.root = Path(root)
         self.host = host
-        if not is_loopback(host) and not token:
-            raise UserError(f"the dashboard on {host} (not loopback) needs a token: --token T or DOPSD_UI_TOKEN")
-        self.token = token
+        if no_token and not is_loopback(host):
+            raise UserError(f"--no-token is for a loopback address only, not {host}")
+        if not token and not no_token:
+            raise UserError("the dashboard needs a token (--token T, DOPSD_UI_TOKEN, or one made up by `dopsd ui`)")
+        self.token = None if no_token else token
+        suffix = f"_{port}" if port else ""
+        self.token_cookie, self.session_cookie = f"dopsd_token{suffix}", f"dopsd_session{suffix}"  # per port
         self.secret = secrets.token_bytes(32)
+        self.cookie_value = hmac.new(self.token.encode(), b"dopsd-cookie", hashlib.sha256).hexdigest() if self.token else ""
+        self.renders: list[str] = []  # job ids waiting or running, oldest first
         self.assets = {name: (HERE / "static" / name).read_bytes() for name in ASSETS}
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
         self.jobs: dict[str, dict] = {}  # sample and compare renders: id -> {kind, status, error, png, ...}
         self.model_lock = threading.Lock()  # one model job at a time, on one loaded pipeline
+        self._jobs_lock = threading.Lock()
         self._sampler = None
         self._sampler_state = None
         self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
@@ -186,13 +223,16 @@ class Dashboard:
         async def stream():
             last = None
             yield "retry: 3000\n\n"
-            while not self.closing and not await request.is_disconnected():
-                now = await asyncio.to_thread(self.fingerprint)
-                if now != last:
-                    if last is not None:
-                        yield f"event: change\ndata: {now}\n\n"
-                    last = now
-                await asyncio.sleep(EVENTS_EVERY)
+            try:
+                while not self.closing and not await request.is_disconnected():
+                    now = await asyncio.to_thread(self.fingerprint)
+                    if now != last:
+                        if last is not None:
+                            yield f"event: change\ndata: {now}\n\n"
+                        last = now
+                    await asyncio.sleep(EVENTS_EVERY)
+            except asyncio.CancelledError:  # the server is stopping: the stream ends, quietly
+                return
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
@@ -229,6 +269,8 @@ class Dashboard:
 
         from ..ingest import sample_image
 
+        if not 0 <= request.path_params["sid"] <= SQLITE_MAX_ID:
+            raise HTTPException(404, "no such sample")
         st = self.state()
         try:
             rows = st.rows("select * from samples where id = ?", [request.path_params["sid"]])
@@ -250,11 +292,16 @@ class Dashboard:
         vid = request.path_params["vid"]
         st = self.state()
         try:
+            from ..store import read_inside
+
             known = st.conn.execute("select 1 from versions where id = ?", [vid]).fetchone()
-            path = st.reports / f"{vid}.png" if known else None
-            if path is None or not path.is_file():
-                raise HTTPException(404, "no gate sheet for that version")
-            return Response(path.read_bytes(), media_type="image/png")
+            try:
+                if not known:
+                    raise OSError("unknown version")
+                data = read_inside(st.root, st.reports / f"{vid}.png")
+            except OSError:
+                raise HTTPException(404, "no gate sheet for that version") from None
+            return Response(data, media_type="image/png")
         finally:
             st.close()
 
@@ -342,15 +389,19 @@ class Dashboard:
         finally:
             st.close()
         job = uuid.uuid4().hex
-        self.jobs[job] = {"kind": "sample", "status": "running", "version": vid, "prompt": prompt, "seed": seed,
+        self._admit()
+        self.jobs[job] = {"kind": "sample", "status": "waiting", "version": vid, "prompt": prompt, "seed": seed,
                           "steps": steps, "error": None}
 
         def run(sampler, st):
             from ..sampling import sample
 
             out = self._tmp / f"{job}.png"
-            sample(st, prompt, vid, steps, seed, 1, out, sampler=sampler)
-            return out.read_bytes()
+            try:
+                sample(st, prompt, vid, steps, seed, 1, out, sampler=sampler)
+                return out.read_bytes()
+            finally:
+                out.unlink(missing_ok=True)
 
         self._start(job, run)
         return f"/versions/{vid}#jobs"
@@ -363,9 +414,10 @@ class Dashboard:
         finally:
             st.close()
         job = _compare_key(a, b)
-        if self.jobs.get(job, {}).get("status") == "running":
+        if self.jobs.get(job, {}).get("status") in ("waiting", "running"):
             return f"/compare?a={a}&b={b}"
-        self.jobs[job] = {"kind": "compare", "status": "running", "a": a, "b": b, "error": None}
+        self._admit()
+        self.jobs[job] = {"kind": "compare", "status": "waiting", "a": a, "b": b, "error": None}
 
         def run(sampler, st):
             from ..gate import held_out_prompts
@@ -382,14 +434,27 @@ class Dashboard:
         self._start(job, run)
         return f"/compare?a={a}&b={b}"
 
+    def _admit(self) -> None:
+        """Room for one more render, or 429: a dashboard holds at most MAX_RENDERS, one running at a time."""
+        from starlette.exceptions import HTTPException
+
+        with self._jobs_lock:
+            self.renders = [k for k in self.renders if self.jobs.get(k, {}).get("status") in ("waiting", "running")]
+            if len(self.renders) >= MAX_RENDERS:
+                raise HTTPException(429, f"{MAX_RENDERS} renders are already waiting or running; try again when one is done")
+
     def _start(self, job: str, run) -> None:
-        """A render in a thread: one at a time, never beside a round (the round lock, as rounds share it), the
-        pipeline back in CPU memory afterwards so a round finds the GPU free. The last KEEP_JOBS are kept."""
-        for old in [k for k, j in self.jobs.items() if j["status"] != "running"][:-KEEP_JOBS]:
+        """A render in a thread: one at a time on one loaded pipeline, never beside a round. It waits while a
+        round runs, and holds the render lock while it draws; a round takes that lock after it starts, so it
+        waits at most for the render in progress. The pipeline goes back to CPU memory after each render.
+        The last KEEP_JOBS finished renders are kept."""
+        for old in [k for k, j in self.jobs.items() if j["status"] not in ("waiting", "running")][:-KEEP_JOBS]:
             self.jobs.pop(old, None)
+        with self._jobs_lock:
+            self.renders.append(job)
 
         def work():
-            from ..rounds import round_lock
+            from ..rounds import render_turn
             from ..sampling import Sampler
 
             with self.model_lock:
@@ -398,7 +463,9 @@ class Dashboard:
                         self._sampler_state = self.state()
                         self._sampler = Sampler(self._sampler_state)
                     st = self._sampler_state
-                    with round_lock(st, wait=True) if not st.readonly else contextlib.nullcontext():
+                    with render_turn(st, on_wait=lambda what: self.jobs[job].update(waiting_for=what),
+                                     stop=lambda: self.closing):
+                        self.jobs[job]["status"] = "running"
                         try:
                             self.jobs[job]["png"] = run(self._sampler, self._sampler_state)
                         finally:
@@ -408,6 +475,11 @@ class Dashboard:
                     self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
 
         threading.Thread(target=work, name=f"dopsd-ui-{job[:8]}", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop: open event streams end, waiting renders give up, temporary files go."""
+        self.closing = True
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class _Guard:
@@ -423,20 +495,21 @@ class _Guard:
         from starlette.responses import PlainTextResponse, RedirectResponse
 
         request = Request(scope)
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        host = host_name(request.headers.get("host") or "")
         refuse = None
         if is_loopback(self.d.host) and not is_loopback(host):
             refuse = PlainTextResponse("this dashboard answers on its loopback address only", 400)
         elif self.d.token:
             given = request.query_params.get("token")
-            if given is not None and hmac.compare_digest(given, self.d.token):
+            if given is not None and same(given, self.d.token):
                 resp = RedirectResponse(request.url.path, 303)  # the token leaves the address bar
-                resp.set_cookie(TOKEN, self.d.token, httponly=True, samesite="strict")
+                resp.set_cookie(self.d.token_cookie, self.d.cookie_value, httponly=True, samesite="strict", path="/")
                 return await _headers(resp)(scope, receive, send)
-            if not hmac.compare_digest(request.cookies.get(TOKEN, ""), self.d.token):
-                refuse = PlainTextResponse("a token is needed: open the address `dopsd ui` printed", 401)
-        session = request.cookies.get(SESSION, "")
-        new_session = len(session) != 32 or not session.isalnum()
+            if not same(request.cookies.get(self.d.token_cookie, ""), self.d.cookie_value):
+                refuse = PlainTextResponse("a token is needed: open the address `dopsd ui` printed "
+                                           "(or `dopsd daemon status` for the daemon's dashboard)", 401)
+        session = request.cookies.get(self.d.session_cookie, "")
+        new_session = len(session) != 32 or not (session.isascii() and session.isalnum())
         if new_session:
             session = secrets.token_hex(16)
         if refuse is None and scope["method"] not in ("GET", "HEAD"):
@@ -450,7 +523,7 @@ class _Guard:
                 body = await _read_body(receive)
                 receive = _replay(body)
                 form = dict(_parse_form(body, request.headers.get("content-type", "")))
-                if new_session or not hmac.compare_digest(form.get("csrf", ""), self.d.csrf(session)):
+                if new_session or not same(form.get("csrf", ""), self.d.csrf(session)):
                     refuse = PlainTextResponse("refused: the page's token is missing or stale; reload the page", 403)
                 scope.setdefault("state", {})["form"] = form
         if refuse is not None:
@@ -462,7 +535,7 @@ class _Guard:
                 headers = list(message.get("headers", []))
                 headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
                 if new_session:
-                    headers.append((b"set-cookie", f"{SESSION}={session}; HttpOnly; SameSite=Strict; Path=/".encode()))
+                    headers.append((b"set-cookie", f"{self.d.session_cookie}={session}; HttpOnly; SameSite=Strict; Path=/".encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -576,9 +649,10 @@ def bind(host: str, port: int):
     return sock
 
 
-def token_for(host: str, given: str | None = None) -> str | None:
-    """The token a server on host needs: the one given, else one made up off loopback, else none."""
-    return given or (None if is_loopback(host) else secrets.token_urlsafe(24))
+def token_for(host: str, given: str | None = None, no_token: bool = False) -> str | None:
+    """The token a server needs on any address: the one given, else one made up; none only with no_token
+    (loopback only, checked by Dashboard)."""
+    return None if no_token else (given or secrets.token_urlsafe(24))
 
 
 def url(host: str, port: int, token: str | None = None) -> str:
@@ -593,12 +667,14 @@ def url(host: str, port: int, token: str | None = None) -> str:
 class Server:
     """The dashboard on a socket, in this thread (`run`) or a background one (`start`/`stop`)."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                 no_token: bool = False):
         import uvicorn
 
-        self.dashboard = Dashboard(root, host, token)
+        Dashboard(root, host, token, no_token)  # a bad host or token fails before the socket is taken
         self.sock = bind(host, port)
         self.host, self.port, self.token = host, self.sock.getsockname()[1], token
+        self.dashboard = Dashboard(root, host, token, no_token, port=self.port)
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=2))
         self.thread: threading.Thread | None = None
@@ -608,7 +684,10 @@ class Server:
         return url(self.host, self.port, self.token)
 
     def run(self) -> None:
-        self.server.run(sockets=[self.sock])
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.dashboard.close()  # Ctrl-C on `dopsd ui` too: no temporary files stay behind
 
     def start(self) -> Server:
         self.thread = threading.Thread(target=self.run, name="dopsd-ui", daemon=True)
@@ -616,7 +695,7 @@ class Server:
         return self
 
     def stop(self) -> None:
-        self.dashboard.closing = True
+        self.dashboard.close()
         self.server.should_exit = True
         if self.thread:
             self.thread.join(10)
