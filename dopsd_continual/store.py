@@ -162,6 +162,7 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
                 raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {found if found else 'none'}); "
                                 "open it once where it can be written")
             return conn
+        path = Path(path)
         if not path.exists():  # created owner-only before SQLite opens it: its WAL and shared memory take its mode
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
