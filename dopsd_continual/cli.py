@@ -80,9 +80,60 @@ def init(
     """Create the state directory (config, SQLite, blobs/)."""
     from .store import init_state, state_dir
 
+    for w in watch:
+        if not w.exists():  # a folder to drop pictures into: made for the user, in their usual mode
+            w.mkdir(parents=True)
+            console.print(f"created the watched folder {esc(str(w))}", highlight=False)
     st = init_state(state_dir(state), recipe, list(watch), force=force)
     console.print(f"state at [bold]{esc(str(st.root))}[/bold], recipe {esc(st.config['recipe'])}, watching {len(st.watch_dirs)} folder(s)")
+    needs = _needs(st.recipe)
     st.close()
+    for line in needs:
+        console.print(line, highlight=False)
+
+
+def _needs(recipe: dict) -> list[str]:
+    """What a real recipe will need before its first round: the weights, a card, disk (planned, nothing loaded)."""
+    if recipe["model"]["name"] == "toy-shapes":
+        return []
+    from .models import missing_weights, weights_hint
+
+    out = []
+    missing = missing_weights(recipe)
+    if missing:
+        out.append("needs: " + weights_hint(recipe, missing))
+    try:
+        from . import memory
+        from .doctor import usable_gib
+
+        acct = memory.accountant(recipe)
+        gib = sum(acct.sizes.values())
+        fits = [gb for gb in (16, 24, 48, 80) if acct.plan(usable_gib(gb)).fits]
+        card = f"a {fits[0]} GB card or larger" if fits else "more than an 80 GB card"
+        out.append(f"needs: about {gib:.0f} GiB of weights on disk and in memory, {card} (`dopsd doctor --card-gb N` "
+                   "plans one)")
+    except Exception as e:  # planning is advice: it never stops init
+        out.append(f"needs: the weights and a CUDA card (no plan: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return [esc(x) for x in out]
+
+
+@app.command()
+def pull(state: Path | None = STATE_OPT) -> None:
+    """Download the recipe's model (and teacher encoder) into the Hugging Face cache, with progress; resumes."""
+    from .models import missing_weights, weights_hint
+    from .models import pull as fetch
+
+    st = _open(state)
+    recipe = st.recipe
+    st.close()
+    if not missing_weights(recipe):
+        console.print(f"{esc(recipe['model']['name'])}: every component is on this machine", highlight=False)
+        return
+    repos = fetch(recipe)
+    missing = missing_weights(recipe)
+    if missing:
+        fail(weights_hint(recipe, missing))
+    console.print(f"downloaded {', '.join(repos) or 'nothing'}; {esc(recipe['model']['name'])} is complete", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- ingest
@@ -501,6 +552,19 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
             console.print(f"  {p['outcome']} {esc(p['path'])}: {esc(p['reason'])}", highlight=False)
 
 
+@daemon_app.command("retry")
+def daemon_retry(state: Path | None = STATE_OPT) -> None:
+    """Let the daemon try again a round it holds (after a failure you have fixed)."""
+    from .store import now
+
+    st = _open(state, writes="daemon retry")
+    try:
+        st.db["meta"].upsert({"key": "retry_requested", "value": str(now())}, pk="key")
+    finally:
+        st.close()
+    console.print("the daemon tries the round again at its next chance (its schedule, a rescan or a drop)")
+
+
 def _ui_token(root: Path) -> str | None:
     """The daemon's dashboard token (ui-token, 0600): what its owner needs to open it; None for anyone else."""
     try:
@@ -518,7 +582,7 @@ def daemon_install_service(unit_dir: Path | None = typer.Option(None, "--unit-di
 
     _open(state).close()
     path = install_service(state_dir(state), unit_dir)
-    console.print(f"wrote {esc(str(path))}\nenable it with:\n  systemctl --user daemon-reload\n  systemctl --user enable --now dopsd.service\n"
+    console.print(f"wrote {esc(str(path))}\nenable it with:\n  systemctl --user daemon-reload\n  systemctl --user enable --now {path.name}\n"
                   "  loginctl enable-linger $USER   # keep it running when you log out")
 
 
@@ -549,6 +613,8 @@ def ui(
     """A local web dashboard: versions, gate reports, queue, daemon; rollback, promote, sample."""
     from .web.server import Server, token_for
 
+    if no_token and token:
+        fail("--no-token and a token (--token or DOPSD_UI_TOKEN) together: choose one")
     st = _open(state)
     root = st.root
     st.close()

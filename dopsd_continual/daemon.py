@@ -340,11 +340,20 @@ class Daemon:
                 abandon_running(st, "the daemon was stopped")
                 log.info("round abandoned: the daemon is stopping")
                 return None
-            except Exception:
-                log.exception("round failed")
+            except UserError as e:  # something the user must fix (no weights, a bad recipe, no GPU): once
+                from .rounds import abandon_running
+
+                abandon_running(st, f"the round failed: {e}")
+                self.hold(key, f"rounds held: {e}. Fix it, then `dopsd daemon retry` (a new drop or a recipe "
+                          "change retries too)")
+                return None
+            except Exception as e:
+                log.exception("round failed")  # a bug: the whole traceback, once
                 from .rounds import abandon_running
 
                 abandon_running(st, "the round failed; see logs/daemon.log")
+                self.hold(key, f"rounds held: the last round failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; "
+                          "logs/daemon.log has the details). `dopsd daemon retry` tries again")
                 return None
             finally:
                 st.close()
@@ -368,7 +377,7 @@ class Daemon:
         st = open_state(self.root)  # the recipe as it is now (a user may have edited it)
         try:
             ids = [r[0] for r in st.conn.execute("select id from samples where status='queued' order by id")]
-            return json.dumps([ids, recipe_hash(st.recipe)])
+            return json.dumps([ids, recipe_hash(st.recipe), st.meta("retry_requested")])  # `dopsd daemon retry`
         finally:
             st.close()
 
@@ -472,10 +481,19 @@ def torch_oom() -> type[BaseException]:
     return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
 
 
+def service_name(root: Path) -> str:
+    """One unit per state dir, named after it (systemd-escape style), so a second state never replaces the first."""
+    import hashlib
+    import re
+
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(root).name).strip("-")[:40] or "state"
+    return f"dopsd-{tail}-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}.service"
+
+
 def install_service(root: Path, unit_dir: Path | None = None) -> Path:
     unit_dir = unit_dir or Path.home() / ".config" / "systemd" / "user"
     unit_dir.mkdir(parents=True, exist_ok=True)
-    path = unit_dir / "dopsd.service"
+    path = unit_dir / service_name(root)
     atomic_write(path, SERVICE.format(root=root, python=sys.executable).encode(), mode=user_file_mode())
     return path
 

@@ -67,6 +67,11 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
     except UserError as e:
         source = model["source"]
         problems.append(str(e))
+    from .models import missing_weights, weights_hint
+
+    missing = missing_weights(recipe)  # each component present, nothing loaded
+    if missing and not any("not found" in p or "missing its weights" in p for p in problems):
+        problems.append(weights_hint(recipe, missing))
     from .distributed import check_processes, gpus
 
     seen = gpus()

@@ -57,6 +57,12 @@ def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     dtype = getattr(torch, model["dtype"])  # on every device: a bf16 recipe runs its bf16 path on a CPU too
     source = resolve_source(model["source"])
     apply_memory_budget(float(model["memory_budget_gib"]), device)
+    missing = missing_weights(recipe)
+    if missing and isinstance(source, str) and not offline():
+        pull(recipe)  # the first load downloads, with progress, what the recipe needs
+        missing = missing_weights(recipe)
+    if missing:
+        raise UserError(weights_hint(recipe, missing))
     try:
         skip = {} if encoders else {"text_encoder": None, "tokenizer": None}
         pipe = cls.from_pretrained(source, dtype=dtype, **skip)
@@ -79,3 +85,112 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _snapshot(repo: str) -> Path | None:
+    """The local snapshot folder of a Hugging Face repository in the cache, without any network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo, "model_index.json")
+        if not isinstance(hit, str):
+            hit = try_to_load_from_cache(repo, "config.json")
+        return Path(hit).parent if isinstance(hit, str) else None
+    except Exception:
+        return None
+
+
+def _component_missing(folder: Path) -> str | None:
+    """Why a component folder cannot load: no config, no weights, or a shard its index names is absent."""
+    import json
+
+    if not folder.is_dir():
+        return "missing"
+    if not (folder / "config.json").exists():  # a scheduler or a tokenizer has no weights to have
+        others = ("scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json", "tokenizer.json")
+        return None if any((folder / n).exists() for n in others) else "no config"
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return f"{index.name} unreadable"
+        absent = sorted(sh for sh in shards if not (folder / sh).exists())
+        if absent:
+            return f"{len(absent)} of {len(shards)} weight shard(s) absent"
+        return None
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return "no weights"
+    return None
+
+
+def missing_weights(recipe: dict) -> list[str]:
+    """What of the recipe's model is not on this machine ("transformer: no weights", ...), loading nothing.
+    The embedded toy model and a local folder are read where they are; a Hugging Face id in its cache."""
+    import json
+
+    model = recipe["model"]
+    out = []
+    sources = [("", model["source"])] + ([("teacher encoder ", model["teacher_encoder"])] if model.get("teacher_encoder") else [])
+    for label, src in sources:
+        try:
+            where = resolve_source(src)
+        except UserError as e:
+            out.append(f"{label or 'model'}: {e}")
+            continue
+        root = where if isinstance(where, Path) else _snapshot(where)
+        if root is None:
+            out.append(f"{label}{src}: not downloaded")
+            continue
+        index = root / "model_index.json"
+        if index.exists():
+            comps = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None]
+            out += [f"{label}{c}: {why}" for c in comps if (why := _component_missing(root / c))]
+        elif (why := _component_missing(root)):
+            out.append(f"{label}{src}: {why}")
+    return out
+
+
+def weights_hint(recipe: dict, missing: list[str]) -> str:
+    """One line: what is missing and the one command that gets it."""
+    model = recipe["model"]
+    ids = [s for s in (model["source"], model.get("teacher_encoder") or "") if s and not Path(s).expanduser().exists()
+           and not s.startswith(("embedded:", ".", "/", "~"))]
+    fix = "`dopsd pull` downloads them" + (f" (or `hf download {ids[0]}`)" if ids else "") if ids else \
+        "the local folder is incomplete: copy the missing parts into it"
+    shown = "; ".join(missing[:3]) + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"the weights of {model['name']} are not all on this machine ({shown}): {fix}"
+
+
+def pull(recipe: dict) -> list[str]:
+    """Download what the recipe needs from the Hugging Face Hub into its cache, with progress bars, resuming what
+    an earlier try left; returns the repositories fetched. Local folders and the embedded model need nothing."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import enable_progress_bars
+
+    model = recipe["model"]
+    repos = []
+    for src in (model["source"], model.get("teacher_encoder") or ""):
+        if not src or src.startswith("embedded:") or Path(src).expanduser().exists() or src.startswith((".", "/", "~")):
+            continue
+        repos.append(src)
+    if repos and offline():
+        raise UserError(f"HF_HUB_OFFLINE is set: nothing can be downloaded ({', '.join(repos)})")
+    enable_progress_bars()
+    os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    for repo in repos:
+        try:
+            snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"])
+        except Exception as e:  # no network, no access (a gated model), no space: one line
+            raise UserError(f"cannot download {repo}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return repos

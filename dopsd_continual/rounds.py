@@ -113,8 +113,7 @@ def _interrupt(state: State, r: dict, message: str) -> str:
             if v["status"] == "candidate":
                 state.db["versions"].update(vid, {"status": "interrupted", "reasons": json.dumps([message])})
         except UserError:
-            state.db["versions"].insert({"id": vid, "parent": None, "status": "interrupted", "created_at": now(),
-                                         "samples": r["samples"], "metrics": "{}", "reasons": json.dumps([message])})
+            pass  # stopped before its candidate existed: no version is left behind (the round's row says why)
         for sid in json.loads(r["samples"] or "[]"):
             row = state.db["samples"].get(sid)
             if row["status"] == "training":

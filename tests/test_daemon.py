@@ -123,15 +123,18 @@ def test_kill_9_of_a_round_leaves_everything_recoverable(tmp_path, when):
     with round_lock(st2):
         assert recover(st2) == ["v1"]
     assert st2.db["rounds"].get(1)["status"] == "interrupted"
-    assert st2.db["versions"].get("v1")["status"] == "interrupted"
+    versions = {r["id"]: r["status"] for r in st2.db["versions"].rows}
+    # a round stopped before its candidate existed leaves no version behind; one stopped in its gate, its candidate
+    assert versions == ({"v0": "accepted", "v1": "interrupted"} if when == "gate" else {"v0": "accepted"})
     assert not (st2.adapters / "v1").exists()
     assert st2.db.execute("select count(*) from samples where status != 'queued'").fetchone()[0] == 0
     # the next round succeeds (short)
     from dopsd_continual.rounds import run_round
 
     r = run_round(st2, steps=2)
-    assert r["version"] == "v2" and st2.db["versions"].get("v2")["status"] == r["verdict"]
-    assert st2.active_version == ("v2" if r["verdict"] == "accepted" else active)
+    nxt = "v2" if when == "gate" else "v1"
+    assert r["version"] == nxt and st2.db["versions"].get(nxt)["status"] == r["verdict"]
+    assert st2.active_version == (nxt if r["verdict"] == "accepted" else active)
     st2.close()
     st.close()
 
@@ -184,11 +187,18 @@ def test_install_service_writes_a_unit(tmp_path, watch):
 
     from dopsd_continual.cli import app
 
-    init_state(tmp_path / "s", None, [watch]).close()
-    r = CliRunner().invoke(app, ["daemon", "install-service", "--unit-dir", str(tmp_path / "units"), "--state", str(tmp_path / "s")])
-    assert r.exit_code == 0
-    unit = (tmp_path / "units" / "dopsd.service").read_text()
-    assert "ExecStart=" in unit and str(tmp_path / "s") in unit and "systemctl --user enable" in r.output
+    units = {}
+    for name in ("s", "t"):  # two states on one account: two units, neither replaces the other
+        init_state(tmp_path / name, None, [watch]).close()
+        r = CliRunner().invoke(app, ["daemon", "install-service", "--unit-dir", str(tmp_path / "units"),
+                                     "--state", str(tmp_path / name)])
+        assert r.exit_code == 0
+        (path,) = set((tmp_path / "units").glob("*.service")) - set(units.values())
+        units[name] = path
+        unit = path.read_text()
+        assert "ExecStart=" in unit and str(tmp_path / name) in unit
+        assert f"systemctl --user enable --now {path.name}" in r.output
+    assert units["s"].name != units["t"].name and units["s"].name.startswith("dopsd-s-")
 
 
 def test_a_round_the_card_cannot_hold_is_held_with_its_reason_until_something_changes(tmp_path, watch, monkeypatch):
@@ -215,5 +225,36 @@ def test_a_round_the_card_cannot_hold_is_held_with_its_reason_until_something_ch
     monkeypatch.setattr(memory, "device_plan", lambda recipe, device: None)  # e.g. the user changed the card
     assert d.round_job("schedule")["version"] == "v1" and d.held is None
     assert calls == ["checked", 1, "checked"]  # the daemon's check, the round (which checks again)
+    d.state.close()
+    st.close()
+
+
+def test_a_failing_round_is_held_once_with_its_fix_and_retried_on_request(tmp_path, watch, monkeypatch, caplog):
+    from typer.testing import CliRunner
+
+    from dopsd_continual import rounds
+    from dopsd_continual.cli import app
+    from dopsd_continual.errors import UserError
+    from dopsd_continual.ingest import ingest_paths
+
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1)), [watch])
+    make_pair(watch, "one", seed=1)
+    ingest_paths(st)
+    calls = []
+
+    def no_weights(*a, **k):
+        calls.append(1)
+        raise UserError("the weights of flux2-klein-4b are not on this machine: get them with `dopsd pull`")
+
+    monkeypatch.setattr(rounds, "run_round", no_weights)
+    d = Daemon(st.root, install_signals=False)
+    assert d.round_job("schedule") is None and len(calls) == 1
+    assert "dopsd pull" in d.held["reason"] and "dopsd daemon retry" in d.held["reason"]
+    for _ in range(3):  # every later rescan or schedule: not tried again, not logged again
+        assert d.round_job("schedule") is None
+    assert len(calls) == 1 and sum("rounds held" in r.message for r in caplog.records) == 1
+    assert count(st.root, "versions") == 1 and count(st.root, "samples where status='queued'") == 1
+    assert CliRunner().invoke(app, ["daemon", "retry", "--state", str(st.root)]).exit_code == 0
+    assert d.round_job("schedule") is None and len(calls) == 2  # tried again after `dopsd daemon retry`
     d.state.close()
     st.close()

@@ -167,12 +167,18 @@ def test_a_stopped_server_with_event_streams_open_logs_no_traceback(root, capfd)
 
     from dopsd_continual.web.server import Server
 
-    s = Server(root, "127.0.0.1", 0, TOKEN).start()
-    url = f"http://127.0.0.1:{s.port}"
-    with httpx.Client(base_url=url) as h:
-        h.get(f"/?token={TOKEN}")
-        with h.stream("GET", "/events") as r:
-            next(r.iter_lines())
-            s.stop()
-    err = capfd.readouterr().err
-    assert "Traceback" not in err and "CancelledError" not in err
+    for how in ("stop", "signal"):  # Server.stop(), and what Ctrl-C does: uvicorn's own should_exit
+        s = Server(root, "127.0.0.1", 0, TOKEN).start()
+        url = f"http://127.0.0.1:{s.port}"
+        with httpx.Client(base_url=url) as h:
+            h.get(f"/?token={TOKEN}")
+            with h.stream("GET", "/events") as r:
+                next(r.iter_lines())
+                if how == "stop":
+                    s.stop()
+                else:
+                    s.server.should_exit = True
+                    s.thread.join(20)
+                    assert not s.thread.is_alive()
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "CancelledError" not in err and "ERROR" not in err, (how, err)

@@ -103,6 +103,7 @@ class Dashboard:
         self._sampler_state = None
         self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
         self.closing = False  # set when the server stops: open event streams end
+        self.stopping = lambda: False  # the server's "shutting down" (a signal to uvicorn), set by Server
         self.app = self._build()
 
     # ------------------------------------------------------------------------------------------ plumbing
@@ -224,7 +225,7 @@ class Dashboard:
             last = None
             yield "retry: 3000\n\n"
             try:
-                while not self.closing and not await request.is_disconnected():
+                while not self.closing and not self.stopping() and not await request.is_disconnected():
                     now = await asyncio.to_thread(self.fingerprint)
                     if now != last:
                         if last is not None:
@@ -677,6 +678,7 @@ class Server:
         self.dashboard = Dashboard(root, host, token, no_token, port=self.port)
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=2))
+        self.dashboard.stopping = lambda: self.server.should_exit  # Ctrl-C: open event streams end within a second
         self.thread: threading.Thread | None = None
 
     @property
