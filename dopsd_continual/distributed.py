@@ -121,7 +121,7 @@ def train_in_processes(state, job_dir: Path, job: dict, n: int, device_type: str
             raise UserError(f"a training process failed: {_failure(log_path)}")
         res = json.loads((job_dir / RESULT).read_text())
         log_path.unlink(missing_ok=True)  # kept only when a rank failed
-        return TrainResult(Delta.load(job_dir / DELTA), res["losses"], res["seconds"], res["samples_per_s"])
+        return TrainResult(Delta.load(job_dir / DELTA), res["losses"], res["seconds"], res["samples_per_s"], res.get("seen", []))
     finally:
         if proc.poll() is None:
             _stop(proc)
@@ -204,7 +204,7 @@ def rank_main(job_dir: Path) -> None:
         if acc.is_main_process:
             result.delta.save(job_dir / DELTA)
             atomic_write(job_dir / RESULT, json.dumps({"losses": result.losses, "seconds": result.seconds,
-                                                       "samples_per_s": result.samples_per_s}).encode())
+                                                       "samples_per_s": result.samples_per_s, "seen": result.seen}).encode())
         acc.wait_for_everyone()
     finally:
         state.close()

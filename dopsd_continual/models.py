@@ -141,11 +141,15 @@ def missing_weights(recipe: dict) -> list[str]:
     out = []
     sources = [("", model["source"])] + ([("teacher encoder ", model["teacher_encoder"])] if model.get("teacher_encoder") else [])
     for label, src in sources:
-        try:
-            where = resolve_source(src)
-        except UserError as e:
-            out.append(f"{label or 'model'}: {e}")
-            continue
+        local = Path(src).expanduser()
+        if label and local.is_dir():  # the teacher encoder: a transformers folder (config.json, no model_index.json)
+            where = local
+        else:
+            try:
+                where = resolve_source(src)
+            except UserError as e:
+                out.append(f"{label or 'model'}: {e}")
+                continue
         root = where if isinstance(where, Path) else _snapshot(where)
         if root is None:
             out.append(f"{label}{src}: not downloaded")

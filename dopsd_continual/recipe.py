@@ -54,6 +54,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "schedule": ((str, list), "pipeline"),
         "batch": (int, 1),
         "replay_ratio": ((int, float), 0.25),
+        "views_per_sample": (int, 2),  # a round takes the new samples its steps can draw this many times each
         "ema_decay": ((int, float), 0.9999),
         "mixed_precision": (str, "no"),
         "gradient_checkpointing": ((bool, int, float), False),
@@ -152,7 +153,7 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
             else:
                 sec[k] = copy.deepcopy(default)
         out[section] = sec
-    for k in ("rank", "steps", "K", "batch", "processes"):
+    for k in ("rank", "steps", "K", "batch", "processes", "views_per_sample"):
         if out["train"][k] < 1:
             raise UserError(f"{where}: train.{k} must be >= 1")
     if not 0 <= out["train"]["replay_ratio"] < 1:

@@ -157,7 +157,7 @@ def run_round(
     from .memory import check_fits
     from .placement import PhaseLog, compute_device
     from .sampling import Sampler, image_tensor
-    from .training import FeatureCache, make_backend, train_delta
+    from .training import FeatureCache, make_backend, new_per_round, train_delta
 
     recipe = state.recipe
     train = dict(recipe["train"])
@@ -180,6 +180,10 @@ def run_round(
         new, replay = select_samples(state)
         if not new:
             raise UserError("no queued samples: drop image + caption pairs into a watched folder and run `dopsd ingest`")
+        new = new[: new_per_round(train, bool(replay))]  # the oldest first; the rest wait for the next rounds
+        tries = max((s["rejections"] or 0) for s in new)
+        if tries:  # a batch rejected before is not retrained unchanged: another seed draws other noise and batches
+            train["seed"] = int(train["seed"]) + tries
         parent = state.active_version
         vid = next_version_id(state)
         ids = [s["id"] for s in new]
@@ -216,7 +220,7 @@ def run_round(
                 feats_replay = [features(s) for s in replay]
                 backend.release_encoders()
                 if recipe["gate"]["enabled"]:  # the text encoder is on the GPU now: the gate's prompts too
-                    sampler.prompt_features(Gate(state, sampler).texts(new))
+                    sampler.prompt_features(Gate(state, sampler).texts(gate_choice(new)))
             with phases("train"):
                 if n_proc > 1:  # the ranks load their own transformer: this one waits in CPU memory
                     sampler.place.use("idle")
@@ -241,8 +245,10 @@ def run_round(
                                      "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
                                      "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
                                      "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
+        seen_ids = [new[i]["id"] for i in result.seen]
         metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
-                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc}
+                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc,
+                   "seed": int(train["seed"]), "samples_trained": len(seen_ids), "samples_taken": len(new)}
         reasons: list[str] = []
         if recipe["gate"]["enabled"]:
             with phases("gate"):
@@ -258,25 +264,38 @@ def run_round(
             metrics["gate"] = "disabled in the recipe: accepted without checks"
             metrics["phases"] = phases.records
         verdict = "rejected" if reasons else "accepted"
-        commit_verdict(state, rid, vid, new, verdict, reasons, metrics)
+        commit_verdict(state, rid, vid, new, verdict, reasons, metrics, seen_ids)
         return {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": metrics,
                 "samples": ids, "active": state.active_version}
 
 
-def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: str, reasons: list[str], metrics: dict) -> None:
+def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: str, reasons: list[str], metrics: dict,
+                   seen: list[int] | None = None) -> None:
+    """The verdict on the version and its samples. `used` means trained on: a sample the round took but no step
+    drew goes back to the queue as it was (seen: the ids drawn; None: all of them)."""
     limit = state.recipe["gate"]["max_rejections_per_sample"]
+    seen_set = set(seen) if seen is not None else {s["id"] for s in new}
     with state.conn:
         state.conn.execute("BEGIN IMMEDIATE")
         state.db["versions"].update(vid, {"status": verdict, "metrics": json.dumps(metrics), "reasons": json.dumps(reasons)})
         for s in new:
             row = state.db["samples"].get(s["id"])
+            if s["id"] not in seen_set:
+                state.db["samples"].update(s["id"], {"status": "queued", "updated_at": now(), "history": _history(
+                    row["history"], {"event": f"round {vid} took it but drew it in no step: queued again"})})
+                continue
             rounds = json.loads(row["rounds"] or "[]") + [vid]
             if verdict == "accepted":
                 upd = {"status": "used", "rounds": json.dumps(rounds)}
             else:
                 n = (row["rejections"] or 0) + 1
                 upd = {"status": "set_aside" if n >= limit else "queued", "rejections": n, "rounds": json.dumps(rounds)}
-            upd["history"] = _history(row["history"], {"event": f"round {vid} {verdict}"})
+            event = {"event": f"round {vid} {verdict}"}
+            if verdict == "rejected":
+                event["reasons"] = reasons
+                if upd["status"] == "set_aside":
+                    event["event"] += f": set aside after {upd['rejections']} rejected rounds (`dopsd queue retry` brings it back)"
+            upd["history"] = _history(row["history"], event)
             upd["updated_at"] = now()
             state.db["samples"].update(s["id"], upd)
         if verdict == "accepted":
@@ -284,10 +303,19 @@ def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: s
         state.db["rounds"].update(rid, {"status": "done", "finished_at": now(), "progress": 1.0, "message": verdict})
 
 
+GATE_CONCEPTS = 8  # the round's captions the gate samples: the same cost for 8 new pairs or 2,000
+
+
 def gate_samples(state: State, samples: list[dict]) -> list[dict]:
-    """The round's samples as the gate needs them: caption, hash and the picture at the model's size."""
+    """The round's samples as the gate needs them (caption, hash, the picture at the model's size), at most
+    GATE_CONCEPTS of them, chosen by their hashes: the same choice every time for the same samples."""
     h, w = state.recipe["model"]["height"], state.recipe["model"]["width"]
-    return [{"caption": s["caption"], "sha256": s["sha256"], "image": fit(sample_image(state, s), w, h)} for s in samples]
+    return [{"caption": s["caption"], "sha256": s["sha256"], "image": fit(sample_image(state, s), w, h)}
+            for s in gate_choice(samples)]
+
+
+def gate_choice(samples: list[dict]) -> list[dict]:
+    return sorted(samples, key=lambda s: s["sha256"])[:GATE_CONCEPTS]
 
 
 def fit(im, w: int, h: int):

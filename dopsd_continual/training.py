@@ -287,6 +287,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     samples_per_s: float = 0.0
+    seen: list[int] = field(default_factory=list)  # indices of the new samples some step drew (trained on)
 
 
 def train_delta(
@@ -327,8 +328,9 @@ def train_delta(
         amp_dtype = torch.bfloat16 if train.get("mixed_precision") == "bf16" else torch.float16
         t0 = time.time()
         tr.train()
+        seen: set[int] = set()
         _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
-                    steps, bs, amp, amp_dtype, losses, dist)
+                    steps, bs, amp, amp_dtype, losses, dist, seen)
         delta = from_peft(tr, STUDENT, alpha / rank)  # the adapter's A and B (the base weights do not enter)
     finally:  # one way out, trained or not: the plain transformer with its exact weights
         tr.eval()
@@ -343,17 +345,17 @@ def train_delta(
             tr.to(home)
     seconds = time.time() - t0
     world = dist.num_processes if dist is not None else 1
-    return TrainResult(delta, losses, seconds, steps * bs * world / max(seconds, 1e-9))
+    return TrainResult(delta, losses, seconds, steps * bs * world / max(seconds, 1e-9), sorted(seen))
 
 
 def _train_loop(backend, new, replay, train, objective, progress, should_stop, gen, opt, student, teacher, sigmas,
-                steps, bs, amp, amp_dtype, losses, dist=None) -> None:
+                steps, bs, amp, amp_dtype, losses, dist=None, seen: set | None = None) -> None:
     world, rank = (dist.num_processes, dist.process_index) if dist is not None else (1, 0)
     mine = slice(rank * bs, (rank + 1) * bs)  # every rank draws the global batch; this rank computes its slice
     for step in range(steps):
         if should_stop and should_stop():
             raise InterruptedError("round stopped")
-        feats = pick_batch(new, replay, bs * world, float(train["replay_ratio"]), gen)
+        feats = pick_batch(new, replay, bs * world, float(train["replay_ratio"]), gen, seen)
         noise = torch.randn((len(feats), *feats[0]["latents"].shape), generator=gen)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=amp):
@@ -387,9 +389,27 @@ def average_gradients(dist, params: list[torch.nn.Parameter], loss: float) -> fl
     return float(flat[-1])
 
 
-def pick_batch(new: list[dict], replay: list[dict], bs: int, replay_ratio: float, gen: torch.Generator) -> list[dict]:
+def pick_batch(new: list[dict], replay: list[dict], bs: int, replay_ratio: float, gen: torch.Generator,
+               seen: set | None = None) -> list[dict]:
+    """bs samples drawn with replacement, replay_ratio of them (in expectation) from replay; `seen` collects
+    the indices of the new samples drawn."""
     out = []
     for _ in range(bs):
-        pool = replay if replay and float(torch.rand(1, generator=gen)) < replay_ratio else new
-        out.append(pool[int(torch.randint(len(pool), (1,), generator=gen))])
+        from_replay = replay and float(torch.rand(1, generator=gen)) < replay_ratio
+        pool = replay if from_replay else new
+        i = int(torch.randint(len(pool), (1,), generator=gen))
+        if not from_replay and seen is not None:
+            seen.add(i)
+        out.append(pool[i])
     return out
+
+
+def new_per_round(train: dict, has_replay: bool) -> int:
+    """How many new samples one round takes: what its steps can show each of them `views_per_sample` times
+    (the rest wait for the next rounds, so a big drop is learned over several rounds)."""
+    import math
+
+    draws = int(train["steps"]) * int(train["batch"]) * int(train.get("processes", 1))
+    if has_replay:
+        draws = draws * (1 - float(train["replay_ratio"]))
+    return max(1, math.floor(draws / max(1, int(train.get("views_per_sample", 2)))))

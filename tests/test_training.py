@@ -230,3 +230,65 @@ def test_a_setup_error_leaves_the_transformer_as_it_was(backend, feats):
     after = b.transformer.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not b.transformer.training
+
+
+def test_a_big_drop_is_learned_over_rounds_and_used_means_trained_on(tmp_path):
+    """500 pairs at once: each round takes what its steps can draw `views_per_sample` times, marks used only the
+    samples some step drew, leaves the rest queued; the gate's concept set stays bounded."""
+    import json
+    import re
+
+    from conftest import make_pair
+    from test_daemon import fast_recipe
+
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.rounds import GATE_CONCEPTS, gate_choice, run_round
+    from dopsd_continual.store import init_state
+    from dopsd_continual.training import new_per_round
+
+    drop = tmp_path / "drop"
+    for i in range(500):
+        make_pair(drop, f"p{i:03d}", caption="a small red circle in the center, white background", seed=i, size=(32, 32))
+    recipe = fast_recipe(tmp_path, steps=12)
+    recipe.write_text(re.sub(r"(?m)^replay_ratio = .*$", "replay_ratio = 0.25\nviews_per_sample = 1", recipe.read_text(), count=1))
+    st = init_state(tmp_path / "s", str(recipe), [drop])
+    assert len(ingest_paths(st).queued) == 500
+    for round_no in range(2):
+        queued_before = st.conn.execute("select count(*) from samples where status='queued'").fetchone()[0]
+        r = run_round(st)
+        m = r["metrics"]
+        assert m["samples_taken"] == len(r["samples"]) == new_per_round(dict(st.recipe["train"]), round_no > 0)
+        assert m["samples_taken"] < 100 and 0 < m["samples_trained"] <= m["samples_taken"]
+        rows = {row["id"]: row for row in st.rows("select id, status, rounds, history from samples")}
+        used_now = [i for i in r["samples"] if rows[i]["status"] == "used"]
+        assert len(used_now) == m["samples_trained"]  # used = trained on, nothing else
+        for i in r["samples"]:
+            if rows[i]["status"] == "queued":  # taken, never drawn: back in the queue, no round recorded
+                assert json.loads(rows[i]["rounds"]) == [] and "drew it in no step" in rows[i]["history"]
+        queued_after = st.conn.execute("select count(*) from samples where status='queued'").fetchone()[0]
+        assert queued_after == queued_before - m["samples_trained"]
+    assert len(gate_choice([dict(sha256=f"{i:04x}") for i in range(500)])) == GATE_CONCEPTS
+    st.close()
+
+
+def test_a_rejected_batch_is_not_retrained_unchanged(tmp_path, monkeypatch):
+    from conftest import make_pair
+    from test_daemon import fast_recipe
+
+    from dopsd_continual import rounds
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.store import init_state
+
+    drop = tmp_path / "drop"
+    for i in range(3):
+        make_pair(drop, f"p{i}", seed=i)
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, steps=2)), [drop])
+    ingest_paths(st)
+    real = rounds.commit_verdict
+    monkeypatch.setattr(rounds, "commit_verdict", lambda state, rid, vid, new, verdict, reasons, metrics, seen=None:
+                        real(state, rid, vid, new, "rejected", ["forced for the test"], metrics, seen))
+    first = rounds.run_round(st)
+    second = rounds.run_round(st)
+    assert first["metrics"]["seed"] != second["metrics"]["seed"]  # another seed: other noise, other batches
+    assert first["metrics"]["loss_first"] != second["metrics"]["loss_first"]
+    st.close()
