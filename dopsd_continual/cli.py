@@ -207,27 +207,48 @@ def queue_list(
     console.print(t)
 
 
-def _queue_action(state: Path | None, sample_id: int, action: str) -> None:
+def _queue_action(state: Path | None, ids: list[int], status: str | None, every: bool, action: str) -> None:
+    """`queue retry|drop`: the ids given, or every sample with --status S, or --all; one transaction."""
     from .ingest import queue_action
+    from .store import SAMPLE_STATUSES
 
+    if status is not None and status not in SAMPLE_STATUSES:
+        fail(f"unknown status {status!r}; one of {', '.join(SAMPLE_STATUSES)}")
+    if bool(ids) + (status is not None) + every != 1:
+        fail(f"`queue {action}` takes sample ids, or --status S, or --all (one of them)")
     st = _open(state, writes=f"queue {action}")
     try:
-        status = queue_action(st, sample_id, action)
+        if not ids:
+            where, args = ("where status = ?", [status]) if status else ("", [])
+            ids = [r[0] for r in st.conn.execute(f"select id from samples {where} order by id", args)]
+        with st.conn:
+            st.conn.execute("BEGIN IMMEDIATE")
+            done = [(i, queue_action(st, i, action)) for i in ids]
     finally:
         st.close()
-    console.print(f"sample {sample_id}: {status}")
+    if len(done) <= 20:
+        for i, new in done:
+            console.print(f"sample {i}: {new}")
+    else:
+        console.print(f"{len(done)} samples: {done[0][1]}")
+
+
+IDS = typer.Argument(None, help="sample ids (or --status S, or --all)")
+FOR_STATUS = typer.Option(None, "--status", help="every sample with this status: " + SAMPLE_STATUS_HELP)
 
 
 @queue_app.command("retry")
-def queue_retry(sample_id: int, state: Path | None = STATE_OPT) -> None:
-    """Put a sample back in the queue."""
-    _queue_action(state, sample_id, "retry")
+def queue_retry(ids: list[int] = IDS, status: str | None = FOR_STATUS,
+                every: bool = typer.Option(False, "--all", help="every sample"), state: Path | None = STATE_OPT) -> None:
+    """Put samples back in the queue (`queue retry --status set_aside` brings back what the gate set aside)."""
+    _queue_action(state, ids or [], status, every, "retry")
 
 
 @queue_app.command("drop")
-def queue_drop(sample_id: int, state: Path | None = STATE_OPT) -> None:
-    """Take a sample out of training (its blob and record stay)."""
-    _queue_action(state, sample_id, "drop")
+def queue_drop(ids: list[int] = IDS, status: str | None = FOR_STATUS,
+               every: bool = typer.Option(False, "--all", help="every sample"), state: Path | None = STATE_OPT) -> None:
+    """Take samples out of training (their blobs and records stay)."""
+    _queue_action(state, ids or [], status, every, "drop")
 
 
 # ------------------------------------------------------------------------------------------------- toy
@@ -541,6 +562,10 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
         console.print(f"next round: {s['next_round_at']}")
     if s.get("held"):
         console.print(esc(s["held"]), highlight=False)
+    if s.get("set_aside"):
+        a = s["set_aside"]
+        console.print(f"{a['count']} sample(s) set aside by the gate: " + esc("; ".join(a["reasons"])) + f". {a['hint']}",
+                      highlight=False)
     if s.get("ui"):
         token = _ui_token(st.root)
         console.print(f"dashboard: {s['ui']}" + (f"?token={token}" if token else ""), highlight=False)

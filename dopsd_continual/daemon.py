@@ -84,8 +84,22 @@ def status(state: State) -> dict:
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
             "heartbeat_at": info.get("heartbeat_at") if running else None, "ui": info.get("ui") if running else None,
-            "held": info.get("held") if running else None,
+            "held": info.get("held") if running else None, "set_aside": set_aside(state),
             "last_scan": json.loads(state.meta("last_scan") or "null")}
+
+
+def set_aside(state: State) -> dict | None:
+    """How many samples the gate set aside, and the reasons of the rounds that set them aside (most frequent first)."""
+    rows = state.conn.execute("select history from samples where status = 'set_aside'").fetchall()
+    if not rows:
+        return None
+    reasons: dict[str, int] = {}
+    for (h,) in rows:
+        last = next((e for e in reversed(json.loads(h or "[]")) if e.get("reasons")), {})
+        for r in last.get("reasons", []) or ["no reason recorded"]:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"count": len(rows), "reasons": sorted(reasons, key=reasons.get, reverse=True)[:3],
+            "hint": "`dopsd queue retry --status set_aside` brings them back"}
 
 
 def setup_logging(state: State, foreground: bool) -> None:
@@ -400,6 +414,12 @@ class Daemon:
         if self._sampler is not None:
             self._sampler = None
             gc.collect()
+            try:  # glibc keeps freed model memory in its arenas: hand it back, so an idle daemon is small again
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
             try:
                 import torch
 

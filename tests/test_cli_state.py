@@ -37,8 +37,11 @@ def test_bad_recipe_and_paths_are_one_line_errors(tmp_path):
     bad.write_text('[train]\nlr = "fast"\n[model]\nname="x"\nbackend="flux2-klein"\nsource="y"\n')
     r = run("init", "--state", tmp_path / "s", "--recipe", bad)
     assert r.exit_code == 1 and "train.lr" in r.output and "Traceback" not in r.output
-    r = run("init", "--state", tmp_path / "s", "--watch", tmp_path / "nope")
-    assert r.exit_code == 1 and "nope" in r.output
+    r = run("init", "--state", tmp_path / "s", "--watch", tmp_path / "nope")  # a folder to make: made, and said
+    assert r.exit_code == 0 and "created the watched folder" in r.output and (tmp_path / "nope").is_dir()
+    (tmp_path / "afile").write_text("x")
+    r = run("init", "--state", tmp_path / "s", "--watch", tmp_path / "afile")
+    assert r.exit_code == 1 and "afile" in r.output and "not a folder" in r.output
     r = run("queue", "list", "--state", tmp_path / "missing")
     assert r.exit_code == 1 and "dopsd init" in r.output
     broken = tmp_path / "broken.toml"
@@ -119,3 +122,31 @@ def test_commands_that_read_the_database_import_no_model_library(tmp_path, args)
     assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
     if args == ["--version"]:
         assert r.stdout.startswith("dopsd ")
+
+
+def test_queue_retry_and_drop_take_several_ids_a_status_or_all(tmp_path):
+    from conftest import make_pair
+
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.store import init_state
+
+    drop = tmp_path / "drop"
+    for i in range(5):
+        make_pair(drop, f"p{i}", seed=i)
+    st = init_state(tmp_path / "s", None, [drop])
+    ingest_paths(st)
+    st.close()
+    s = tmp_path / "s"
+
+    def statuses():
+        return [row["status"] for row in json.loads(run("queue", "list", "--json", "--state", s).output)]
+
+    assert run("queue", "drop", "1", "2", "3", "--state", s).exit_code == 0
+    assert sorted(statuses()) == ["dropped"] * 3 + ["queued"] * 2
+    assert run("queue", "retry", "--status", "dropped", "--state", s).exit_code == 0
+    assert statuses() == ["queued"] * 5
+    assert run("queue", "drop", "--all", "--state", s).exit_code == 0 and statuses() == ["dropped"] * 5
+    r = run("queue", "retry", "1", "99", "--state", s)  # one unknown id: nothing changes, one line
+    assert r.exit_code == 1 and "99" in r.output and statuses() == ["dropped"] * 5
+    r = run("queue", "retry", "--state", s)
+    assert r.exit_code == 1 and "--status S, or --all" in r.output

@@ -258,3 +258,26 @@ def test_a_failing_round_is_held_once_with_its_fix_and_retried_on_request(tmp_pa
     assert d.round_job("schedule") is None and len(calls) == 2  # tried again after `dopsd daemon retry`
     d.state.close()
     st.close()
+
+
+def test_status_says_how_many_samples_were_set_aside_and_why(tmp_path, watch):
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.rounds import commit_verdict
+
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    for i in range(2):
+        make_pair(watch, f"p{i}", seed=i)
+    ingest_paths(st)
+    new = [dict(r) for r in st.db["samples"].rows]
+    limit = st.recipe["gate"]["max_rejections_per_sample"]
+    for n in range(limit):
+        vid = f"v{n + 1}"
+        st.db["versions"].insert({"id": vid, "parent": "v0", "status": "candidate", "created_at": 0, "samples": "[]",
+                                  "metrics": "{}", "reasons": "[]"})
+        rid = st.db["rounds"].insert({"version": vid, "status": "running", "pid": os.getpid(), "started_at": 0,
+                                      "progress": 0, "samples": "[]"}).last_pk
+        commit_verdict(st, rid, vid, new, "rejected", ["drift 0.300 on held-out prompts > 0.12"], {})
+    s = status(st)["set_aside"]
+    assert s["count"] == 2 and s["reasons"] == ["drift 0.300 on held-out prompts > 0.12"]
+    assert "queue retry --status set_aside" in s["hint"]
+    st.close()

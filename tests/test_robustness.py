@@ -454,7 +454,7 @@ def test_every_command_meets_bad_paths_numbers_and_state_without_a_traceback(sha
                  ["versions", "export", "v1", "--out", a_file], ["versions", "export", "v1", "--format", "ckpt", "--out", a_dir],
                  ["versions", "export", "v0", "--out", a_dir], ["versions", "show", "nope"], ["versions", "rollback", "v0x"],
                  ["queue", "list", "--status", "rejected"], ["queue", "retry", "abc"], ["ingest", shared / "gone"],
-                 ["init", "--recipe", "no-such"], ["init", "--watch", shared / "gone"], ["init", "--watch", a_file],
+                 ["init", "--recipe", "no-such"], ["init", "--watch", a_file],
                  ["eval", "v0"]):
         cases.append([*args, "--state", root])
     cases += [["toy", "pack", "nope", "--out", a_dir], ["toy", "pack", "heart"]]
