@@ -315,7 +315,9 @@ def gate_samples(state: State, samples: list[dict]) -> list[dict]:
 
 
 def gate_choice(samples: list[dict]) -> list[dict]:
-    return sorted(samples, key=lambda s: s["sha256"])[:GATE_CONCEPTS]
+    """At most GATE_CONCEPTS of the samples, the same ones every time (the lowest hashes), in their order."""
+    keep = {s["sha256"] for s in sorted(samples, key=lambda s: s["sha256"])[:GATE_CONCEPTS]}
+    return [s for s in samples if s["sha256"] in keep]
 
 
 def fit(im, w: int, h: int):
