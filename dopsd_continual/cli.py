@@ -311,8 +311,12 @@ def train(
         fail(f"--objective must be dopsd or sft, got {objective!r}")
     st = _open(state, writes="train")
     if as_json:
-        result = run_round(st, objective, steps, lr, wait_for_lock=wait, processes=processes)
-        st.close()
+        try:
+            result = run_round(st, objective, steps, lr, wait_for_lock=wait, processes=processes)
+        except KeyboardInterrupt:
+            _stopped()
+        finally:
+            st.close()
         emit_json({k: result[k] for k in ("version", "verdict", "reasons", "metrics", "parent", "samples", "active")})
         return
     # the bar appears with the first step, so an error before training (no queued samples) is the only output
@@ -332,6 +336,11 @@ def train(
 
     try:
         result = run_round(st, objective, steps, lr, progress=progress, wait_for_lock=wait, processes=processes)
+    except KeyboardInterrupt:
+        if task is not None:
+            bar.stop()
+            task = None
+        _stopped()
     finally:
         if task is not None:
             bar.stop()
@@ -340,6 +349,13 @@ def train(
     console.print(f"[{colour}]{result['verdict']}[/{colour}] {result['version']} (parent {result['parent']}); active is {result['active']}")
     for r in result["reasons"]:
         console.print(f"  - {esc(r)}")
+
+
+def _stopped() -> None:
+    """Ctrl-C on `dopsd train`: one line, exit 130 (the round already ended interrupted, its samples queued)."""
+    err_console.print("stopped: the round ended as interrupted and its samples are queued again "
+                      "(`dopsd train` starts a new one)", highlight=False)
+    raise typer.Exit(130)
 
 
 # -------------------------------------------------------------------------------------------- versions

@@ -281,3 +281,23 @@ def test_status_says_how_many_samples_were_set_aside_and_why(tmp_path, watch):
     assert s["count"] == 2 and s["reasons"] == ["drift 0.300 on held-out prompts > 0.12"]
     assert "queue retry --status set_aside" in s["hint"]
     st.close()
+
+
+def test_ctrl_c_on_train_says_what_became_of_the_round(tmp_path):
+    drop = tmp_path / "drop"
+    write_pack("heart", drop)
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, steps=2000)), [drop])
+    from dopsd_continual.ingest import ingest_paths
+
+    ingest_paths(st)
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.cli_entry", "train", "--state", str(st.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: count(st.root, "rounds where status='running' and progress > 0") == 1 or proc.poll() is not None,
+                    every=0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: the round ended as interrupted")
+    assert count(st.root, "rounds where status='interrupted'") == 1
+    assert count(st.root, "samples where status='queued'") == 8
+    st.close()
