@@ -124,6 +124,21 @@ def count(fn) -> int:
 # ------------------------------------------------------------------------------------- module trees
 
 
+def hf_cached(repo: str, *names: str) -> Path | None:
+    """The folder of a Hugging Face repository's snapshot in the local cache that holds one of `names`
+    (the first found), without any network; None when it is not there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in names:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str):
+                return Path(hit).parent
+    except Exception:
+        pass
+    return None
+
+
 def config_root(recipe: dict) -> Path | None:
     """The folder whose component configs describe the recipe's model, without loading a weight."""
     from .models import resolve_source
@@ -135,15 +150,8 @@ def config_root(recipe: dict) -> Path | None:
         source = None
     if isinstance(source, Path):
         return source
-    if isinstance(source, str):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(source, "model_index.json")
-            if isinstance(hit, str):
-                return Path(hit).parent
-        except Exception:
-            pass
+    if isinstance(source, str) and (cached := hf_cached(source, "model_index.json")) is not None:
+        return cached
     shipped = CONFIGS / model["name"]
     return shipped if (shipped / "model_index.json").exists() else None
 
@@ -155,14 +163,8 @@ def teacher_config_root(recipe: dict) -> Path | None:
     p = Path(src).expanduser()
     if (p / "config.json").exists():
         return p
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(src, "config.json")
-        if isinstance(hit, str):
-            return Path(hit).parent
-    except Exception:
-        pass
+    if (cached := hf_cached(src, "config.json")) is not None:
+        return cached
     shipped = CONFIGS / f"{recipe['model']['name']}-teacher" / "teacher_encoder"
     return shipped if (shipped / "config.json").exists() else None
 

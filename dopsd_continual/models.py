@@ -98,15 +98,9 @@ def offline() -> bool:
 
 def _snapshot(repo: str) -> Path | None:
     """The local snapshot folder of a Hugging Face repository in the cache, without any network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    from .memory import hf_cached
 
-        hit = try_to_load_from_cache(repo, "model_index.json")
-        if not isinstance(hit, str):
-            hit = try_to_load_from_cache(repo, "config.json")
-        return Path(hit).parent if isinstance(hit, str) else None
-    except Exception:
-        return None
+    return hf_cached(repo, "model_index.json", "config.json")
 
 
 def _component_missing(folder: Path) -> str | None:

@@ -59,3 +59,17 @@ def tree_snapshot(folder: Path) -> dict:
         else:
             snap[str(p)] = ("dir",)
     return snap
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A toy state with the heart pack ingested (its root folder): the dashboard's and the security tests' start."""
+    from dopsd_continual.ingest import ingest_paths
+    from dopsd_continual.store import init_state
+    from dopsd_continual.toy.packs import write_pack
+
+    write_pack("heart", tmp_path / "drop")
+    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
+    ingest_paths(st)
+    st.close()
+    return tmp_path / "s"

@@ -11,23 +11,12 @@ from starlette.testclient import TestClient
 from test_robustness import DROPS, NOBODY, cli
 from test_ui import HERE, TOKEN
 
-from dopsd_continual.ingest import ingest_paths
-from dopsd_continual.store import atomic_write, init_state, open_state, user_file_mode
-from dopsd_continual.toy.packs import write_pack
+from dopsd_continual.store import atomic_write, open_state, user_file_mode
 from dopsd_continual.web.server import MAX_RENDERS, Dashboard
 
 
 def mode(p) -> int:
     return stat.S_IMODE(os.lstat(p).st_mode)
-
-
-@pytest.fixture
-def root(tmp_path):
-    write_pack("heart", tmp_path / "drop")
-    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
-    ingest_paths(st)
-    st.close()
-    return tmp_path / "s"
 
 
 def test_a_new_state_and_its_files_are_its_owners_alone(root, tmp_path):

@@ -15,15 +15,6 @@ from dopsd_continual.web.server import Dashboard
 HERE = "http://127.0.0.1:8765"
 
 
-@pytest.fixture
-def root(tmp_path):
-    write_pack("heart", tmp_path / "drop")
-    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
-    ingest_paths(st)
-    st.close()
-    return tmp_path / "s"
-
-
 TOKEN = "t0ken-for-tests"
 
 
