@@ -156,6 +156,10 @@ def test_a_stopped_server_with_event_streams_open_logs_no_traceback(root, capfd)
 
     from dopsd_continual.web.server import Server
 
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("dopsd-ui-*"))
     for how in ("stop", "signal"):  # Server.stop(), and what Ctrl-C does: uvicorn's own should_exit
         s = Server(root, "127.0.0.1", 0, TOKEN).start()
         url = f"http://127.0.0.1:{s.port}"
@@ -171,3 +175,4 @@ def test_a_stopped_server_with_event_streams_open_logs_no_traceback(root, capfd)
                     assert not s.thread.is_alive()
         err = capfd.readouterr().err
         assert "Traceback" not in err and "CancelledError" not in err and "ERROR" not in err, (how, err)
+    assert set(Path(tempfile.gettempdir()).glob("dopsd-ui-*")) == before  # no temporary folder left by a server

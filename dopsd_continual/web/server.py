@@ -72,6 +72,14 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+def check_access(host: str, token: str | None, no_token: bool) -> None:
+    """A token on every address; none only with no_token, on a loopback address."""
+    if no_token and not is_loopback(host):
+        raise UserError(f"--no-token is for a loopback address only, not {host}")
+    if not token and not no_token:
+        raise UserError("the dashboard needs a token (--token T, DOPSD_UI_TOKEN, or one made up by `dopsd ui`)")
+
+
 def same(given: str, expected: str) -> bool:
     """A constant-time comparison that any text, non-ASCII too, survives (a 403/401, never a 500)."""
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
@@ -84,10 +92,7 @@ class Dashboard:
 
         self.root = Path(root)
         self.host = host
-        if no_token and not is_loopback(host):
-            raise UserError(f"--no-token is for a loopback address only, not {host}")
-        if not token and not no_token:
-            raise UserError("the dashboard needs a token (--token T, DOPSD_UI_TOKEN, or one made up by `dopsd ui`)")
+        check_access(host, token, no_token)
         self.token = None if no_token else token
         suffix = f"_{port}" if port else ""
         self.token_cookie, self.session_cookie = f"dopsd_token{suffix}", f"dopsd_session{suffix}"  # per port
@@ -672,7 +677,7 @@ class Server:
                  no_token: bool = False):
         import uvicorn
 
-        Dashboard(root, host, token, no_token)  # a bad host or token fails before the socket is taken
+        check_access(host, token, no_token)  # a bad host or token fails before the socket is taken
         self.sock = bind(host, port)
         self.host, self.port, self.token = host, self.sock.getsockname()[1], token
         self.dashboard = Dashboard(root, host, token, no_token, port=self.port)
