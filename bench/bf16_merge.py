@@ -70,20 +70,9 @@ def main() -> None:
 
 def _unmerged(transformer, delta, noise, sigmas, emb, ids):
     """The delta as a float32 peft adapter on the bf16 base: the exact path (what an exported LoRA does)."""
-    from peft import LoraConfig
+    from bf16_versions import _peft
 
-    r = delta.rank
-    cfg = LoraConfig(r=r, lora_alpha=delta.scale * r, target_modules=sorted(delta.weights))
-    transformer.add_adapter(cfg, adapter_name="exact")
-    with torch.no_grad():
-        for n, (a, b) in delta.weights.items():
-            mod = dict(transformer.named_modules())[n]
-            mod.lora_A["exact"].weight.data = a.float().clone()
-            mod.lora_B["exact"].weight.data = b.float().clone()
-    try:
-        return klein.euler_sample(transformer, noise, sigmas, emb, *ids)
-    finally:
-        transformer.unload_lora()
+    return _peft(transformer, delta, lambda: klein.euler_sample(transformer, noise, sigmas, emb, *ids))
 
 
 if __name__ == "__main__":

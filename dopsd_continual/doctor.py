@@ -27,7 +27,6 @@ def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list
         budget = usable_gib(card_gb)
         where = f"a {card_gb:g} GB card"
     elif device.startswith("cuda") and recipe["model"]["name"] != "toy-shapes":
-
         budget = memory.budget_gib(recipe, "cuda")
         where = "this card"
     else:
@@ -62,16 +61,17 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
         problems.append(str(e))
         recipe = load_recipe(resolve_recipe_path(None))
     model = recipe["model"]
+    from .models import missing_weights, weights_hint
+
     try:
         source = str(resolve_source(model["source"]))
     except UserError as e:
         source = model["source"]
         problems.append(str(e))
-    from .models import missing_weights, weights_hint
-
-    missing = missing_weights(recipe)  # each component present, nothing loaded
-    if missing and not any("not found" in p or "missing its weights" in p for p in problems):
-        problems.append(weights_hint(recipe, missing))
+    else:
+        missing = missing_weights(recipe)  # each component present, nothing loaded
+        if missing:
+            problems.append(weights_hint(recipe, missing))
     from .distributed import check_processes, gpus
 
     seen = gpus()

@@ -61,9 +61,10 @@ class Delta:
                 weights.setdefault(name, [None, None])[slot] = f.get_tensor(key)
         return cls({k: (v[0], v[1]) for k, v in weights.items()}, float(meta.get("scale", "1.0")))
 
-    def product(self, name: str) -> torch.Tensor:
+    def product(self, name: str, device=None) -> torch.Tensor:
+        """scale x B @ A in float32, computed on `device` (default: where A and B are)."""
         a, b = self.weights[name]
-        return self.scale * (b.float() @ a.float())
+        return self.scale * (b.to(device, torch.float32) @ a.to(device, torch.float32))
 
 
 def from_peft(model: torch.nn.Module, adapter: str, scale: float) -> Delta:

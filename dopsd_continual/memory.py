@@ -432,8 +432,10 @@ class Accountant:
             except (OSError, ValueError):
                 saved = {}
         self._counts: dict[str, float] = saved.get("counts", {})
-        self.sizes: dict[str, float] = saved.get("sizes") or {k: module_bytes(m) / GIB for k, m in self.parts.items()}
-        self._save()
+        self.sizes: dict[str, float] = saved.get("sizes") or {}
+        if not self.sizes:  # counted once; a plan read from the cache builds no module and writes nothing
+            self.sizes = {k: module_bytes(m) / GIB for k, m in self.parts.items()}
+            self._save()
 
     @property
     def parts(self) -> dict[str, torch.nn.Module]:
@@ -477,13 +479,19 @@ class Accountant:
         except OSError:
             pass  # an unwritable cache only costs the next plan its seconds
 
-    def _count(self, key, fn) -> float:
+    def _count(self, key, fn, unit: float = GIB) -> float:
+        """fn() / unit (GiB for bytes), counted once and kept in the cache."""
         k = json.dumps(key)
         with _LOCK:
             if k not in self._counts:
-                self._counts[k] = fn() / GIB
+                self._counts[k] = fn() / unit
                 self._save()
             return self._counts[k]
+
+    def lora_params(self, train: dict) -> float:
+        """LoRA parameters of one adapter at the recipe's targets and rank."""
+        return self._count(("lora", train["rank"], train["targets"]),
+                           lambda: lora_parameters(self.parts["transformer"], train), unit=1)
 
     def linear(self, phase: str, fn) -> tuple[float, float]:
         """(fixed, per item) GiB of a phase's activations, from counts at one and two items, calibrated."""
@@ -499,8 +507,7 @@ class Accountant:
 
         if self.recipe["model"]["dtype"] == "float32":
             return 0.0
-        train = self.recipe["train"]
-        lora = self._count(("lora", train["rank"], train["targets"]), lambda: lora_parameters(self.parts["transformer"], train) * GIB)
+        lora = self.lora_params(self.recipe["train"])
         return lora * CHAIN_RANK_FACTOR * torch.finfo(getattr(torch, self.recipe["model"]["dtype"])).bits / 8 / GIB
 
     def features_gib(self) -> float:
@@ -516,7 +523,7 @@ class Accountant:
                                    sort_keys=True))
         act = self._count(key, lambda: train_bytes(self.recipe, self.parts, train)) * CALIBRATION["train"]
         int8 = self._count(("int8",), lambda: int8_bytes(self.parts["transformer"]))
-        lora = self._count(("lora", train["rank"], train["targets"]), lambda: lora_parameters(self.parts["transformer"], train) * GIB)
+        lora = self.lora_params(train)
         # an int8 base (quantised in CPU memory, training.train_delta) dequantises one layer at a time
         widest = self._count(("widest_linear",), lambda: max(
             m.weight.numel() * m.weight.element_size() for m in self.parts["transformer"].modules()

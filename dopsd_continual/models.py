@@ -157,11 +157,16 @@ def missing_weights(recipe: dict) -> list[str]:
     return out
 
 
+def hub_ids(model: dict) -> list[str]:
+    """The recipe's sources that are Hugging Face ids (not the embedded model, not a local path)."""
+    return [s for s in (model["source"], model.get("teacher_encoder") or "") if s and not s.startswith(("embedded:", ".", "/", "~"))
+            and not Path(s).expanduser().exists()]
+
+
 def weights_hint(recipe: dict, missing: list[str]) -> str:
     """One line: what is missing and the one command that gets it."""
     model = recipe["model"]
-    ids = [s for s in (model["source"], model.get("teacher_encoder") or "") if s and not Path(s).expanduser().exists()
-           and not s.startswith(("embedded:", ".", "/", "~"))]
+    ids = hub_ids(model)
     fix = "`dopsd pull` downloads them" + (f" (or `hf download {ids[0]}`)" if ids else "") if ids else \
         "the local folder is incomplete: copy the missing parts into it"
     shown = "; ".join(missing[:3]) + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -176,12 +181,7 @@ def pull(recipe: dict) -> list[str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import enable_progress_bars
 
-    model = recipe["model"]
-    repos = []
-    for src in (model["source"], model.get("teacher_encoder") or ""):
-        if not src or src.startswith("embedded:") or Path(src).expanduser().exists() or src.startswith((".", "/", "~")):
-            continue
-        repos.append(src)
+    repos = hub_ids(recipe["model"])
     if repos and offline():
         raise UserError(f"HF_HUB_OFFLINE is set: nothing can be downloaded ({', '.join(repos)})")
     enable_progress_bars()

@@ -183,8 +183,7 @@ class WeightSwitcher:
                 merged = base.to(weight.device, torch.float32, copy=True)  # never an alias of the kept base
                 for d in deltas:
                     if name in d.weights:
-                        a, b = d.weights[name]
-                        merged += d.scale * (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32))
+                        merged += d.product(name, weight.device)
                 weight.copy_(merged.to(weight.dtype))
 
     def _unmerged(self, deltas: list[Delta]) -> None:
@@ -210,7 +209,7 @@ class WeightSwitcher:
                 if not getattr(mod, "_chain_hooked", False):  # one hook per layer, however many switchers
                     mod.register_forward_hook(_chain_term)
                     mod._chain_hooked = True
-        self.hooked = names | self.hooked
+        self.hooked = names
 
 
 def _chain_term(module, args, out):

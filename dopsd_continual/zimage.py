@@ -67,9 +67,11 @@ class ZImageBackend:
 
     @property
     def encoder_id(self) -> str:
+        from .training import _param_fingerprint
+
         m = self.model
         ident = {"source": str(m["source"]), "teacher": str(m["teacher_encoder"]),
-                 "te_weights": _fingerprint(self.pipe.text_encoder), "vae_weights": _fingerprint(self.pipe.vae),
+                 "te_weights": _param_fingerprint(self.pipe.text_encoder), "vae_weights": _param_fingerprint(self.pipe.vae),
                  "template": [m["max_sequence_length"], m["teacher_instruction"], m["height"], m["width"],
                               m["teacher_min_pixels"], m["teacher_max_pixels"], m.get("teacher_instruction_position", "after")]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -127,12 +129,6 @@ class ZImageBackend:
                              sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
         sched.set_timesteps(sigmas=get_default_z_image_sigmas(k), mu=mu, device="cpu")
         return [float(s) for s in sched.sigmas]
-
-
-def _fingerprint(module) -> str:
-    from .training import _param_fingerprint
-
-    return _param_fingerprint(module)
 
 
 def bound_pixels(image, min_pixels: int, max_pixels: int):
