@@ -152,12 +152,12 @@ def test_a_render_waits_for_a_running_round_and_a_round_for_at_most_the_render_i
 
 
 def test_a_stopped_server_with_event_streams_open_logs_no_traceback(root, capfd):
+    import tempfile
+    from pathlib import Path
+
     import httpx
 
     from dopsd_continual.web.server import Server
-
-    import tempfile
-    from pathlib import Path
 
     before = set(Path(tempfile.gettempdir()).glob("dopsd-ui-*"))
     for how in ("stop", "signal"):  # Server.stop(), and what Ctrl-C does: uvicorn's own should_exit
