@@ -191,7 +191,9 @@ def write_recipe(shipped: str, path: Path, changes: dict) -> Path:
 def dopsd(args: list[str], env: dict, timeout: float) -> tuple[dict | None, float, str]:
     """One `dopsd` command in its own process: (its JSON, or None; wall seconds; the error line, if any)."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", *args], capture_output=True, text=True,
+    entry = os.environ.get("E2E_ENTRY")  # bench/oom_probe.py: the live blocks at an out-of-memory
+    cmd = [sys.executable, entry] if entry else [sys.executable, "-m", "dopsd_continual.cli_entry"]
+    p = subprocess.run([*cmd, *args], capture_output=True, text=True,
                        env=env, timeout=timeout, cwd=REPO)
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
@@ -260,7 +262,7 @@ def run_model(name: str, a, row: dict, save) -> None:
         row["commands"][key] = {"seconds": seconds, "ok": out is not None, **({"error": err} if err else {})}
         print(f"  {name} {key}: {seconds:.1f} s {'ok' if out is not None else 'FAILED: ' + err}", flush=True)
         save()
-        if out is None and budget_retry and "out of GPU memory" in err:  # how much does it need uncapped?
+        if out is None and budget_retry and a.uncapped_retry and "out of GPU memory" in err:  # how much does it need uncapped?
             write_recipe(MODELS[name], recipe, {**changes, "model": dict(model, memory_budget_gib=0)})
             out2, s2, err2 = dopsd([*args, "--state", str(state)], env, a.timeout)
             write_recipe(MODELS[name], recipe, changes)
@@ -325,6 +327,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per command")
     ap.add_argument("--work", default=None, help="default: a folder on the disk with the most free space")
     ap.add_argument("--keep", action="store_true", help="keep the written weights")
+    ap.add_argument("--no-uncapped-retry", dest="uncapped_retry", action="store_false",
+                    help="after an out-of-memory, do not run the command again without the cap")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_e2e.json"))
     a = ap.parse_args()
     a.caps = {k: float(v) for k, v in (kv.split("=") for kv in a.caps.split(",") if kv)}

@@ -68,13 +68,14 @@ class Delta:
 
 
 def from_peft(model: torch.nn.Module, adapter: str, scale: float) -> Delta:
-    """Read one peft adapter's A/B out of a model (names without peft's wrappers)."""
+    """Read one peft adapter's A/B out of a model (names without peft's wrappers), into CPU memory: the
+    candidate is saved from there, and the gate that follows needs the card's room."""
     weights: dict[str, list] = {}
     for name, p in model.named_parameters():
         for kind, slot in ((f".lora_A.{adapter}.weight", 0), (f".lora_B.{adapter}.weight", 1)):
             if name.endswith(kind):
                 mod = name[: -len(kind)].replace(".base_layer", "")
-                weights.setdefault(mod, [None, None])[slot] = p.detach().clone()
+                weights.setdefault(mod, [None, None])[slot] = p.detach().to("cpu", copy=True)
     return Delta({k: (v[0], v[1]) for k, v in weights.items()}, scale)
 
 

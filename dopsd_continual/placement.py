@@ -16,6 +16,7 @@ peak allocated memory; rounds and `dopsd sample` report them.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -94,6 +95,14 @@ def apply_memory_budget(budget_gib: float, device: torch.device) -> None:
     """Cap this process's GPU allocations at the recipe's budget (a 24 GB card's share on a larger one)."""
     if device.type != "cuda" or budget_gib <= 0:
         return
+    # Segments that grow in place: at the out-of-memory under a 14.5 GiB cap the default allocator held 0.92
+    # GiB reserved but unusable, with them 0.08 GiB (bench/results/gpu_oom_probe/, H200, 2026-11-29). The
+    # user's own PYTORCH_CUDA_ALLOC_CONF wins.
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError):
+            pass
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total), index)

@@ -100,6 +100,40 @@ def test_versions_on_a_bf16_base_are_applied_unmerged_whole_and_never_touch_a_we
     assert not any("chain_A" in m._buffers for m in modules.values())
 
 
+def test_the_chain_term_is_added_into_the_output_where_no_gradient_flows():
+    """Sampling adds the term into the layer's own output (no second output-sized tensor: on klein's fused
+    projection at the gate's batch that is 2 GiB); training keeps the out-of-place sum autograd needs."""
+
+    class Tiny(torch.nn.Module):
+        dtype = torch.bfloat16
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 32, dtype=torch.bfloat16)
+
+    tr, g = Tiny(), torch.Generator().manual_seed(0)
+    d = Delta({"lin": (torch.randn(2, 16, generator=g) * 0.3, torch.randn(32, 2, generator=g) * 0.3)}, 1.0)
+    x = torch.randn(4, 5, 16, dtype=torch.bfloat16)
+    bare = tr.lin(x)
+    sw = WeightSwitcher(tr)
+    assert sw.mode == "unmerged" and sw.factor_dtype == torch.bfloat16
+    sw.apply([d])
+    raw = []
+    tr.lin.register_forward_hook(lambda m, a, out: raw.append(out.data_ptr()), prepend=True)
+    with torch.no_grad():
+        y = tr.lin(x)
+    assert y.data_ptr() == raw[-1]  # the layer's own output, added into
+    term = (x.float() @ d.weights["lin"][0].t() @ d.weights["lin"][1].t())
+    assert torch.allclose(y.float(), bare.float() + term, atol=3e-2)
+    assert (y.float() - bare.float()).abs().max() > 0.1  # the term is there
+    xg = x.clone().requires_grad_(True)
+    yg = tr.lin(xg)
+    assert yg.data_ptr() != raw[-1] and torch.allclose(yg.float(), y.float(), atol=3e-2)
+    yg.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    sw.apply([])
+
+
 def test_a_long_chain_is_squashed_to_its_leading_directions_on_the_device(bf16_backend):
     backend, _ = bf16_backend
     tr = backend.transformer
