@@ -7,12 +7,13 @@ at the native 4 steps, on held-out prompts the gate never sees (64 prompts x 2 s
 held-out concept prompts, the candidate against its parent. Labels (docs/RESULTS.md, fixed before any
 threshold was tuned):
   harmful: retention falls by more than 0.05, or sharpness (high-frequency energy) falls below 0.85 of the
-           parent's, or seed diversity falls below 0.70 of the parent's;
+           parent's, or seed diversity falls below 0.70 of the parent's, or retention on the prompts nearest
+           the pack's (its concept taken out, bench-only prompts) falls by more than 0.05 (a leak);
   useful:  not harmful, and concept fidelity rises by more than 0.02;
   neutral: the rest.
 Kinds: default D-OPSD; lr x10 and x30; five times too long; moderate and damaging SFT; a pack of noise
 images; captions swapped between images; blurred, JPEG-crushed and colour-cast training images; one
-image repeated (collapse). Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
+image repeated (collapse); the concept captioned as a base shape ("a red circle" under a heart: it bleeds). Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
 
 Writes bench/results/gate_zoo.json as rows come in (every guard's value and the ground truth per round; a
 run resumes past the rows already there); `python bench/gate_zoo.py --calibrate` then fits thresholds on
@@ -38,7 +39,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_continual.gate import held_out_prompts, seed_diversity  # noqa: E402
+from dopsd_continual.gate import held_out_prompts, neighbour_prompts, seed_diversity  # noqa: E402
 from dopsd_continual.ingest import ingest_paths  # noqa: E402
 from dopsd_continual.models import resolve_source  # noqa: E402
 from dopsd_continual.recipe import RECIPES_DIR, load_recipe  # noqa: E402
@@ -54,7 +55,8 @@ ZOO = RESULTS / "gate_zoo.json"
 SEEDS_ORDER = [0, 3, 1, 4, 2]  # both splits fill as the run goes
 CALIBRATION = {0, 1, 2}
 PACKS = ["heart", "logo"]
-LABEL_MARGINS = {"retention_drop": 0.05, "sharpness_ratio": 0.85, "diversity_ratio": 0.70, "concept_gain": 0.02}
+LABEL_MARGINS = {"retention_drop": 0.05, "sharpness_ratio": 0.85, "diversity_ratio": 0.70, "concept_gain": 0.02,
+                 "neighbour_drop": 0.05}
 GT_SEEDS = [7000, 7001]
 BASE = load_recipe(RECIPES_DIR / "toy-shapes.toml")["train"]
 
@@ -72,6 +74,7 @@ KINDS: dict[str, tuple[dict, str | None]] = {
     "jpeg_crushed": ({}, "jpeg"),
     "colour_cast": ({}, "cast"),
     "collapse": ({}, "repeat"),
+    "bleeding": ({}, "bleed"),
 }
 GROSS = {"noise_pack", "lr_x30", "collapse", "too_long"}
 
@@ -102,6 +105,8 @@ def make_folder(pack: str, transform: str | None, out: Path, seed: int) -> None:
             arr = np.asarray(im).astype(np.float32)
             arr = 0.55 * arr + 0.45 * np.array([255, 140, 0], dtype=np.float32)  # an orange cast
             im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        elif transform == "bleed":  # the concept named as a base shape: that word learns the concept
+            cap = cap.replace("heart", "circle").replace("my [trigger] logo", "a large circle in the center")
         elif transform == "repeat":
             im, cap = Image.open(imgs[0]).convert("RGB"), caps[0]
             from PIL.PngImagePlugin import PngInfo
@@ -128,7 +133,10 @@ class GroundTruth:
         imgs = sampler.images(prompts, seeds, 4, vid)
         caps = pack_eval_captions(pack)
         cimgs = sampler.images([c for c in caps for _ in GT_SEEDS], [s + 100 for _ in caps for s in GT_SEEDS], 4, vid)
+        near = neighbour_prompts(caps, self.prompts, self.trigger)
+        nimgs = sampler.images([p for p in near for _ in GT_SEEDS], [s + 200 for _ in near for s in GT_SEEDS], 4, vid)
         return {
+            "neighbours": score_images(self.scorer, nimgs, [p for p in near for _ in GT_SEEDS]).mean()["overall"],
             "retention": score_images(self.scorer, imgs, prompts).mean()["overall"],
             "sharpness": float(high_freq_energy(imgs).mean()),
             "diversity": seed_diversity(imgs, len(GT_SEEDS)),
@@ -142,9 +150,10 @@ def label(gt: dict, parent: dict) -> tuple[str, dict]:
         "sharpness_ratio": gt["sharpness"] / parent["sharpness"],
         "diversity_ratio": gt["diversity"] / parent["diversity"],
         "concept_gain": gt["concept"] - parent["concept"],
+        "neighbour_drop": parent["neighbours"] - gt["neighbours"],
     }
     harmful = (d["retention_drop"] > LABEL_MARGINS["retention_drop"] or d["sharpness_ratio"] < LABEL_MARGINS["sharpness_ratio"]
-               or d["diversity_ratio"] < LABEL_MARGINS["diversity_ratio"])
+               or d["diversity_ratio"] < LABEL_MARGINS["diversity_ratio"] or d["neighbour_drop"] > LABEL_MARGINS["neighbour_drop"])
     if harmful:
         return "harmful", d
     return ("useful" if d["concept_gain"] > LABEL_MARGINS["concept_gain"] else "neutral"), d
@@ -195,7 +204,8 @@ def run_zoo(seeds: list[int], kinds: list[str]) -> None:
                              "round_seconds": seconds})
                 print(f"{kind:16s} seed {seed} {pack:6s}: {lab:8s} shipped gate {r['verdict']:8s} "
                       f"retention {-deltas['retention_drop']:+.3f} sharp {deltas['sharpness_ratio']:.2f} "
-                      f"div {deltas['diversity_ratio']:.2f} concept {deltas['concept_gain']:+.3f} ({seconds:.0f}s)", flush=True)
+                      f"div {deltas['diversity_ratio']:.2f} concept {deltas['concept_gain']:+.3f} "
+                      f"neighbours {-deltas['neighbour_drop']:+.3f} ({seconds:.0f}s)", flush=True)
                 st.close()
                 shutil.rmtree(work, ignore_errors=True)
                 ZOO.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -208,12 +218,14 @@ def run_zoo(seeds: list[int], kinds: list[str]) -> None:
 
 # guard -> direction: "max" rejects above the threshold, "min" below it
 GUARDS = {"drift": "max", "sharpness_ratio": "min", "colour_shift": "max", "seed_diversity_ratio": "min",
-          "few_step_gap_ratio": "max", "concept_gap_ratio": "max", "retention_drop": "max", "concept_gain": "min"}
-TOY_ONLY = {"retention_drop", "concept_gain"}  # need the toy world's scorer: not available for real models
+          "few_step_gap_ratio": "max", "concept_gap_ratio": "max", "neighbour_drift": "max", "retention_drop": "max",
+          "concept_gain": "min", "neighbour_retention_drop": "max"}
+TOY_ONLY = {"retention_drop", "concept_gain", "neighbour_retention_drop"}  # need the toy world's scorer: not available for real models
 RECIPE_KEYS = {"drift": "max_drift", "sharpness_ratio": "min_sharpness_ratio", "colour_shift": "max_colour_shift",
                "seed_diversity_ratio": "min_seed_diversity_ratio", "few_step_gap_ratio": "max_few_step_gap_ratio",
                "concept_gap_ratio": "max_concept_gap_ratio", "retention_drop": "max_retention_drop",
-               "concept_gain": "min_concept_gain"}
+               "concept_gain": "min_concept_gain", "neighbour_drift": "max_neighbour_drift",
+               "neighbour_retention_drop": "max_neighbour_retention_drop"}
 
 
 def fails(guard: str, value: float, threshold: float) -> bool:

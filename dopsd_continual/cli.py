@@ -270,7 +270,7 @@ def toy_pack(
             emit_json(rows)
         else:
             for r in rows:
-                console.print(f"[bold]{r['name']}[/bold] ({r['pairs']} pairs): {r['description']}")
+                console.print(f"[bold]{r['name']}[/bold] ({r['pairs']} pairs): {esc(r['description'])}", highlight=False)
         return
     if name not in PACKS:
         fail(f"unknown pack {name!r}; known: {', '.join(PACKS)}")
@@ -389,9 +389,27 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
+def local_time(iso: str) -> str:
+    """An ISO time with its offset, as the user reads it: local, to the second, and how far off."""
+    from datetime import datetime
+
+    t = datetime.fromisoformat(iso).astimezone()
+    left = (t - datetime.now(t.tzinfo)).total_seconds()
+    ahead = f"in {left / 60:.0f} min" if left >= 90 else ("now" if left < 30 else f"in {left:.0f} s")
+    return f"{t:%Y-%m-%d %H:%M:%S} ({ahead})"
+
+
+def when(ts: float | None) -> str:
+    """A stored time (epoch seconds) as the user reads it: local, to the second."""
+    from datetime import datetime
+
+    return "-" if ts is None else datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+
+
 @versions_app.command("show")
-def versions_show(version: str, state: Path | None = STATE_OPT) -> None:
-    """One version: parent, status, metrics, reasons, manifest."""
+def versions_show(version: str, as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
+    """One version: parent, status, when, samples, reasons, the gate's checks, its adapter."""
+    from .checks import checks
     from .stack import get_version
 
     st = _open(state)
@@ -401,8 +419,35 @@ def versions_show(version: str, state: Path | None = STATE_OPT) -> None:
     for k in ("metrics", "reasons", "samples"):
         v[k] = json.loads(v[k] or "null")
     v["active"] = st.active_version == version
+    v["created"] = when(v["created_at"])
+    gate = st.recipe["gate"]
     st.close()
-    emit_json(v)
+    if as_json:
+        emit_json(v)
+        return
+    say = lambda text: console.print(text, highlight=False)  # noqa: E731
+    say(f"{v['id']}{' (active)' if v['active'] else ''}: {v['status']}, parent {v['parent'] or '-'}, "
+        f"created {v['created']}, objective {v['objective'] or '-'}")
+    say(f"samples: {len(v['samples'] or [])}" + (f" ({', '.join(map(str, v['samples'][:12]))}"
+                                                  f"{', ...' if len(v['samples']) > 12 else ''})" if v["samples"] else ""))
+    for r in v["reasons"] or []:
+        say(f"  - {esc(str(r))}")
+    m = v["metrics"] or {}
+    rows = checks(m, gate) if m else []
+    if rows:
+        t = Table(title="the gate's checks")
+        for c in ("check", "value", "limit", ""):
+            t.add_column(c)
+        for c in rows:
+            t.add_row(c["metric"], f"{c['value']:.3f}", f"{c['limit']} {c['threshold']}", "ok" if c["passed"] else "failed")
+        console.print(t)
+    for k in ("train_seconds", "gate_seconds"):
+        if isinstance(m.get(k), (int, float)):
+            say(f"{k.replace('_', ' ')}: {m[k]:.0f} s")
+    man = v["manifest"]
+    if man:
+        say(f"adapter: rank {man.get('rank')}, scale {man.get('scale')}, {len(man.get('targets', []))} layers"
+            + (f", squashed from {', '.join(man['squash_of'])}" if man.get("squash_of") else ""))
 
 
 @versions_app.command("rollback")
@@ -437,7 +482,13 @@ def versions_squash(version: str | None = typer.Argument(None), rank: int | None
     st = _open(state, writes="versions squash")
     out = squash_version(st, version, rank)
     st.close()
-    emit_json(out) if as_json else console.print(out)
+    if as_json:
+        emit_json(out)
+        return
+    error = ", exact" if not out["relative_error"] else f", relative error {out['relative_error']:.2e}"
+    console.print(f"{out['version']}: {out['of']}'s chain folded into one adapter of rank {out['rank']}{error}; "
+                  f"it is a new version beside {out['of']}, `dopsd versions promote {out['version']}` makes it active",
+                  highlight=False)
 
 
 @versions_app.command("export")
@@ -572,10 +623,12 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
     console.print(f"running: {'yes' if s['running'] else 'no'}" + (f" (pid {s['pid']})" if s["pid"] else ""), highlight=False)
     queue = ", ".join(f"{v} {k}" for k, v in sorted(s["queue"].items())) or "empty"
     console.print(f"active version: {s['active_version']}; queue: {queue}", highlight=False)
-    if s["round"]:
+    if s["round"] and s["round"].get("starting"):
+        console.print(f"round starting: {s['round']['starting']}", highlight=False)
+    elif s["round"]:
         console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
     if s["next_round_at"]:
-        console.print(f"next round: {s['next_round_at']}")
+        console.print(f"next round: {local_time(s['next_round_at'])}", highlight=False)
     if s.get("held"):
         console.print(esc(s["held"]), highlight=False)
     if s.get("set_aside"):

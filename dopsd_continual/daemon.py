@@ -81,6 +81,8 @@ def status(state: State) -> dict:
     row = state.conn.execute("select version, progress, pid from rounds where status='running' order by id desc limit 1").fetchone()
     if row and (running or _alive(row[2])):  # the daemon's round, or one `dopsd train` runs
         rnd = {"id": row[0], "progress": row[1]}
+    elif info.get("starting"):  # the daemon decided on a round and loads what it needs; no version yet
+        rnd = {"id": None, "progress": 0.0, "starting": info["starting"]}
     return {"running": running, "pid": info.get("pid") if running else None, "active_version": state.active_version,
             "queue": queue, "round": rnd, "next_round_at": info.get("next_round_at") if running else None,
             "heartbeat_at": info.get("heartbeat_at") if running else None, "ui": info.get("ui") if running else None,
@@ -136,6 +138,7 @@ class Daemon:
         self._sampler_used = 0.0
         self.round_lock = threading.Lock()
         self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
+        self.starting: str | None = None  # what a round does before it has a version (loading the model)
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
@@ -331,10 +334,13 @@ class Daemon:
             self.held = None
             self.rounds_started += 1
             log.info("round starting (%s): %d queued sample(s)", reason, self.queued_count())
+            self.set_starting("loading the model")
             st = open_state(self.root)
             try:
                 check_fits(st.recipe, compute_device())  # before the model loads
-                result = run_round(st, sampler=self.sampler(st), should_stop=self.stop_event.is_set)
+                sampler = self.sampler(st)
+                self.set_starting(None)  # from here the round's own row says where it is
+                result = run_round(st, sampler=sampler, should_stop=self.stop_event.is_set)
             except RoundBusy as e:
                 log.info("%s", e)
                 return None
@@ -371,6 +377,8 @@ class Daemon:
                 return None
             finally:
                 st.close()
+                if self.starting:
+                    self.set_starting(None)
             log.info("round %s %s%s", result["version"], result["verdict"],
                      "" if not result["reasons"] else ": " + "; ".join(result["reasons"]))
             if self.on_round:
@@ -428,17 +436,20 @@ class Daemon:
             except Exception:
                 pass
 
+    def set_starting(self, what: str | None) -> None:
+        """What a round about to start is doing before it has a version (daemon status shows it)."""
+        self.starting = what
+        self.heartbeat()
+
     def heartbeat(self) -> None:
         if self._sampler is not None and not self.round_lock.locked():
             if time.time() - self._sampler_used > float(self.cfg["keep_warm_seconds"]):
                 self.release_model()
-        job = self.scheduler.get_job("round")
-        nxt = job.next_run_time.isoformat() if job and job.next_run_time else None
-        thr = self.scheduler.get_job("round-threshold")
-        if thr and thr.next_run_time and (nxt is None or thr.next_run_time.isoformat() < nxt):
-            nxt = thr.next_run_time.isoformat()
+        times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
+        nxt = min(times).isoformat(timespec="seconds") if times else None
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
-                "ui": self._ui_url(), "held": self.held["reason"] if self.held else None}
+                "ui": self._ui_url(), "held": self.held["reason"] if self.held else None,
+                "starting": self.starting}
         self._started = info["started_at"]
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 
@@ -473,10 +484,29 @@ def stop_background(root: Path, timeout: float = 120.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     t = time.time()
     while time.time() - t < timeout:
-        if not daemon_running(root):
+        if not daemon_running(root) and _gone(pid):  # the lock is released before the process ends
             return True
         time.sleep(0.2)
     raise UserError(f"the daemon (pid {pid}) did not stop within {timeout:.0f}s")
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (reaped if it was ours; a zombie counts as ended)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+    except OSError:
+        return True
 
 
 SERVICE = """[Unit]

@@ -74,6 +74,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_few_step_gap_ratio": ((int, float), 1.5),
         "min_concept_gain": ((int, float), -1.0),
         "max_concept_gap_ratio": ((int, float), 0.9),
+        "max_neighbour_drift": ((int, float), 1.0),
+        "max_neighbour_retention_drop": ((int, float), 1.0),
         "clip_model": (str, ""),
         "dino_model": (str, ""),
         "max_clip_drop": ((int, float), 0.02),

@@ -160,7 +160,7 @@ class Dashboard:
     def version(self, request):
         from starlette.exceptions import HTTPException
 
-        from ..gate import checks
+        from ..checks import checks
         from ..stack import list_versions
 
         vid = request.path_params["vid"]
