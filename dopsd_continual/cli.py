@@ -166,6 +166,10 @@ def ingest(
     for k, v in report.to_json().items():
         t.add_row(k, str(len(v)))
     console.print(t)
+    earlier = sum(r["outcome"] == "rejected" for r in report.unchanged)
+    if earlier:
+        console.print(f"{earlier} file(s) rejected earlier are still there unchanged (`dopsd ingest --json` lists them "
+                      "under unchanged, with the reason)", highlight=False)
     for r in report.rejected:
         console.print(f"[yellow]rejected[/yellow] {esc(r['path'])}: {esc(r['reason'])}", highlight=False)
     for r in report.ignored:
@@ -574,6 +578,82 @@ def eval_cmd(version: str | None = typer.Argument(None), as_json: bool = typer.O
 
 # ---------------------------------------------------------------------------------------------- daemon
 
+config_app = typer.Typer(no_args_is_help=True, help="The state's own settings over its recipe (the daemon's timings, the gate's thresholds, ...).")
+app.add_typer(config_app, name="config")
+
+
+def _setting_value(key: str, text: str):
+    """VALUE as TOML reads it (10, 2.5, true, [0, 1], "text"); bare text where the key takes a string."""
+    import tomllib
+
+    from .recipe import SCHEMA
+
+    section, _, name = key.partition(".")
+    types = SCHEMA.get(section, {}).get(name, (str, None))[0]
+    types = types if isinstance(types, tuple) else (types,)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return text if str in types and not isinstance(value, types) else value
+
+
+@config_app.command("set")
+def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.quiet_seconds"),
+               value: str = typer.Argument(..., help="10, 2.5, true, [0, 1] or text"),
+               state: Path | None = STATE_OPT) -> None:
+    """Set one recipe key for this state, checked like the recipe before anything is written."""
+    from .store import open_state, set_settings, state_dir
+
+    root = state_dir(state)
+    before = open_state(root)
+    old = before.recipe.get(key.partition(".")[0], {}).get(key.partition(".")[2])
+    before.close()
+    recipe = set_settings(root, {key: _setting_value(key, value)})
+    section, _, name = key.partition(".")
+    console.print(f"{key} = {json.dumps(recipe[section][name])} (was {json.dumps(old)})", highlight=False)
+    if section == "daemon":
+        console.print("a running daemon reads [daemon] at its start: `dopsd daemon stop` then `dopsd daemon start`",
+                      highlight=False, markup=False)
+    else:
+        console.print("the next round uses it", highlight=False)
+
+
+@config_app.command("unset")
+def config_unset(key: str, state: Path | None = STATE_OPT) -> None:
+    """Back to the recipe's value."""
+    from .store import set_settings, state_dir
+
+    recipe = set_settings(state_dir(state), {}, remove=(key,))
+    section, _, name = key.partition(".")
+    console.print(f"{key} = {json.dumps(recipe.get(section, {}).get(name))} (the recipe's)", highlight=False)
+
+
+@config_app.command("get")
+def config_get(key: str | None = typer.Argument(None, help="section.key; without it, every setting of this state"),
+               as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
+    """A key's value in effect, and whether the state's settings or the recipe give it."""
+    st = _open(state)
+    settings, recipe = st.config.get("settings", {}), st.recipe
+    st.close()
+    if key is None:
+        if as_json:
+            emit_json(settings)
+        elif not settings:
+            console.print("no settings: the recipe's values hold (`dopsd config set KEY VALUE`)", highlight=False)
+        for k, v in sorted(settings.items()) if not as_json else ():
+            console.print(f"{k} = {json.dumps(v)}", highlight=False)
+        return
+    section, _, name = key.partition(".")
+    if name not in recipe.get(section, {}):
+        fail(f"unknown setting {key!r} (a recipe key as section.key, e.g. daemon.quiet_seconds)")
+    value = recipe[section][name]
+    if as_json:
+        emit_json({"key": key, "value": value, "from": "settings" if key in settings else "recipe"})
+    else:
+        console.print(f"{key} = {json.dumps(value)} ({'this state' if key in settings else 'the recipe'})", highlight=False)
+
+
 daemon_app = typer.Typer(no_args_is_help=True, help="The background daemon: watch folders, schedule rounds.")
 app.add_typer(daemon_app, name="daemon")
 
@@ -641,7 +721,8 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
     scan = s.get("last_scan")
     if scan:
         console.print(f"last scan: {scan['queued']} queued, {scan['duplicates']} duplicates, {scan['pending']} pending, "
-                      f"{scan['rejected']} rejected, {scan['ignored']} ignored", highlight=False)
+                      f"{scan['ignored']} ignored, {scan.get('unchanged', 0)} unchanged; "
+                      f"{scan.get('rejected_files', scan['rejected'])} file(s) rejected", highlight=False)
         for p in scan["problems"]:
             console.print(f"  {p['outcome']} {esc(p['path'])}: {esc(p['reason'])}", highlight=False)
 
@@ -748,6 +829,30 @@ def doctor(as_json: bool = typer.Option(False, "--json"),
         raise typer.Exit(1)
 
 
+class _PlainFlags:
+    """A flag's help shows no `<bool>` value to give (typer's rich help would)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+def _plain_flags() -> None:
+    from typer.core import TyperCommand, TyperGroup
+
+    command = type("Command", (_PlainFlags, TyperCommand), {})
+    group = type("Group", (_PlainFlags, TyperGroup), {})
+    for typer_app in [app] + [g.typer_instance for g in app.registered_groups]:
+        if typer_app.info.cls in (None, TyperGroup) or not isinstance(typer_app.info.cls, type):
+            typer_app.info.cls = group
+        for cmd in typer_app.registered_commands:
+            if cmd.cls in (None, TyperCommand) or not isinstance(cmd.cls, type):
+                cmd.cls = command
+
+
 def _wrap_user_errors() -> None:
     """Every command: a UserError is one line on stderr and exit 1, never a traceback."""
     import functools
@@ -777,3 +882,4 @@ def _wrap_user_errors() -> None:
 
 
 _wrap_user_errors()
+_plain_flags()

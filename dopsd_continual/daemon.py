@@ -139,6 +139,7 @@ class Daemon:
         self.round_lock = threading.Lock()
         self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
         self.starting: str | None = None  # what a round does before it has a version (loading the model)
+        self.logged_rejections: set[tuple[str, str]] = set()  # (path, reason) once per daemon, not per rescan
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
@@ -292,11 +293,13 @@ class Daemon:
         except Exception:  # anything else is a bug, logged whole; it never stops the daemon
             log.exception("ingest failed")
             return
-        if rep.queued or rep.rejected or rep.updated:
+        news = [r for r in rep.rejected if (r["path"], r["reason"]) not in self.logged_rejections]
+        if rep.queued or news or rep.updated:  # what is new since the last scan, once
             log.info("ingest: %d queued, %d duplicates, %d rejected, %d pending", len(rep.queued), len(rep.duplicates),
-                     len(rep.rejected), len(rep.pending))
-            for r in rep.rejected:
+                     len(news), len(rep.pending))
+            for r in news:
                 log.info("rejected %s: %s", r["path"], r["reason"])
+                self.logged_rejections.add((r["path"], r["reason"]))
         if rep.queued:
             self.last_drop = time.time()
         if rep.pending:

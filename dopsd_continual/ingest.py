@@ -48,9 +48,10 @@ class IngestReport:
     rejected: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
     updated: list[dict] = field(default_factory=list)
+    unchanged: list[dict] = field(default_factory=list)  # seen before with these bytes: its outcome stands
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("queued", "duplicates", "ignored", "rejected", "pending", "updated")}
+        return {k: getattr(self, k) for k in ("queued", "duplicates", "ignored", "rejected", "pending", "updated", "unchanged")}
 
 
 class Rejected(Exception):
@@ -419,9 +420,13 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
 
 
 def _record_scan(state: State, report: IngestReport, keep: int = 50) -> None:
-    """The last scan's counts and problems, for `daemon status` (first `keep` problems of each kind)."""
-    summary = {"at": now(), **{k: len(v) for k, v in report.to_json().items()},
-               "problems": [{"outcome": k, **r} for k in ("rejected", "ignored") for r in getattr(report, k)[:keep]]}
+    """The last scan's counts, the files rejected so far (this scan's and earlier ones that are still
+    there unchanged) and the first `keep` of them and of this scan's ignored files, for `daemon status`."""
+    standing = [{"path": r["path"], "reason": r.get("reason", "")} for r in report.unchanged if r["outcome"] == "rejected"]
+    rejected = report.rejected + standing
+    summary = {"at": now(), **{k: len(v) for k, v in report.to_json().items()}, "rejected_files": len(rejected),
+               "problems": [{"outcome": "rejected", **r} for r in rejected[:keep]]
+               + [{"outcome": "ignored", **r} for r in report.ignored[:keep]]}
     state.set_meta("last_scan", json.dumps(summary))
 
 
@@ -433,11 +438,8 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
     for c, sig in items:
         path = str(c.image)
         known = db.execute("select signature, outcome, reason, sample_id from files where path=?", [path]).fetchone()
-        if known and known[0] == sig:
-            if known[1] == "rejected":
-                report.rejected.append({"path": path, "reason": known[2]})
-            else:
-                report.duplicates.append({"path": path, "of": known[3], "reason": "already ingested"})
+        if known and known[0] == sig:  # reported when it was new; a rescan does not report it again
+            report.unchanged.append({"path": path, "outcome": known[1], **({"reason": known[2]} if known[2] else {})})
             continue
         try:
             if c.problem:

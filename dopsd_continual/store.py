@@ -347,7 +347,7 @@ def open_state(root: Path) -> State:
     if not cfg_path.exists():
         raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
     cfg = _read_config(cfg_path)
-    recipe = load_recipe(_recipe_path(root, cfg["recipe"]))
+    recipe = with_settings(load_recipe(_recipe_path(root, cfg["recipe"])), cfg["settings"], str(cfg_path))
     readonly = _readonly(root)
     return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
 
@@ -417,7 +417,28 @@ def _recipe_path(root: Path, value: str) -> Path:
     return resolve_recipe_path(p if p.is_absolute() else value)
 
 
-CONFIG_KEYS = {"recipe": "a string (a recipe path or a shipped recipe's name)", "watch": "a list of folder paths"}
+CONFIG_KEYS = {"recipe": "a string (a recipe path or a shipped recipe's name)", "watch": "a list of folder paths",
+               "settings": "a table of recipe keys and values (`dopsd config set`)"}
+FIXED_BY_INIT = {"model.name", "model.backend", "model.source"}  # another model: `dopsd init --recipe ... --force`
+
+
+def with_settings(recipe: dict[str, Any], settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """The recipe with the state's own settings over it ("section.key": value), validated like a recipe."""
+    import copy
+
+    from .recipe import validate
+
+    if not settings:
+        return recipe
+    out = copy.deepcopy(recipe)
+    for dotted, value in settings.items():
+        section, _, key = dotted.partition(".")
+        if dotted in FIXED_BY_INIT:
+            raise UserError(f"{where}: {dotted} is the model itself; `dopsd init --recipe ... --force` changes it")
+        if section not in out or key not in out[section]:
+            raise UserError(f"{where}: unknown setting {dotted!r} (a recipe key as section.key, e.g. daemon.quiet_seconds)")
+        out[section][key] = value
+    return validate(out, f"{where} [settings]")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -435,6 +456,8 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise UserError(f"{path}: unknown key {k!r} (known: {', '.join(CONFIG_KEYS)})")
     if not isinstance(cfg.get("recipe"), str) or not cfg["recipe"].strip():
         raise UserError(f"{path}: recipe must be {CONFIG_KEYS['recipe']}, got {cfg.get('recipe')!r}")
+    if not isinstance(cfg.setdefault("settings", {}), dict):
+        raise UserError(f"{path}: settings must be {CONFIG_KEYS['settings']}")
     watch = cfg.setdefault("watch", [])
     if not isinstance(watch, list) or not all(isinstance(w, str) and w.strip() for w in watch):
         raise UserError(f"{path}: watch must be {CONFIG_KEYS['watch']} (strings), got {watch!r}")
@@ -444,4 +467,31 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _dump_config(cfg: dict[str, Any]) -> str:
     lines = ["# dopsd state configuration (written by `dopsd init`)", f"recipe = {json.dumps(cfg['recipe'])}"]
     lines.append("watch = [" + ", ".join(json.dumps(w) for w in cfg["watch"]) + "]")
+    if cfg.get("settings"):
+        lines += ["", "# the state's own settings over the recipe (`dopsd config set KEY VALUE`, `dopsd config unset KEY`)",
+                  "[settings]"] + [f"{json.dumps(k)} = {toml_value(v)}" for k, v in sorted(cfg["settings"].items())]
     return "\n".join(lines) + "\n"
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else json.dumps(str(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def set_settings(root: Path, changes: dict[str, Any], remove: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Change the state's settings (validated against its recipe before anything is written); the new
+    effective recipe."""
+    cfg_path = root / "dopsd.toml"
+    if not cfg_path.exists():
+        raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
+    cfg = _read_config(cfg_path)
+    settings = {k: v for k, v in {**cfg["settings"], **changes}.items() if k not in remove}
+    recipe = with_settings(load_recipe(_recipe_path(root, cfg["recipe"])), settings, f"{cfg_path}")
+    cfg["settings"] = settings
+    atomic_write(cfg_path, _dump_config(cfg).encode())
+    return recipe

@@ -150,3 +150,51 @@ def test_queue_retry_and_drop_take_several_ids_a_status_or_all(tmp_path):
     assert r.exit_code == 1 and "99" in r.output and statuses() == ["dropped"] * 5
     r = run("queue", "retry", "--state", s)
     assert r.exit_code == 1 and "--status S, or --all" in r.output
+
+
+def test_words_flags_show_no_value_and_user_text_is_not_markup(tmp_path):
+    for args in (["--help"], ["init", "--help"], ["versions", "show", "--help"]):
+        r = run(*args)
+        assert r.exit_code == 0 and "<bool>" not in r.output, r.output
+    assert "<path>" in run("init", "--help").output  # an option that takes a value still says what
+    assert "my [trigger] logo" in run("toy", "pack", "--list").output  # not eaten as rich markup
+
+
+def test_versions_show_reads_as_a_page_and_json_keeps_the_record(tmp_path):
+    import re
+
+    run("init", "--state", tmp_path / "s")
+    r = run("versions", "show", "v0", "--state", tmp_path / "s")
+    assert r.exit_code == 0 and r.output.startswith("v0 (active): accepted, parent -, created ")
+    assert re.search(r"created \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,", r.output) and "{" not in r.output
+    v = json.loads(run("versions", "show", "v0", "--json", "--state", tmp_path / "s").stdout)
+    assert v["id"] == "v0" and isinstance(v["created_at"], float) and re.fullmatch(r"[\d-]+ [\d:]+", v["created"])
+
+
+def test_config_set_get_unset_are_checked_like_the_recipe_and_the_state_reads_them(tmp_path):
+    from dopsd_continual.store import open_state
+
+    s = tmp_path / "s"
+    run("init", "--state", s)
+    r = run("config", "set", "daemon.quiet_seconds", "10", "--state", s)
+    assert r.exit_code == 0 and "daemon.quiet_seconds = 10 (was 120)" in r.output and "[daemon]" in r.output
+    assert run("config", "set", "daemon.cron", "0 3 * * *", "--state", s).exit_code == 0  # text stays text
+    assert run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s).exit_code == 0
+    st = open_state(s)
+    assert (st.recipe["daemon"]["quiet_seconds"], st.recipe["daemon"]["cron"], st.recipe["gate"]["seeds"]) == (10, "0 3 * * *", [0, 1, 2])
+    st.close()
+    before = (s / "dopsd.toml").read_text()
+    for args, words in ((["daemon.quiet_seconds", "soon"], "daemon.quiet_seconds must be"),
+                        (["model.source", "other/model"], "dopsd init --recipe"),
+                        (["gate.nope", "1"], "unknown setting 'gate.nope'"),
+                        (["train.steps", "0"], "train.steps must be >= 1")):
+        r = run("config", "set", *args, "--state", s)
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    assert (s / "dopsd.toml").read_text() == before  # a refused value writes nothing
+    assert json.loads(run("config", "get", "daemon.cron", "--json", "--state", s).stdout) == {
+        "key": "daemon.cron", "value": "0 3 * * *", "from": "settings"}
+    assert run("config", "unset", "daemon.cron", "--state", s).exit_code == 0
+    assert json.loads(run("config", "get", "--json", "--state", s).stdout) == {"daemon.quiet_seconds": 10, "gate.seeds": [0, 1, 2]}
+    assert "(the recipe)" in run("config", "get", "daemon.cron", "--state", s).output
+    assert run("init", "--state", s).exit_code == 0  # init again keeps the settings
+    assert "daemon.quiet_seconds" in (s / "dopsd.toml").read_text()

@@ -227,8 +227,9 @@ def test_idempotent_and_user_folder_untouched(state, watch):
     rows1 = list(state.db["samples"].rows)
     second = ingest_paths(state)
     assert len(first.queued) == 5 and not second.queued
-    assert paths(second.duplicates) == paths(first.queued)
-    assert second.rejected == first.rejected
+    assert not second.duplicates and not second.rejected  # reported once, when they were new
+    assert sorted(paths(second.unchanged)) == sorted(paths(first.queued) + paths(first.rejected))
+    assert {r["outcome"] for r in second.unchanged if r["path"].endswith("bad.png")} == {"rejected"}
     assert list(state.db["samples"].rows) == rows1
     assert tree_snapshot(watch) == before
 
@@ -260,7 +261,8 @@ def test_changed_caption_updates_the_sample_and_requeues_it(state, watch):
 def test_rejected_file_is_looked_at_again_when_it_changes(state, watch):
     make_image(watch / "a.png")
     assert "missing caption" in reasons(ingest_paths(state))["a.png"]
-    assert "missing caption" in reasons(ingest_paths(state))["a.png"]  # same verdict, still recorded
+    again = ingest_paths(state)  # the same verdict stands: kept, not reported again
+    assert not again.rejected and [(r["outcome"], "missing caption" in r["reason"]) for r in again.unchanged] == [("rejected", True)]
     (watch / "a.txt").write_text("now with a caption")
     assert paths(ingest_paths(state).queued) == ["a.png"]
 

@@ -297,7 +297,7 @@ def test_the_daemon_takes_the_bad_folder_and_status_shows_its_problems(shared):
         status = cli("daemon", "status", "--json", "--state", state)
         no_traceback(status)
         s = json.loads(status.stdout)
-        assert s["running"] and s["last_scan"]["rejected"] > 0
+        assert s["running"] and s["last_scan"]["rejected_files"] > 0
         c = sqlite3.connect(f"{(state / 'dopsd.sqlite').as_uri()}?mode=ro", uri=True)
         files = {os.path.relpath(p, d): o for p, o in c.execute("select path, outcome from files")}
         c.close()
