@@ -13,7 +13,8 @@ threshold was tuned):
   neutral: the rest.
 Kinds: default D-OPSD; lr x10 and x30; five times too long; moderate and damaging SFT; a pack of noise
 images; captions swapped between images; blurred, JPEG-crushed and colour-cast training images; one
-image repeated (collapse); the concept captioned as a base shape ("a red circle" under a heart: it bleeds). Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
+image repeated (collapse); the concept captioned as a base shape ("a red circle" under a heart) and learnt
+at lr x10: the shape bleeds into the base word. Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
 
 Writes bench/results/gate_zoo.json as rows come in (every guard's value and the ground truth per round; a
 run resumes past the rows already there); `python bench/gate_zoo.py --calibrate` then fits thresholds on
@@ -74,7 +75,7 @@ KINDS: dict[str, tuple[dict, str | None]] = {
     "jpeg_crushed": ({}, "jpeg"),
     "colour_cast": ({}, "cast"),
     "collapse": ({}, "repeat"),
-    "bleeding": ({}, "bleed"),
+    "bleeding": ({"lr": BASE["lr"] * 10}, "bleed"),
 }
 GROSS = {"noise_pack", "lr_x30", "collapse", "too_long"}
 
