@@ -21,6 +21,7 @@ CHECKS = (
     ("retention_drop", "max_retention_drop", ">", "retention dropped {v:.3f} > {t}"),
     ("concept_gain", "min_concept_gain", "<", "concept gain {v:.3f} < {t}"),
 )
+# measured on every round (Gate.verdict insists)
 ALWAYS = {"drift", "sharpness_ratio", "colour_shift", "seed_diversity_ratio", "few_step_gap_ratio"}
 
 
@@ -28,8 +29,8 @@ def checks(m: dict, g: dict) -> list[dict]:
     """Each of the gate's checks that applies to these metrics: value, threshold, and whether it passed."""
     out = []
     for metric, key, fails, reason in CHECKS:
-        if metric not in m and metric not in ALWAYS:
-            continue  # a guard this model has no scorer for
+        if metric not in m or key not in g:
+            continue  # a guard this model has no scorer for, or a version the gate did not judge
         v, t = m[metric], g[key]
         failed = v > t if fails == ">" else v < t
         out.append({"metric": metric, "value": v, "threshold": t, "limit": "max" if fails == ">" else "min",

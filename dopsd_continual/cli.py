@@ -399,7 +399,8 @@ def local_time(iso: str) -> str:
 
     t = datetime.fromisoformat(iso).astimezone()
     left = (t - datetime.now(t.tzinfo)).total_seconds()
-    ahead = f"in {left / 60:.0f} min" if left >= 90 else ("now" if left < 30 else f"in {left:.0f} s")
+    ahead = (f"in {left / 3600:.1f} h" if left >= 5400 else f"in {left / 60:.0f} min" if left >= 90
+             else "now" if left < 30 else f"in {left:.0f} s")
     return f"{t:%Y-%m-%d %H:%M:%S} ({ahead})"
 
 
@@ -424,7 +425,11 @@ def versions_show(version: str, as_json: bool = typer.Option(False, "--json"), s
         v[k] = json.loads(v[k] or "null")
     v["active"] = st.active_version == version
     v["created"] = when(v["created_at"])
-    gate = st.recipe["gate"]
+    report = st.reports / f"{version}.json"
+    try:  # judged against the thresholds of its day, as its report keeps them
+        gate = json.loads(report.read_text())["thresholds"]
+    except (OSError, ValueError, KeyError):
+        gate = st.recipe["gate"]
     st.close()
     if as_json:
         emit_json(v)
@@ -582,8 +587,16 @@ config_app = typer.Typer(no_args_is_help=True, help="The state's own settings ov
 app.add_typer(config_app, name="config")
 
 
-def _setting_value(key: str, text: str):
-    """VALUE as TOML reads it (10, 2.5, true, [0, 1], "text"); bare text where the key takes a string."""
+def _shown(v) -> str:
+    return json.dumps(v, ensure_ascii=False)
+
+
+PATH_SETTINGS = {"gate.prompts", "gate.clip_model", "gate.dino_model", "model.teacher_encoder"}
+
+
+def _setting_value(key: str, text: str, cwd: Path):
+    """VALUE as TOML reads it (10, 2.5, true, [0, 1], "text"); bare text where the key takes a string. A
+    path that exists is kept absolute: the daemon does not run where the command was typed."""
     import tomllib
 
     from .recipe import SCHEMA
@@ -595,10 +608,13 @@ def _setting_value(key: str, text: str):
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    return text if str in types and not isinstance(value, types) else value
+    value = text if str in types and not isinstance(value, types) else value
+    if key in PATH_SETTINGS and isinstance(value, str) and value and (cwd / Path(value).expanduser()).exists():
+        value = str((cwd / Path(value).expanduser()).resolve())
+    return value
 
 
-@config_app.command("set")
+@config_app.command("set", context_settings={"ignore_unknown_options": True})  # `set gate.x -0.5` is a value
 def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.quiet_seconds"),
                value: str = typer.Argument(..., help="10, 2.5, true, [0, 1] or text"),
                state: Path | None = STATE_OPT) -> None:
@@ -606,12 +622,15 @@ def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.qui
     from .store import open_state, set_settings, state_dir
 
     root = state_dir(state)
-    before = open_state(root)
-    old = before.recipe.get(key.partition(".")[0], {}).get(key.partition(".")[2])
-    before.close()
-    recipe = set_settings(root, {key: _setting_value(key, value)})
+    try:
+        before = open_state(root)
+        old = before.recipe.get(key.partition(".")[0], {}).get(key.partition(".")[2])
+        before.close()
+    except UserError:  # a state that does not open now (a bad setting): the new value may be the fix
+        old = None
+    recipe = set_settings(root, {key: _setting_value(key, value, Path.cwd())})
     section, _, name = key.partition(".")
-    console.print(f"{key} = {json.dumps(recipe[section][name])} (was {json.dumps(old)})", highlight=False)
+    console.print(f"{key} = {_shown(recipe[section][name])} (was {_shown(old)})", highlight=False)
     if section == "daemon":
         console.print("a running daemon reads [daemon] at its start: `dopsd daemon stop` then `dopsd daemon start`",
                       highlight=False, markup=False)
@@ -622,11 +641,14 @@ def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.qui
 @config_app.command("unset")
 def config_unset(key: str, state: Path | None = STATE_OPT) -> None:
     """Back to the recipe's value."""
-    from .store import set_settings, state_dir
+    from .store import set_settings, state_dir, state_settings
 
+    settings = state_settings(state_dir(state))  # read without the recipe: a setting that breaks it can go
+    if key not in settings:
+        fail(f"{key} is not set for this state" + (f" (set: {', '.join(sorted(settings))})" if settings else ""))
     recipe = set_settings(state_dir(state), {}, remove=(key,))
     section, _, name = key.partition(".")
-    console.print(f"{key} = {json.dumps(recipe.get(section, {}).get(name))} (the recipe's)", highlight=False)
+    console.print(f"{key} = {_shown(recipe.get(section, {}).get(name))} (the recipe's)", highlight=False)
 
 
 @config_app.command("get")
@@ -642,7 +664,7 @@ def config_get(key: str | None = typer.Argument(None, help="section.key; without
         elif not settings:
             console.print("no settings: the recipe's values hold (`dopsd config set KEY VALUE`)", highlight=False)
         for k, v in sorted(settings.items()) if not as_json else ():
-            console.print(f"{k} = {json.dumps(v)}", highlight=False)
+            console.print(f"{k} = {_shown(v)}", highlight=False)
         return
     section, _, name = key.partition(".")
     if name not in recipe.get(section, {}):
@@ -651,7 +673,7 @@ def config_get(key: str | None = typer.Argument(None, help="section.key; without
     if as_json:
         emit_json({"key": key, "value": value, "from": "settings" if key in settings else "recipe"})
     else:
-        console.print(f"{key} = {json.dumps(value)} ({'this state' if key in settings else 'the recipe'})", highlight=False)
+        console.print(f"{key} = {_shown(value)} ({'this state' if key in settings else 'the recipe'})", highlight=False)
 
 
 daemon_app = typer.Typer(no_args_is_help=True, help="The background daemon: watch folders, schedule rounds.")
@@ -672,7 +694,7 @@ def daemon_start(foreground: bool = typer.Option(False, "--foreground", help="ru
                           "what is queued (`dopsd init --watch DIR` adds one)", highlight=False, soft_wrap=True)
     st.close()
     if foreground:
-        Daemon(root, foreground=True).run_forever()
+        Daemon(root, foreground=True, rounds_apart=True).run_forever()
         return
     pid = start_background(root)
     console.print(f"daemon running (pid {pid}); logs in {esc(str(root / 'logs'))}")

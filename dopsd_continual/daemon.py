@@ -122,11 +122,73 @@ def setup_logging(state: State, foreground: bool) -> None:
         root.addHandler(RichHandler(show_path=False))
 
 
+STOP_GRACE_SECONDS = 30  # a round asked to stop that has not within this is ended (inside shutdown's 60 s)
+
+
+class ChildOOM(Exception):
+    """The round's own process ran out of GPU memory."""
+
+
+class RoundDied(Exception):
+    """The round's own process ended without an answer (killed, or it crashed)."""
+
+
+class RoundFailed(Exception):
+    """The round's own process hit a bug; its traceback is logged, this carries the one line."""
+
+
+def _round_apart(root: str, conn, foreground: bool = False) -> None:
+    """One round in its own process, started by the daemon: the result, or what stopped it, goes back
+    through `conn`. Signals are the daemon's to act on: it asks through `conn` ("stop"), and when the
+    daemon itself is gone the pipe closes, which stops the round the same way."""
+    import traceback
+
+    from .errors import DoesNotFit, RoundBusy
+    from .rounds import abandon_running, run_round
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stop = threading.Event()
+
+    def listen() -> None:
+        try:
+            while conn.recv() != "stop":
+                pass
+        except (EOFError, OSError):
+            pass
+        stop.set()
+
+    threading.Thread(target=listen, daemon=True, name="dopsd-round-stop").start()
+    st = open_state(Path(root))
+    setup_logging(st, foreground)  # the same log (and terminal, in the foreground) as the daemon
+    try:
+        from .memory import check_fits
+        from .placement import compute_device
+
+        check_fits(st.recipe, compute_device())  # before the model loads
+        conn.send(("ok", run_round(st, should_stop=stop.is_set), ""))
+    except BaseException as e:
+        oom = type(e).__name__ == "OutOfMemoryError"
+        kind = ("busy" if isinstance(e, RoundBusy) else "fits" if isinstance(e, DoesNotFit) else "oom" if oom
+                else "stopped" if isinstance(e, InterruptedError) else "user" if isinstance(e, UserError) else "bug")
+        if kind != "busy":
+            abandon_running(st, {"oom": "the round ran out of GPU memory", "stopped": "the daemon was stopped",
+                                 "bug": "the round failed; see logs/daemon.log"}.get(kind, f"the round failed: {e}"))
+        conn.send((kind, str(e), traceback.format_exc() if kind == "bug" else ""))
+    finally:
+        st.close()
+        conn.close()
+
+
 class Daemon:
-    def __init__(self, root: Path, foreground: bool = False, on_round=None, install_signals: bool = True):
+    def __init__(self, root: Path, foreground: bool = False, on_round=None, install_signals: bool = True,
+                 rounds_apart: bool = False):
         self.root = Path(root)
         self.state = open_state(self.root)
         self.cfg = self.state.recipe["daemon"]
+        # a round in its own process leaves nothing of the model in the daemon's memory; with the model kept
+        # warm between rounds (keep_warm_seconds > 0) rounds run in the daemon, which holds it
+        self.rounds_apart = rounds_apart and float(self.cfg["keep_warm_seconds"]) <= 0
         self.foreground = foreground
         self.stop_event = threading.Event()
         self.last_drop = 0.0
@@ -140,6 +202,9 @@ class Daemon:
         self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
         self.starting: str | None = None  # what a round does before it has a version (loading the model)
         self.logged_rejections: set[tuple[str, str]] = set()  # (path, reason) once per daemon, not per rescan
+        self.round_pid: int | None = None  # the process of the last round run apart
+        self._beat = threading.Lock()  # one writer of daemon.json at a time (the scheduler's beat, a round, a hold)
+        self._stopped = False
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
@@ -233,7 +298,9 @@ class Daemon:
             time.sleep(0.1)
         for o in getattr(self, "observers", []):
             o.join(timeout=5)
-        (self.root / "daemon.json").unlink(missing_ok=True)
+        with self._beat:
+            self._stopped = True  # no heartbeat after this brings daemon.json back
+            (self.root / "daemon.json").unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -319,9 +386,6 @@ class Daemon:
 
     def round_job(self, reason: str = "schedule") -> dict | None:
         from .errors import DoesNotFit, RoundBusy
-        from .memory import check_fits
-        from .placement import compute_device
-        from .rounds import run_round
 
         if self.stop_event.is_set() or not self.round_lock.acquire(blocking=False):
             return None
@@ -340,17 +404,14 @@ class Daemon:
             self.set_starting("loading the model")
             st = open_state(self.root)
             try:
-                check_fits(st.recipe, compute_device())  # before the model loads
-                sampler = self.sampler(st)
-                self.set_starting(None)  # from here the round's own row says where it is
-                result = run_round(st, sampler=sampler, should_stop=self.stop_event.is_set)
+                result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:
                 log.info("%s", e)
                 return None
             except DoesNotFit as e:
                 self.hold(key, f"rounds held: {e}")
                 return None
-            except torch_oom() as e:
+            except (torch_oom(), ChildOOM) as e:
                 from .rounds import abandon_running
 
                 abandon_running(st, "the round ran out of GPU memory")
@@ -370,8 +431,15 @@ class Daemon:
                 self.hold(key, f"rounds held: {e}. Fix it, then `dopsd daemon retry` (a new drop or a recipe "
                           "change retries too)")
                 return None
+            except RoundDied as e:
+                from .rounds import abandon_running
+
+                abandon_running(st, str(e), pid=self.round_pid)  # interrupted, its samples queued again
+                self.hold(key, f"rounds held: {e}. `dopsd daemon retry` tries again")
+                return None
             except Exception as e:
-                log.exception("round failed")  # a bug: the whole traceback, once
+                if not isinstance(e, RoundFailed):
+                    log.exception("round failed")  # a bug: the whole traceback, once
                 from .rounds import abandon_running
 
                 abandon_running(st, "the round failed; see logs/daemon.log")
@@ -413,6 +481,67 @@ class Daemon:
         if getattr(self, "scheduler", None) is not None:
             self.heartbeat()  # `daemon status` and the dashboard say it now, not at the next beat
 
+    def round_here(self, st: State) -> dict:
+        """The round in this process, on the model the daemon holds (loaded now if it is not)."""
+        from .memory import check_fits
+        from .placement import compute_device
+        from .rounds import run_round
+
+        check_fits(st.recipe, compute_device())  # before the model loads
+        sampler = self.sampler(st)
+        self.set_starting(None)  # from here the round's own row says where it is
+        return run_round(st, sampler=sampler, should_stop=self.stop_event.is_set)
+
+    def round_apart(self) -> dict:
+        """The round in a process of its own (spawned: nothing of this one is copied into it); the daemon
+        waits for its answer and passes a stop on. What failed comes back as the exception round_here
+        would have raised."""
+        import multiprocessing as mp
+
+        from .errors import DoesNotFit, RoundBusy
+
+        ctx = mp.get_context("spawn")
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_round_apart, args=(str(self.root), there, self.foreground),
+                           name="dopsd-round")
+        proc.start()
+        there.close()
+        answer, asked = None, None
+        try:
+            while answer is None:
+                if here.poll(0.5):
+                    answer = here.recv()
+                elif not proc.is_alive() and not here.poll(0):
+                    break
+                if self.stop_event.is_set() and asked is None:
+                    here.send("stop")  # it stops at its next training step
+                    asked = time.time()
+                if asked is not None and time.time() - asked > STOP_GRACE_SECONDS:
+                    log.info("the round did not stop within %d s (loading, or its gate): ended", STOP_GRACE_SECONDS)
+                    proc.kill()  # its round is recovered like a crash: interrupted, samples queued again
+        except (EOFError, OSError):
+            pass
+        finally:
+            proc.join(timeout=30)
+            if proc.is_alive():  # answered but hangs on its way out: it must not keep memory the next round needs
+                proc.kill()
+                proc.join(timeout=30)
+            here.close()
+        self.round_pid = proc.pid
+        if answer is None:
+            code = proc.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise RoundDied(f"the round's process ended without a result ({how}"
+                            + ("; the kernel ends a process that runs the machine out of memory this way" if code == -9 else "")
+                            + ")")
+        kind, payload, trace = answer
+        if kind == "ok":
+            return payload
+        if kind == "bug":
+            log.error("round failed in its process:\n%s", trace.rstrip())
+        raise {"busy": RoundBusy, "fits": DoesNotFit, "oom": ChildOOM, "stopped": InterruptedError, "user": UserError,
+               "bug": RoundFailed}[kind](payload)
+
     def sampler(self, st: State):
         from .sampling import Sampler
 
@@ -442,7 +571,8 @@ class Daemon:
     def set_starting(self, what: str | None) -> None:
         """What a round about to start is doing before it has a version (daemon status shows it)."""
         self.starting = what
-        self.heartbeat()
+        if getattr(self, "scheduler", None) is not None:
+            self.heartbeat()
 
     def heartbeat(self) -> None:
         if self._sampler is not None and not self.round_lock.locked():
@@ -450,6 +580,11 @@ class Daemon:
                 self.release_model()
         times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
         nxt = min(times).isoformat(timespec="seconds") if times else None
+        with self._beat:
+            if not self._stopped:
+                self._write_status(nxt)
+
+    def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
                 "ui": self._ui_url(), "held": self.held["reason"] if self.held else None,
                 "starting": self.starting}
@@ -561,7 +696,7 @@ def main() -> None:
     ap.add_argument("--foreground", action="store_true")
     a = ap.parse_args()
     try:
-        Daemon(state_dir(a.state), foreground=a.foreground).run_forever()
+        Daemon(state_dir(a.state), foreground=a.foreground, rounds_apart=True).run_forever()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import checks
+from .checks import ALWAYS, checks
 from .store import State, atomic_write
 from .toy.scorer import high_freq_energy  # the same Laplacian measure the toy scorer uses
 
@@ -113,7 +113,7 @@ def neighbour_prompts(captions: list[str], pool: list[str], trigger: str = "") -
     for cap in captions:
         words = _words(cap)
         concept = {w for w in words if w not in vocab} | ({trigger.lower()} if trigger else set())
-        allowed = [p for p in pool if not concept & set(_words(p))]
+        allowed = [p for p in pool if not concept & set(_words(p)) and _words(p) != words]  # never itself
         if not allowed:
             continue
         best = min(allowed, key=lambda p: _edit_distance(words, _words(p)))
@@ -262,6 +262,9 @@ class Gate:
         return m
 
     def verdict(self, m: dict) -> list[str]:
+        missing = ALWAYS - set(m)
+        if missing:  # the gate measures these on every round: one missing is a bug, never a pass
+            raise RuntimeError(f"the gate measured no {', '.join(sorted(missing))}")
         return [c["reason"] for c in checks(m, self.g) if not c["passed"]]
 
     def report(self, vid: str, parent: str, m: dict, reasons: list[str], round_samples: list[dict]) -> Path:

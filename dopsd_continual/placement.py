@@ -98,9 +98,14 @@ def apply_memory_budget(budget_gib: float, device: torch.device) -> None:
     # Segments that grow in place: at the out-of-memory under a 14.5 GiB cap the default allocator held 0.92
     # GiB reserved but unusable, with them 0.08 GiB (bench/results/gpu_oom_probe/, H200, 2026-11-29). The
     # user's own PYTORCH_CUDA_ALLOC_CONF wins.
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):
+        import warnings
+
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
         try:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            with warnings.catch_warnings():  # the older name warns that it is deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                setter("expandable_segments:True")
         except (AttributeError, RuntimeError):
             pass
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,33 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
         raise UserError(f"{where}: model.teacher_min_pixels must be > 0 and <= model.teacher_max_pixels")
     if out["ingest"]["stability_seconds"] < 0:
         raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
+    _check_daemon(out["daemon"], where)
+    for section, keys in out.items():
+        for k, v in keys.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where}: {section}.{k} must be a finite number, got {v!r}")
     return out
+
+
+def _check_daemon(d: dict[str, Any], where: str) -> None:
+    for k in ("interval_minutes", "rescan_seconds"):
+        if not d[k] > 0:
+            raise UserError(f"{where}: daemon.{k} must be > 0, got {d[k]!r}")
+    for k in ("quiet_seconds", "keep_warm_seconds"):
+        if d[k] < 0:
+            raise UserError(f"{where}: daemon.{k} must be >= 0, got {d[k]!r}")
+    if d["min_new_samples"] < 1:
+        raise UserError(f"{where}: daemon.min_new_samples must be >= 1, got {d['min_new_samples']!r}")
+    if not 0 <= d["ui_port"] < 65536:
+        raise UserError(f"{where}: daemon.ui_port must be a port number (0-65535; 0: any free one), got {d['ui_port']!r}")
+    if d["cron"].strip():
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(d["cron"])
+        except ValueError as e:
+            raise UserError(f"{where}: daemon.cron {d['cron']!r} is not a crontab line (minute hour day month "
+                            f"weekday): {e}") from None
 
 
 def _tname(types) -> str:

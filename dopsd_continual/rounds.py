@@ -97,9 +97,10 @@ def recover(state: State) -> list[str]:
     return done
 
 
-def abandon_running(state: State, message: str) -> list[str]:
-    """This process's own running round, stopped on purpose (SIGTERM) or failed: same clean-up as a crash."""
-    rows = state.db["rounds"].rows_where("status = 'running' and pid = ?", [os.getpid()])
+def abandon_running(state: State, message: str, pid: int | None = None) -> list[str]:
+    """This process's own running round (or that of `pid`, a round's process that has ended), stopped on
+    purpose (SIGTERM) or failed: same clean-up as a crash."""
+    rows = state.db["rounds"].rows_where("status = 'running' and pid = ?", [pid or os.getpid()])
     return [_interrupt(state, dict(r), message) for r in list(rows)]
 
 

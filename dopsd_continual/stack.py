@@ -215,10 +215,11 @@ class WeightSwitcher:
 def _chain_term(module, args, out):
     """Forward hook of a Linear that a version touches: adds B_c (A_c x), the chain's unmerged term.
 
-    Where no gradient flows (sampling, the gate) the term is added into the layer's output in place, one
-    fused multiply-add: a separate term and sum would each be as large as the output, and for klein's fused
-    projection at the gate's batch that is 2 GiB apiece (measured on an H200 at a 14.5 GiB cap). Training
-    on top of a parent keeps the out-of-place sum autograd records."""
+    One fused multiply-add (out + (x A^T) B^T, rounded once) either way. Where no gradient flows through the
+    output (sampling, the gate, the teacher's pass) it is added into the output in place: a separate term
+    and sum would each be as large as the output, and for klein's fused projection at the gate's batch
+    that is 2 GiB apiece (measured on an H200 at a 14.5 GiB cap). Where one does, the same sum is a new
+    tensor, as autograd needs."""
     import torch
     from torch.nn import functional as F
 
@@ -227,10 +228,13 @@ def _chain_term(module, args, out):
         return out
     b = module._buffers["chain_B"]
     xa = F.linear(args[0].to(a.dtype), a)  # (..., chain rank): small
-    if not (torch.is_grad_enabled() and out.requires_grad) and out.dtype == b.dtype and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
-        return out
-    return out + F.linear(xa, b).to(out.dtype)
+    if out.dtype != b.dtype or not out.is_contiguous():
+        return out + F.linear(xa, b).to(out.dtype)
+    flat, xa2 = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    if torch.is_grad_enabled() and out.requires_grad:
+        return torch.addmm(flat, xa2, b.t()).view(out.shape)
+    flat.addmm_(xa2, b.t())
+    return out
 
 
 def squash(a, b, rank: int):

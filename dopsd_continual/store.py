@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
     """temp file + fsync + rename (+ fsync of the folder): readers see the old file or the new one. The file
     has `mode` from its first byte (owner-only unless the caller writes for the user: user_file_mode())."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # per writer, threads too
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         os.fchmod(fd, mode)  # a leftover temp of another mode, or a umask wider than asked, is narrowed too
@@ -434,11 +435,16 @@ def with_settings(recipe: dict[str, Any], settings: dict[str, Any], where: str) 
     for dotted, value in settings.items():
         section, _, key = dotted.partition(".")
         if dotted in FIXED_BY_INIT:
-            raise UserError(f"{where}: {dotted} is the model itself; `dopsd init --recipe ... --force` changes it")
+            raise UserError(f"{where}: {dotted} is the model itself; `dopsd init --recipe ... --force` changes it "
+                            f"(`dopsd config unset {dotted}` removes the setting)")
         if section not in out or key not in out[section]:
-            raise UserError(f"{where}: unknown setting {dotted!r} (a recipe key as section.key, e.g. daemon.quiet_seconds)")
+            raise UserError(f"{where}: unknown setting {dotted!r} (a recipe key as section.key, e.g. "
+                            f"daemon.quiet_seconds; `dopsd config unset {dotted}` removes it)")
         out[section][key] = value
-    return validate(out, f"{where} [settings]")
+    try:
+        return validate(out, f"{where} [settings]")
+    except UserError as e:
+        raise UserError(f"{e} (`dopsd config unset KEY` goes back to the recipe's value)") from None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -458,6 +464,13 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: recipe must be {CONFIG_KEYS['recipe']}, got {cfg.get('recipe')!r}")
     if not isinstance(cfg.setdefault("settings", {}), dict):
         raise UserError(f"{path}: settings must be {CONFIG_KEYS['settings']}")
+    flat = {}
+    for k, v in cfg["settings"].items():  # "daemon.quiet_seconds" = 10, or written by hand as daemon.quiet_seconds = 10
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    cfg["settings"] = flat
     watch = cfg.setdefault("watch", [])
     if not isinstance(watch, list) or not all(isinstance(w, str) and w.strip() for w in watch):
         raise UserError(f"{path}: watch must be {CONFIG_KEYS['watch']} (strings), got {watch!r}")
@@ -465,22 +478,43 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _dump_config(cfg: dict[str, Any]) -> str:
-    lines = ["# dopsd state configuration (written by `dopsd init`)", f"recipe = {json.dumps(cfg['recipe'])}"]
-    lines.append("watch = [" + ", ".join(json.dumps(w) for w in cfg["watch"]) + "]")
+    lines = ["# dopsd state configuration (written by `dopsd init`)", f"recipe = {toml_value(cfg['recipe'])}"]
+    lines.append("watch = [" + ", ".join(toml_value(w) for w in cfg["watch"]) + "]")
     if cfg.get("settings"):
         lines += ["", "# the state's own settings over the recipe (`dopsd config set KEY VALUE`, `dopsd config unset KEY`)",
-                  "[settings]"] + [f"{json.dumps(k)} = {toml_value(v)}" for k, v in sorted(cfg["settings"].items())]
-    return "\n".join(lines) + "\n"
+                  "[settings]"] + [f"{toml_value(k)} = {toml_value(v)}" for k, v in sorted(cfg["settings"].items())]
+    text = "\n".join(lines) + "\n"
+    if tomllib.loads(text) != {k: v for k, v in cfg.items() if k != "settings" or v}:  # what is written reads back
+        raise UserError("the state's configuration would not read back as written; nothing was changed")
+    return text
 
 
 def toml_value(v: Any) -> str:
+    """A TOML literal that reads back as `v` (strings in UTF-8 with their control characters escaped)."""
+    import math
+
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else json.dumps(str(v))
+        return ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) if not math.isfinite(v) else repr(v)
+    if isinstance(v, int):
+        return str(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(v)
+    text = str(v)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text: dopsd.toml cannot hold it") from None
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def state_settings(root: Path) -> dict[str, Any]:
+    """The state's own settings as written, without opening its recipe."""
+    cfg_path = root / "dopsd.toml"
+    if not cfg_path.exists():
+        raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
+    return _read_config(cfg_path)["settings"]
 
 
 def set_settings(root: Path, changes: dict[str, Any], remove: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -198,3 +198,55 @@ def test_config_set_get_unset_are_checked_like_the_recipe_and_the_state_reads_th
     assert "(the recipe)" in run("config", "get", "daemon.cron", "--state", s).output
     assert run("init", "--state", s).exit_code == 0  # init again keeps the settings
     assert "daemon.quiet_seconds" in (s / "dopsd.toml").read_text()
+
+
+def test_what_config_writes_reads_back_and_what_it_cannot_hold_is_refused(tmp_path):
+    import math
+    import tomllib
+
+    from dopsd_continual.store import toml_value
+
+    for v in ["cat 🐱", "a\x7fb", "tab\there", 'q"uote', "back\\slash", -1e-05, 3, [0, 1], True, float("inf")]:
+        back = tomllib.loads(f"v = {toml_value(v)}")["v"]
+        assert back == v or (isinstance(v, float) and math.isinf(v) and math.isinf(back))
+    with pytest.raises(UserError, match="not UTF-8"):
+        toml_value("\udcff")
+    s = tmp_path / "s"
+    run("init", "--state", s)
+    assert run("config", "set", "ingest.default_caption", "cat 🐱", "--state", s).exit_code == 0
+    assert run("config", "set", "gate.min_concept_gain", "-0.5", "--state", s).exit_code == 0  # a negative value
+    assert run("versions", "list", "--state", s).exit_code == 0  # the state still opens
+    for args, words in ((["daemon.cron", "garbage"], "not a crontab line"), (["gate.max_drift", "inf"], "finite"),
+                        (["daemon.interval_minutes", "0"], "must be > 0")):
+        r = run("config", "set", *args, "--state", s)
+        assert r.exit_code == 1 and words in r.output, r.output
+    r = run("config", "unset", "gate.nope", "--state", s)
+    assert r.exit_code == 1 and "not set for this state" in r.output
+    with open(s / "dopsd.toml", "a") as f:  # a setting written by hand as a table, and a bad value
+        f.write("\n[settings.daemon]\nquiet_seconds = -5\n")
+    r = run("versions", "list", "--state", s)
+    assert r.exit_code == 1 and "daemon.quiet_seconds must be >= 0" in r.output and "config unset" in r.output
+    assert run("config", "unset", "daemon.quiet_seconds", "--state", s).exit_code == 0  # the way back
+    assert run("versions", "list", "--state", s).exit_code == 0
+
+
+def test_neighbour_prompts_leave_the_concept_out_and_never_pick_the_caption_itself():
+    from dopsd_continual.gate import neighbour_prompts
+
+    pool = ["a large red circle on the left, black background", "a small blue square on the right, white background",
+            "a large red heart on the left, black background"]
+    assert neighbour_prompts(["a large red heart on the left, black background"], pool[:2]) == [pool[0]]
+    assert neighbour_prompts(["a large red heart on the left, black background"], pool) == [pool[0]]  # not itself
+    assert neighbour_prompts(["my zxq logo, black background", "zxq on the left"], pool[:2], "zxq") == [pool[0]]
+    assert neighbour_prompts([], pool) == []
+
+
+def test_times_read_local_to_the_second_with_how_far_off():
+    from datetime import UTC, datetime, timedelta
+
+    from dopsd_continual.cli import local_time
+
+    soon = (datetime.now(UTC) + timedelta(minutes=12)).isoformat(timespec="seconds")
+    assert local_time(soon).endswith("(in 12 min)") or local_time(soon).endswith("(in 11 min)")
+    later = (datetime.now(UTC) + timedelta(hours=23)).isoformat(timespec="seconds")
+    assert local_time(later).endswith("h)") and "." not in local_time(later).split(" (")[0]

@@ -40,10 +40,19 @@ def test_the_readme_typical_session_reaches_a_trained_version_without_editing_a_
             if any(v["id"] == "v1" and v["status"] in ("accepted", "rejected") for v in versions):
                 break
             time.sleep(2)
-        v1 = next(v for v in versions if v["id"] == "v1")
-        assert v1["status"] in ("accepted", "rejected")
+        v1 = next((v for v in versions if v["id"] == "v1"), None)
+        assert v1 is not None and v1["status"] in ("accepted", "rejected"), (versions, dopsd("daemon", "status").stdout)
         status = dopsd("daemon", "status").stdout
         assert "running: yes" in status and "queue:" in status
+        pid = json.loads(dopsd("daemon", "status", "--json").stdout)["pid"]
+        import sqlite3
+
+        c = sqlite3.connect(f"{(home / 'state' / 'dopsd.sqlite').as_uri()}?mode=ro", uri=True)
+        round_pid = c.execute("select pid from rounds where version = 'v1'").fetchone()[0]
+        c.close()
+        assert round_pid != pid  # the round ran in a process of its own ...
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in maps and "libc10" not in maps  # ... so the daemon never loaded the model's libraries
         r = dopsd("sample", "a large red heart on the left, black background", "--version", "v1", "-n", "2",
                   "--out", "hearts.png")
         assert r.returncode == 0 and (home / "hearts.png").stat().st_size > 0, r.stderr
