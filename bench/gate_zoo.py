@@ -11,7 +11,7 @@ threshold was tuned):
            the pack's (its concept taken out, bench-only prompts) falls by more than 0.05 (a leak);
   useful:  not harmful, and concept fidelity rises by more than 0.02;
   neutral: the rest.
-Kinds: default D-OPSD; lr x10 and x30; five times too long; moderate and damaging SFT; a pack of noise
+Kinds: default D-OPSD; lr x10, x20 and x30; five times too long; moderate and damaging SFT; a pack of noise
 images; captions swapped between images; blurred, JPEG-crushed and colour-cast training images; one
 image repeated (collapse); the concept captioned as a base shape ("a red circle" under a heart) and learnt
 at lr x10: the shape bleeds into the base word. Packs alternate by seed (heart, logo). Seeds 0-2 calibrate, 3-4 are held out.
@@ -65,6 +65,7 @@ BASE = load_recipe(RECIPES_DIR / "toy-shapes.toml")["train"]
 KINDS: dict[str, tuple[dict, str | None]] = {
     "default": ({}, None),
     "lr_x10": ({"lr": BASE["lr"] * 10}, None),
+    "lr_x20": ({"lr": BASE["lr"] * 20}, None),
     "lr_x30": ({"lr": BASE["lr"] * 30}, None),
     "too_long": ({"steps": BASE["steps"] * 5}, None),
     "sft_moderate": ({"objective": "sft"}, None),
@@ -151,10 +152,12 @@ def label(gt: dict, parent: dict) -> tuple[str, dict]:
         "sharpness_ratio": gt["sharpness"] / parent["sharpness"],
         "diversity_ratio": gt["diversity"] / parent["diversity"],
         "concept_gain": gt["concept"] - parent["concept"],
-        "neighbour_drop": parent["neighbours"] - gt["neighbours"],
     }
+    if "neighbours" in gt and "neighbours" in parent:  # rows measured before the neighbour guard have none
+        d["neighbour_drop"] = parent["neighbours"] - gt["neighbours"]
     harmful = (d["retention_drop"] > LABEL_MARGINS["retention_drop"] or d["sharpness_ratio"] < LABEL_MARGINS["sharpness_ratio"]
-               or d["diversity_ratio"] < LABEL_MARGINS["diversity_ratio"] or d["neighbour_drop"] > LABEL_MARGINS["neighbour_drop"])
+               or d["diversity_ratio"] < LABEL_MARGINS["diversity_ratio"]
+               or d.get("neighbour_drop", 0.0) > LABEL_MARGINS["neighbour_drop"])
     if harmful:
         return "harmful", d
     return ("useful" if d["concept_gain"] > LABEL_MARGINS["concept_gain"] else "neutral"), d
@@ -206,7 +209,7 @@ def run_zoo(seeds: list[int], kinds: list[str]) -> None:
                 print(f"{kind:16s} seed {seed} {pack:6s}: {lab:8s} shipped gate {r['verdict']:8s} "
                       f"retention {-deltas['retention_drop']:+.3f} sharp {deltas['sharpness_ratio']:.2f} "
                       f"div {deltas['diversity_ratio']:.2f} concept {deltas['concept_gain']:+.3f} "
-                      f"neighbours {-deltas['neighbour_drop']:+.3f} ({seconds:.0f}s)", flush=True)
+                      f"neighbours {-deltas.get('neighbour_drop', 0.0):+.3f} ({seconds:.0f}s)", flush=True)
                 st.close()
                 shutil.rmtree(work, ignore_errors=True)
                 ZOO.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -374,7 +377,10 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="calibrate on the rows in gate_zoo.json")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS_ORDER)))
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--rows", default=str(ZOO), help="the rows file (default bench/results/gate_zoo.json)")
     a = ap.parse_args()
+    global ZOO
+    ZOO = Path(a.rows)
     if a.calibrate:
         out = run_calibration()
         print(json.dumps({k: out[k] for k in ("thresholds", "thresholds_real_guards", "guards_dropped",

@@ -103,6 +103,9 @@ def test_gate_zoo_labels_calibrates_and_counts_on_a_small_case():
     assert z.label({**parent, "diversity": 0.06}, parent)[0] == "harmful"  # collapse
     assert z.label({**parent, "concept": 0.55}, parent)[0] == "useful"
     assert z.label({**parent, "retention": 0.77, "concept": 0.51}, parent)[0] == "neutral"
+    near = {**parent, "neighbours": 0.80}
+    assert z.label({**near, "neighbours": 0.70, "concept": 0.55}, near)[0] == "harmful"  # it leaks into neighbours
+    assert z.label({**near, "neighbours": 0.78, "concept": 0.55}, near)[0] == "useful"
 
     def row(kind, seed, lab, **guards):
         return {"kind": kind, "seed": seed, "split": "calibration" if seed < 3 else "held_out", "label": lab,
