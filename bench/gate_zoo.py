@@ -377,10 +377,10 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="calibrate on the rows in gate_zoo.json")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS_ORDER)))
     ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--rows", default=str(ZOO), help="the rows file (default bench/results/gate_zoo.json)")
+    ap.add_argument("--rows", default=None, help="the rows file (default bench/results/gate_zoo.json)")
     a = ap.parse_args()
-    global ZOO
-    ZOO = Path(a.rows)
+    if a.rows:
+        globals()["ZOO"] = Path(a.rows)
     if a.calibrate:
         out = run_calibration()
         print(json.dumps({k: out[k] for k in ("thresholds", "thresholds_real_guards", "guards_dropped",
