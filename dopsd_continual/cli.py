@@ -57,6 +57,9 @@ def _open(state: Path | None, writes: str | None = None):
     st = open_state(state_dir(state))
     if writes and st.readonly:
         st.close()
+        if st.readonly_reason:
+            fail(f"{st.readonly_reason}; `dopsd {writes}` needs to write: free some space (`dopsd gc` shows what the "
+                 "state can give back) and run it again (listing, status, sample and export work now)")
         fail(f"state at {st.root} is read-only: `dopsd {writes}` needs to write (listing, status, sample and export work)")
     if writes:
         from .store import tighten_state
@@ -192,13 +195,16 @@ def queue_list(
 
     if status is not None and status not in SAMPLE_STATUSES:
         fail(f"unknown status {status!r}; one of {', '.join(SAMPLE_STATUSES)}")
+    from .store import shown_status
+
     st = _open(state)
-    where, args = ("where status = ?", [status]) if status else ("", [])
+    shown = shown_status(st.conn)  # what a round that ended without a word left 'training' is: queued
     rows = [
-        {"id": r["id"], "status": r["status"], "sha256": r["sha256"], "caption": r["caption"],
+        {"id": r["id"], "status": shown(r["status"]), "sha256": r["sha256"], "caption": r["caption"],
          "source_path": r["source_path"], "rounds": json.loads(r["rounds"])}
-        for r in st.rows(f"select * from samples {where} order by id", args)
+        for r in st.rows("select * from samples order by id")
     ]
+    rows = [r for r in rows if status is None or r["status"] == status]
     st.close()
     if as_json:
         emit_json(rows)
@@ -824,6 +830,56 @@ def ui(
 
 
 @app.command()
+def gc(yes: bool = typer.Option(False, "--yes", help="remove them (without it, only say what would go)"),
+       as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
+    """What the state holds by kind, and what its retention policy gives back (a dry run; --yes removes it)."""
+    from .retention import collect, disk_use, plan, summary
+    from .rounds import round_lock
+
+    st = _open(state)
+    freed = 0
+    try:
+        use = disk_use(st)
+        if yes and st.readonly_reason:  # a full disk: first what needs no record in the database, then the rest
+            first = [i for i in plan(st) if not i.get("version")]
+            freed = collect(st, first)
+            st.close()
+            st = _open(state, writes="gc --yes")
+        elif yes:
+            st.close()
+            st = _open(state, writes="gc --yes")
+        if yes:
+            with round_lock(st, wait=False):  # never under a running round's files
+                items = plan(st)
+                freed += collect(st, items)
+        else:
+            items = plan(st)
+        budget = st.recipe["retention"]["disk_budget_gb"]
+    finally:
+        st.close()
+    kinds = summary(items)
+    if as_json:
+        emit_json({"dry_run": not yes, "use_bytes": use, "budget_gb": budget, "prunable": kinds, "freed_bytes": freed,
+                   "items": [{**i, "path": str(i["path"])} for i in items]})
+        return
+    t = Table(title=f"state disk use: {sum(use.values()) / 2**20:.1f} MB" + (f" of a {budget} GB budget" if budget else ""))
+    for c in ("kind", "MB", "can go", "MB that can go"):
+        t.add_column(c, justify="right" if c != "kind" else "left")
+    for k, b in use.items():
+        g = kinds.get(k, {"files": 0, "bytes": 0})
+        t.add_row(k, f"{b / 2**20:.1f}", str(g["files"]) if g["files"] else "", f"{g['bytes'] / 2**20:.1f}" if g["files"] else "")
+    console.print(t)
+    total = sum(k["bytes"] for k in kinds.values())
+    if yes:
+        console.print(f"freed {freed / 2**20:.1f} MB ({len(items)} item(s))", highlight=False)
+    elif items:
+        console.print(f"{total / 2**20:.1f} MB can go ({len(items)} item(s)); `dopsd gc --yes` removes them. Kept for "
+                      "ever: your originals, every accepted version and its chain, the reports", highlight=False)
+    else:
+        console.print("nothing to give back under the retention policy (recipe [retention])", highlight=False)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json"),
            card_gb: float | None = typer.Option(None, "--card-gb", min=4, help="plan for a card of this many GB "
                                                 "(16, 24, 48...) instead of this box's, for every shipped recipe"),
@@ -840,6 +896,10 @@ def doctor(as_json: bool = typer.Option(False, "--json"),
     console.print(f"model: {report['model']['name']} from {esc(report['model']['source'])} ({report['model']['pipeline']})")
     console.print(f"device: {report['device']}")
     console.print(f"processes: {report['processes']['note']}")
+    use = report["state_disk_use_bytes"]
+    if use:
+        console.print(f"state disk use: {sum(use.values()) / 2**20:.1f} MB (" + ", ".join(
+            f"{k} {v / 2**20:.1f}" for k, v in use.items()) + f"); {report['disk_free_gib']} GiB free", highlight=False)
     for line in report["memory"]:
         console.print(f"memory: {esc(line)}", highlight=False)
     for w in report["warnings"]:
@@ -889,10 +949,14 @@ def _wrap_user_errors() -> None:
                     return __cb(*a, **k)
                 except UserError as e:
                     fail(str(e))
-                except OSError as e:  # the machine's answer about a path (permissions, a full disk, a read-only mount)
-                    where = f"{e.filename}: " if e.filename else ""
-                    fail(f"{where}{e.strerror or e}")
                 except Exception as e:
+                    from .store import disk_words, is_disk_full, state_dir
+
+                    if is_disk_full(e):  # one line, wherever it ran out: the file, the space left
+                        fail(f"{disk_words(e, state_dir(k.get('state')))}: nothing was lost; free some space "
+                             "(`dopsd gc` shows what the state can give back) and run it again")
+                    if isinstance(e, OSError):  # the machine's answer about a path (permissions, a read-only mount)
+                        fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}")
                     if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
                         fail(f"the state is read-only: this command needs to write ({e})")
                     if type(e).__name__ != "OutOfMemoryError":  # torch's, without importing torch here

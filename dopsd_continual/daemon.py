@@ -25,26 +25,13 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from .errors import UserError
-from .store import State, atomic_write, now, open_state, user_file_mode
+from .store import State, atomic_write, now, open_state, pid_alive, shown_status, user_file_mode
 
 log = logging.getLogger("dopsd.daemon")
 
 
 def _lock_path(root: Path) -> Path:
     return root / "daemon.lock"
-
-
-def _alive(pid: int | None) -> bool:
-    """The process is there (a row left 'running' by a dead process does not count)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def daemon_running(root: Path) -> bool:
@@ -76,10 +63,12 @@ def read_status_file(root: Path) -> dict:
 def status(state: State) -> dict:
     running = daemon_running(state.root)
     info = read_status_file(state.root) if running else {}
-    queue = {r[0]: r[1] for r in state.conn.execute("select status, count(*) from samples group by status")}
+    shown, queue = shown_status(state.conn), {}
+    for status_, n in state.conn.execute("select status, count(*) from samples group by status"):
+        queue[shown(status_)] = queue.get(shown(status_), 0) + n
     rnd = None
     row = state.conn.execute("select version, progress, pid from rounds where status='running' order by id desc limit 1").fetchone()
-    if row and (running or _alive(row[2])):  # the daemon's round, or one `dopsd train` runs
+    if row and pid_alive(row[2]):  # the daemon's round, or one `dopsd train` runs, in a live process
         rnd = {"id": row[0], "progress": row[1]}
     elif info.get("starting"):  # the daemon decided on a round and loads what it needs; no version yet
         rnd = {"id": None, "progress": 0.0, "starting": info["starting"]}
@@ -105,6 +94,7 @@ def set_aside(state: State) -> dict | None:
 
 
 def setup_logging(state: State, foreground: bool) -> None:
+    logging.raiseExceptions = False  # a log line that cannot be written (a full disk) is dropped, not a traceback
     state.logs.mkdir(exist_ok=True, mode=0o700)
     log_file = state.logs / "daemon.log"
     if not log_file.exists():  # the log names the user's files: owner-only from its first line
@@ -144,7 +134,7 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
     import traceback
 
     from .errors import DoesNotFit, RoundBusy
-    from .rounds import abandon_running, run_round
+    from .rounds import abandon_quietly, run_round
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -169,10 +159,16 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
         conn.send(("ok", run_round(st, should_stop=stop.is_set), ""))
     except BaseException as e:
         oom = type(e).__name__ == "OutOfMemoryError"
-        kind = ("busy" if isinstance(e, RoundBusy) else "fits" if isinstance(e, DoesNotFit) else "oom" if oom
+        from .errors import DiskFull
+        from .store import disk_words, is_disk_full
+
+        if is_disk_full(e):
+            e = DiskFull(disk_words(e, Path(root)))
+        kind = ("busy" if isinstance(e, RoundBusy) else "disk" if isinstance(e, DiskFull) else "fits" if isinstance(e, DoesNotFit)
+                else "oom" if oom
                 else "stopped" if isinstance(e, InterruptedError) else "user" if isinstance(e, UserError) else "bug")
         if kind != "busy":
-            abandon_running(st, {"oom": "the round ran out of GPU memory", "stopped": "the daemon was stopped",
+            abandon_quietly(st, {"oom": "the round ran out of GPU memory", "stopped": "the daemon was stopped",
                                  "bug": "the round failed; see logs/daemon.log"}.get(kind, f"the round failed: {e}"))
         conn.send((kind, str(e), traceback.format_exc() if kind == "bug" else ""))
     finally:
@@ -203,6 +199,7 @@ class Daemon:
         self.starting: str | None = None  # what a round does before it has a version (loading the model)
         self.logged_rejections: set[tuple[str, str]] = set()  # (path, reason) once per daemon, not per rescan
         self.round_pid: int | None = None  # the process of the last round run apart
+        self.scan_disk_full = False
         self._beat = threading.Lock()  # one writer of daemon.json at a time (the scheduler's beat, a round, a hold)
         self._stopped = False
 
@@ -357,9 +354,20 @@ class Daemon:
         except UserError as e:  # a problem the user can fix (a bad setting): one line, and the next scan tries again
             log.error("scan: %s", e)
             return
-        except Exception:  # anything else is a bug, logged whole; it never stops the daemon
+        except Exception as e:  # anything else is a bug, logged whole; it never stops the daemon
+            from .store import disk_words, is_disk_full
+
+            if is_disk_full(e):  # said once; the next scan that can write takes the files
+                if not self.scan_disk_full:
+                    log.warning("scan paused: %s; the files stay where they are and are taken when there is room",
+                                disk_words(e, self.root))
+                self.scan_disk_full = True
+                return
             log.exception("ingest failed")
             return
+        if self.scan_disk_full:
+            log.info("scan: there is room again")
+            self.scan_disk_full = False
         news = [r for r in rep.rejected if (r["path"], r["reason"]) not in self.logged_rejections]
         if rep.queued or news or rep.updated:  # what is new since the last scan, once
             log.info("ingest: %d queued, %d duplicates, %d rejected, %d pending", len(rep.queued), len(rep.duplicates),
@@ -384,8 +392,28 @@ class Daemon:
             self.scheduler.add_job(self.round_job, "date", run_date=run_at, id="round-threshold",
                                    replace_existing=True, kwargs={"reason": "threshold"})
 
+    def room_for_a_round(self) -> bool:
+        """False while the state's disk has less room than the last round said it needs (rounds paused,
+        daemon status says so); the pause ends by itself when the room is there."""
+        import shutil
+
+        try:
+            need = int(self.state.meta("disk_need_bytes") or 0)
+            free = shutil.disk_usage(self.root).free
+        except (OSError, ValueError):
+            return True
+        if free < need:
+            self.hold("disk", f"rounds paused: {self.root} has {free / 2**20:.0f} MB free, a round needs about "
+                      f"{need / 2**20:.0f} MB. They resume by themselves when there is room (`dopsd gc` shows "
+                      "what the state can give back)")
+            return False
+        if self.held is not None and self.held["key"] == "disk":
+            log.info("there is room again (%.0f MB free): rounds resume", free / 2**20)
+            self.held = None
+        return True
+
     def round_job(self, reason: str = "schedule") -> dict | None:
-        from .errors import DoesNotFit, RoundBusy
+        from .errors import DiskFull, DoesNotFit, RoundBusy
 
         if self.stop_event.is_set() or not self.round_lock.acquire(blocking=False):
             return None
@@ -396,6 +424,8 @@ class Daemon:
                 self.maybe_trigger_round()  # try again after the quiet period
                 return None
             key = self.round_key()
+            if not self.room_for_a_round():
+                return None
             if self.held is not None and self.held["key"] == key:
                 return None  # the same round, unchanged, would fail the same way: held (daemon status says why)
             self.held = None
@@ -407,6 +437,9 @@ class Daemon:
                 result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:
                 log.info("%s", e)
+                return None
+            except DiskFull as e:
+                self.hold("disk", f"rounds paused: {e}. They resume by themselves when there is room")
                 return None
             except DoesNotFit as e:
                 self.hold(key, f"rounds held: {e}")
@@ -438,6 +471,15 @@ class Daemon:
                 self.hold(key, f"rounds held: {e}. `dopsd daemon retry` tries again")
                 return None
             except Exception as e:
+                from .store import disk_words, is_disk_full
+
+                if is_disk_full(e):  # a write failed on the way: the same pause, the round's samples queued again
+                    from .rounds import abandon_quietly
+
+                    abandon_quietly(st, "the disk is full")
+                    self.hold("disk", f"rounds paused: {disk_words(e, self.root)}. They resume by themselves when "
+                              "there is room (`dopsd gc` shows what the state can give back)")
+                    return None
                 if not isinstance(e, RoundFailed):
                     log.exception("round failed")  # a bug: the whole traceback, once
                 from .rounds import abandon_running
@@ -452,6 +494,7 @@ class Daemon:
                     self.set_starting(None)
             log.info("round %s %s%s", result["version"], result["verdict"],
                      "" if not result["reasons"] else ": " + "; ".join(result["reasons"]))
+            self.collect_garbage()
             if self.on_round:
                 self.on_round(result)
             return result
@@ -481,6 +524,22 @@ class Daemon:
         if getattr(self, "scheduler", None) is not None:
             self.heartbeat()  # `daemon status` and the dashboard say it now, not at the next beat
 
+    def collect_garbage(self) -> None:
+        """The retention policy after a round (recipe [retention]; `dopsd gc` shows the same list)."""
+        from .retention import gc_now
+
+        try:
+            st = open_state(self.root)
+            try:
+                if st.recipe["retention"]["after_each_round"]:
+                    n, freed = gc_now(st)
+                    if n:
+                        log.info("gc: %d item(s), %.1f MB given back (recipe [retention])", n, freed / 2**20)
+            finally:
+                st.close()
+        except Exception:  # never the round's verdict's concern
+            log.exception("gc after the round failed")
+
     def round_here(self, st: State) -> dict:
         """The round in this process, on the model the daemon holds (loaded now if it is not)."""
         from .memory import check_fits
@@ -498,7 +557,7 @@ class Daemon:
         would have raised."""
         import multiprocessing as mp
 
-        from .errors import DoesNotFit, RoundBusy
+        from .errors import DiskFull, DoesNotFit, RoundBusy
 
         ctx = mp.get_context("spawn")
         here, there = ctx.Pipe()
@@ -539,7 +598,7 @@ class Daemon:
             return payload
         if kind == "bug":
             log.error("round failed in its process:\n%s", trace.rstrip())
-        raise {"busy": RoundBusy, "fits": DoesNotFit, "oom": ChildOOM, "stopped": InterruptedError, "user": UserError,
+        raise {"busy": RoundBusy, "disk": DiskFull, "fits": DoesNotFit, "oom": ChildOOM, "stopped": InterruptedError, "user": UserError,
                "bug": RoundFailed}[kind](payload)
 
     def sampler(self, st: State):
@@ -582,7 +641,10 @@ class Daemon:
         nxt = min(times).isoformat(timespec="seconds") if times else None
         with self._beat:
             if not self._stopped:
-                self._write_status(nxt)
+                try:
+                    self._write_status(nxt)
+                except OSError:  # a full disk: the last status stays; the pause is in the log and the next beat
+                    pass
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,

@@ -53,9 +53,13 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
 
     problems: list[str] = []
     root = state_dir(state)
+    use: dict[str, int] = {}
     try:
         st = open_state(root)
         recipe = st.recipe
+        from .retention import disk_use
+
+        use = disk_use(st)
         st.close()
     except UserError as e:
         problems.append(str(e))
@@ -97,6 +101,10 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
     free_gb = shutil.disk_usage(probe).free / 2**30
     if free_gb < 2:
         problems.append(f"low disk space at {probe}: {free_gb:.1f} GiB free")
+    budget = recipe["retention"]["disk_budget_gb"]
+    if budget and sum(use.values()) > budget * 2**30:
+        warnings.append(f"the state uses {sum(use.values()) / 2**30:.1f} GB, over its {budget} GB budget: "
+                        "`dopsd gc` shows what can go")
     memory, memory_problems = memory_lines(recipe, card_gb, device)
     problems += memory_problems
     return {
@@ -109,6 +117,7 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
         "gpus": seen,
         "processes": {"recipe": n, "would_use": seen[:n] if seen else ["cpu"] * n, "note": _processes_note(n, seen)},
         "disk_free_gib": round(free_gb, 1),
+        "state_disk_use_bytes": use,
     }
 
 

@@ -11,3 +11,11 @@ class RoundBusy(UserError):
 
 class DoesNotFit(UserError):
     """The recipe's round needs more GPU memory than this card (or its budget) has: refused before loading."""
+
+
+class DiskFull(UserError):
+    """The state's file system cannot take what a round or a scan needs: `need` bytes, `free` bytes."""
+
+    def __init__(self, message: str, need: int = 0, free: int = 0):
+        super().__init__(message)
+        self.need, self.free = need, free

@@ -140,7 +140,9 @@ class Gate:
     def _cached(self, vid: str, tag: str, prompts: list[str], seeds: list[int], steps: int, refs=None) -> torch.Tensor:
         from safetensors.torch import load_file, save_file
 
-        how = [self.recipe["model"]["dtype"], getattr(getattr(self.sampler, "switch", None), "mode", None)]
+        m = self.recipe["model"]  # which model drew them (another after `init --force` never reuses them)
+        how = [m["name"], m["backend"], str(m["source"]), m["dtype"], m["height"], m["width"],
+               getattr(getattr(self.sampler, "switch", None), "mode", None)]
         key = hashlib.sha256(json.dumps([tag, prompts, seeds, steps, refs is not None, how]).encode()).hexdigest()[:16]
         path = self.state.cache / "gate" / f"{vid}-{key}.safetensors"
         if path.exists():

@@ -82,6 +82,13 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_clip_drop": ((int, float), 0.02),
         "max_rejections_per_sample": (int, 3),
     },
+    "retention": {  # what the state gives back (dopsd_continual/retention.py, `dopsd gc`)
+        "rejected_days": ((int, float), 7),
+        "gate_days": ((int, float), 1),
+        "quarantine_days": ((int, float), 7),
+        "disk_budget_gb": ((int, float), 0),
+        "after_each_round": (bool, True),
+    },
     "daemon": {
         "interval_minutes": ((int, float), 60),
         "cron": (str, ""),
@@ -173,6 +180,9 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
     if out["ingest"]["stability_seconds"] < 0:
         raise UserError(f"{where}: ingest.stability_seconds must be >= 0")
     _check_daemon(out["daemon"], where)
+    for k, v in out["retention"].items():
+        if not isinstance(v, bool) and v < 0:
+            raise UserError(f"{where}: retention.{k} must be >= 0, got {v!r}")
     for section, keys in out.items():
         for k, v in keys.items():
             if isinstance(v, float) and not math.isfinite(v):

@@ -14,7 +14,7 @@ from .errors import RoundBusy, UserError
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
 from .stack import get_version, next_version_id, write_version
-from .store import State, now
+from .store import State, disk_words, is_disk_full, now
 
 
 @contextmanager
@@ -54,10 +54,10 @@ def render_lock(state: State):
 
 def running_round(state: State) -> str | None:
     """The version of a round in progress in any process (its row says running and its process lives)."""
-    from .daemon import _alive
+    from .store import pid_alive
 
     row = state.conn.execute("select version, pid from rounds where status='running' order by id desc limit 1").fetchone()
-    return row[0] if row and _alive(row[1]) else None
+    return row[0] if row and pid_alive(row[1]) else None
 
 
 @contextmanager
@@ -95,6 +95,68 @@ def recover(state: State) -> list[str]:
     if state.conn.execute("pragma quick_check").fetchone()[0] != "ok":
         raise UserError(f"the database {state.root / 'dopsd.sqlite'} failed its integrity check")
     return done
+
+
+DISK_MARGIN = 64 * 2**20  # room kept beyond a round's own files (the database, logs, the reports)
+
+
+def disk_need(state: State, sampler, train: dict, n_samples: int) -> int:
+    """Bytes a round writes at most: its delta (float32 A and B on every target layer), the features of
+    samples not cached yet (as large as the largest cached one, else a guess from the latents), the gate's
+    pictures in float32 (held-out x seeds, the few-step gap, the round's concept pictures; parent and
+    candidate), plus a margin."""
+    from .gate import held_out_prompts
+    from .lora import resolve_targets
+
+    m, g = state.recipe["model"], state.recipe["gate"]
+    tr = sampler.pipe.transformer
+    modules = dict(tr.named_modules())
+    rank = int(train["rank"])
+    delta = sum((modules[n].in_features + modules[n].out_features) * rank * 4 for n in resolve_targets(tr, train["targets"])
+                if hasattr(modules[n], "in_features"))
+    cached = [f.stat().st_size for f in (state.cache / "features").rglob("*.safetensors")][:256]
+    per_sample = max(cached) if cached else 3 * m["height"] * m["width"] * 4 // 16
+    picture = 3 * m["height"] * m["width"] * 4
+    gate = 0
+    if g["enabled"]:
+        held = len(held_out_prompts(state.recipe)) * len(g["seeds"])
+        gate = 2 * (held + 16 + 3 * GATE_CONCEPTS) * picture
+    return delta + n_samples * per_sample + gate + DISK_MARGIN
+
+
+def check_disk(state: State, need: int) -> None:
+    """Refuse a round the state's file system cannot hold, before it writes anything large."""
+    import shutil as sh
+
+    from .errors import DiskFull
+
+    free = sh.disk_usage(state.root).free
+    state_meta_quiet(state, "disk_need_bytes", str(need))
+    if free < need:
+        raise DiskFull(f"the disk is full for a round: {state.root} has {free / 2**20:.0f} MB free, the round needs "
+                       f"about {need / 2**20:.0f} MB; free some space (`dopsd gc` shows what the state can give back)",
+                       need, free)
+
+
+def state_meta_quiet(state: State, key: str, value: str) -> None:
+    import sqlite3
+
+    try:
+        state.set_meta(key, value)
+    except sqlite3.Error:
+        pass
+
+
+def abandon_quietly(state: State, message: str) -> None:
+    """abandon_running where the database may not take the write (a full disk): then the round's row and
+    its samples stay as they are, every reader shows them as what they are (a round whose process is gone:
+    store.effective_status), and the next round's recovery writes it."""
+    import sqlite3
+
+    try:
+        abandon_running(state, message)
+    except (sqlite3.Error, OSError):
+        pass
 
 
 def abandon_running(state: State, message: str, pid: int | None = None) -> list[str]:
@@ -206,6 +268,7 @@ def run_round(
         try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
             with phases("load"):
                 sampler = sampler or Sampler(state)
+            check_disk(state, disk_need(state, sampler, train, len(new) + len(replay)))
             with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
                 sampler.place.use("features")
                 backend = make_backend(sampler.pipe, recipe, sampler.device, encoders=False)
@@ -235,37 +298,37 @@ def run_round(
                     sampler.place.use("train")
                     sampler.switch.set(state, parent)  # train on top of the active chain (stack.WeightSwitcher)
                     result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
-        except BaseException:
-            abandon_running(state, "the round stopped before it finished")
+            meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": ids,
+                    "replay_samples": [s["id"] for s in replay], "train": train,
+                    "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+            write_version(state, vid, parent, result.delta, meta)
+            state.db["versions"].insert({"id": vid, "parent": parent, "status": "candidate", "created_at": now(),
+                                         "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
+                                         "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
+                                         "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
+            seen_ids = [new[i]["id"] for i in result.seen]
+            metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
+                       "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc,
+                       "seed": int(train["seed"]), "samples_trained": len(seen_ids), "samples_taken": len(new)}
+            reasons: list[str] = []
+            if recipe["gate"]["enabled"]:
+                with phases("gate"):
+                    gate = Gate(state, sampler)
+                    round_samples = gate_samples(state, new)
+                    m = gate.metrics(vid, parent, round_samples)
+                    reasons = gate.verdict(m)
+                    metrics.update(m)
+                metrics["phases"] = phases.records
+                gate.report(vid, parent, metrics, reasons, round_samples)
+            else:
+                metrics["gate"] = "disabled in the recipe: accepted without checks"
+                metrics["phases"] = phases.records
+            verdict = "rejected" if reasons else "accepted"
+            commit_verdict(state, rid, vid, new, verdict, reasons, metrics, seen_ids)
+        except BaseException as e:  # the candidate, if written, is kept as 'interrupted'; its samples queue again
+            abandon_quietly(state, f"the round stopped before it finished ({disk_words(e, state.root)})"
+                            if is_disk_full(e) else "the round stopped before it finished")
             raise
-        meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": ids,
-                "replay_samples": [s["id"] for s in replay], "train": train,
-                "loss_first": result.losses[0], "loss_last": result.losses[-1]}
-        write_version(state, vid, parent, result.delta, meta)
-        state.db["versions"].insert({"id": vid, "parent": parent, "status": "candidate", "created_at": now(),
-                                     "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
-                                     "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
-                                     "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
-        seen_ids = [new[i]["id"] for i in result.seen]
-        metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
-                   "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc,
-                   "seed": int(train["seed"]), "samples_trained": len(seen_ids), "samples_taken": len(new)}
-        reasons: list[str] = []
-        if recipe["gate"]["enabled"]:
-            with phases("gate"):
-                gate = Gate(state, sampler)
-                round_samples = gate_samples(state, new)
-                m = gate.metrics(vid, parent, round_samples)
-                reasons = gate.verdict(m)
-                metrics.update(m)
-            metrics["phases"] = phases.records
-            gate.report(vid, parent, metrics, reasons, round_samples)
-        else:
-            reasons = []
-            metrics["gate"] = "disabled in the recipe: accepted without checks"
-            metrics["phases"] = phases.records
-        verdict = "rejected" if reasons else "accepted"
-        commit_verdict(state, rid, vid, new, verdict, reasons, metrics, seen_ids)
         return {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": metrics,
                 "samples": ids, "active": state.active_version}
 

@@ -121,6 +121,13 @@ def chain_deltas(state: State, vid: str) -> list[Delta]:
         if v in foreign:
             raise UserError(f"version {v} was trained on {foreign[v]}; this state now tunes "
                             f"{state.recipe['model']['name']} (its versions start again from v0)")
+    from .retention import pruned_versions
+
+    pruned = pruned_versions(state)
+    for v in ids:
+        if v in pruned:
+            raise UserError(f"version {v}'s adapter was {pruned[v]}; its row, metrics and report remain, but it "
+                            "cannot be sampled, promoted or exported")
     return [load_delta(state, v) for v in ids]
 
 
@@ -279,6 +286,8 @@ def rollback(state: State, vid: str | None = None) -> str:
 
 def promote(state: State, vid: str) -> str:
     v = get_version(state, vid)
+    if vid != "v0" and v["status"] not in ("corrupt", "interrupted"):
+        chain_deltas(state, vid)  # every adapter on its chain loads, before the verdict is overridden
     if v["status"] in ("rejected", "candidate"):
         state.db["versions"].update(vid, {"status": "accepted", "reasons": json.dumps(
             json.loads(v["reasons"] or "[]") + ["promoted by the user"])})

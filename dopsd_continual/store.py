@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -62,6 +63,55 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
         tmp.unlink(missing_ok=True)  # nothing half-written stays behind
         raise
     fsync_dir(path.parent)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A write failed for want of space: the OS's ENOSPC/EDQUOT, SQLite's SQLITE_FULL, or a library that
+    wraps the OS error in its own (safetensors: "IoError(Os { code: 28, kind: StorageFull ...")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if isinstance(e, sqlite3.OperationalError) and "disk is full" in text:
+        return True
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def disk_words(e: BaseException, fallback: Path | None = None) -> str:
+    """'the disk is full: PATH (N MB free)': the file a write failed on (else `fallback`, the state) and the
+    space left on its file system."""
+    import shutil
+
+    path = getattr(e, "filename", None) or ""
+    probe = Path(path) if path else fallback
+    while probe is not None and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe or ".").free / 2**20
+    except OSError:
+        free = None
+    where = path or (str(fallback) if fallback else "")
+    return f"the disk is full{': ' + where if where else ''}" + (f" ({free:.0f} MB free)" if free is not None else "")
+
+
+def pid_alive(pid: int | None) -> bool:
+    """The process is there (a row left 'running' by a dead process does not count)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def shown_status(conn: sqlite3.Connection):
+    """Sample statuses as every reader shows them: 'training' with no round running in a live process is
+    'queued' (its round ended before it could say so, a full disk say; the next round's recovery writes it)."""
+    if any(pid_alive(pid) for (pid,) in conn.execute("select pid from rounds where status = 'running'")):
+        return lambda s: s
+    return lambda s: "queued" if s == "training" else s
 
 
 def fsync_dir(path: Path) -> None:
@@ -173,7 +223,21 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
         migrate(conn)
         return conn
     except sqlite3.DatabaseError as e:
+        if not readonly and (is_disk_full(e) or _nearly_full(Path(path).parent)):  # no room for its journal
+            from .errors import DiskFull
+
+            raise DiskFull(f"{disk_words(e, Path(path).parent)}: the state's database cannot take a write "
+                           "(SQLite needs room for its journal)") from None
         raise UserError(f"{path} cannot be used as the state's database ({e}); restore it from a backup") from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
@@ -214,6 +278,7 @@ class State:
     recipe: dict[str, Any]
     conn: sqlite3.Connection
     readonly: bool = False
+    readonly_reason: str = ""  # why a writable state opened read-only (a full disk)
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -350,7 +415,13 @@ def open_state(root: Path) -> State:
     cfg = _read_config(cfg_path)
     recipe = with_settings(load_recipe(_recipe_path(root, cfg["recipe"])), cfg["settings"], str(cfg_path))
     readonly = _readonly(root)
-    return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
+    from .errors import DiskFull
+
+    try:
+        return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
+    except DiskFull as e:  # a full disk: everything can still be read (the database was whole when last closed)
+        return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=True), readonly=True,
+                     readonly_reason=str(e))
 
 
 def readable_by_others(root: Path) -> bool:

@@ -203,18 +203,22 @@ class Dashboard:
         from starlette.exceptions import HTTPException
 
         from ..daemon import status
-        from ..store import SAMPLE_STATUSES
+        from ..store import SAMPLE_STATUSES, shown_status
 
         wanted = request.query_params.get("status") or None
         if wanted is not None and wanted not in SAMPLE_STATUSES:
             raise HTTPException(404, f"no status {wanted!r}")
         st = self.state()
         try:
-            where, args = ("where status = ?", [wanted]) if wanted else ("", [])
+            shown = shown_status(st.conn)  # a round that ended without a word left its samples 'training': queued
+            stored = [s for s in SAMPLE_STATUSES if shown(s) == wanted]
+            where, args = (f"where status in ({', '.join('?' * len(stored))})", stored) if stored else ("where 0", [])
+            where, args = (where, args) if wanted else ("", [])
             total = st.rows(f"select count(*) n from samples {where}", args)[0]["n"]
             rows = st.rows(f"select id, status, caption, source_path, rejections, history from samples {where} "
                            f"order by id desc limit {QUEUE_ROWS}", args)
             for r in rows:
+                r["status"] = shown(r["status"])
                 r["last_event"] = (json.loads(r.pop("history") or "[]") or [{}])[-1].get("event", "")
             rejected = st.rows("select path, reason from files where outcome = 'rejected' order by path")
             return self.render(request, "queue.html", st=st, rows=rows, total=total, wanted=wanted, statuses=SAMPLE_STATUSES,

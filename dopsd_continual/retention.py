@@ -1,0 +1,169 @@
+"""What a state keeps on disk, what it can give back, and `dopsd gc`.
+
+Kept for ever: the user's originals (blobs/), every accepted version and every version on the chain of an
+accepted or the active one (rollback, export and sampling of them never break), the database, the
+reports. Given back, by the recipe's [retention] table:
+
+    rejected_days    a rejected, interrupted or corrupt candidate's delta, this many days after it was made
+                     (its row, metrics and report stay; sampling, promoting or exporting it then says why not)
+    gate_days        the gate's cached pictures of versions other than the active one (the next round's
+                     parent), this many days after they were drawn: they are drawn again if ever needed
+    quarantine_days  files a crashed round left, moved to quarantine/ by the recovery
+    disk_budget_gb   when the state uses more than this (0: no budget), the day limits above are not waited for
+
+Also given back at once: prompt and image features of samples no round can draw any more (dropped, or
+captioned anew), and features of another model (after `dopsd init --force`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .store import State, now
+
+DAY = 86400.0
+KEPT_STATUSES = ("queued", "training", "used", "set_aside")  # samples a round may still draw (replay included)
+
+
+def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
+    rel = path.relative_to(state.root).parts
+    top = rel[0] if rel else ""
+    if top == "blobs":
+        return "originals"
+    if top == "adapters":
+        return "versions kept" if len(rel) > 1 and rel[1] in accepted_chain else "candidates"
+    if top == "cache":
+        return {"features": "features", "gate": "gate pictures"}.get(rel[1] if len(rel) > 1 else "", "other caches")
+    if top in ("reports", "logs", "quarantine"):
+        return top
+    if path.name.startswith("dopsd.sqlite"):
+        return "database"
+    return "other"
+
+
+def kept_versions(state: State) -> set[str]:
+    """Every accepted version, the active one, and every version on their chains."""
+    from .stack import chain
+
+    roots = {r[0] for r in state.conn.execute("select id from versions where status = 'accepted'")}
+    roots.add(state.active_version)
+    out: set[str] = set()
+    for v in roots:
+        if v != "v0":
+            try:
+                out.update(chain(state, v))
+            except Exception:  # a chain with a missing row: keep what can be named
+                out.add(v)
+    return out
+
+
+def disk_use(state: State) -> dict[str, int]:
+    """Bytes the state holds, by kind (files only; links are not followed)."""
+    keep = kept_versions(state)
+    use: dict[str, int] = {}
+    for p in state.root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                k = kind_of(state, p, keep)
+                use[k] = use.get(k, 0) + p.stat().st_size
+        except OSError:
+            continue
+    return dict(sorted(use.items(), key=lambda kv: -kv[1]))
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def plan(state: State, at: float | None = None) -> list[dict]:
+    """What gc would give back now: [{"path", "bytes", "kind", "why"}]."""
+    r = state.recipe["retention"]
+    at = time.time() if at is None else at
+    use = disk_use(state)
+    over = r["disk_budget_gb"] > 0 and sum(use.values()) > r["disk_budget_gb"] * 2**30
+    old = (lambda t, days: True) if over else (lambda t, days: at - float(t) >= days * DAY)  # noqa: E731
+    keep, out = kept_versions(state), []
+    pruned = pruned_versions(state)
+    for vid, status, created in state.conn.execute("select id, status, created_at from versions where id != 'v0'"):
+        folder = state.adapters / vid
+        if vid in keep or vid in pruned or status in ("candidate", "accepted") or not folder.exists():
+            continue
+        if old(created, r["rejected_days"]):
+            out.append({"path": folder, "bytes": _size(folder), "kind": "candidates", "version": vid,
+                        "why": f"{status} candidate older than {r['rejected_days']} days"})
+    active = state.active_version
+    gate = state.cache / "gate"
+    for f in sorted(gate.glob("*.safetensors")) if gate.exists() else []:
+        if f.name.split("-", 1)[0] != active and old(f.stat().st_mtime, r["gate_days"]):
+            out.append({"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
+                        "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
+    live = {hashlib.sha256(f"{sha}\0{cap}".encode()).hexdigest() for sha, cap in state.conn.execute(
+        f"select sha256, caption from samples where status in ({', '.join('?' * len(KEPT_STATUSES))})", KEPT_STATUSES)}
+    feats = state.cache / "features"
+    for f in sorted(feats.rglob("*")) if feats.exists() else []:
+        if f.is_file() and f.name.split(".", 1)[0] not in live:
+            out.append({"path": f, "bytes": f.stat().st_size, "kind": "features",
+                        "why": "features of a sample no round can draw (dropped, or captioned anew), or a leftover"})
+    q = state.root / "quarantine"
+    for f in sorted(q.iterdir()) if q.exists() else []:
+        if old(f.stat().st_mtime, r["quarantine_days"]):
+            out.append({"path": f, "bytes": _size(f), "kind": "quarantine",
+                        "why": f"left by a crashed round, older than {r['quarantine_days']} days"})
+    return out
+
+
+def pruned_versions(state: State) -> dict[str, str]:
+    row = state.conn.execute("select value from meta where key='pruned_versions'").fetchone()
+    return json.loads(row[0]) if row else {}
+
+
+def collect(state: State, items: list[dict]) -> int:
+    """Remove what plan() listed; a version's delta is recorded as pruned first (its row stays). Bytes freed."""
+    versions = {i["version"]: i["why"] for i in items if i.get("version")}
+    if versions:
+        pruned = pruned_versions(state)
+        day = time.strftime("%Y-%m-%d", time.localtime(now()))
+        pruned.update({v: f"removed by `dopsd gc` on {day} ({why})" for v, why in versions.items()})
+        state.db["meta"].upsert({"key": "pruned_versions", "value": json.dumps(pruned)}, pk="key")
+    freed = 0
+    for i in items:
+        p = Path(i["path"])
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+            freed += i["bytes"]
+        except OSError:
+            continue  # gone already, or not ours to remove: the next gc looks again
+    return freed
+
+
+def summary(items: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for i in items:
+        k = out.setdefault(i["kind"], {"files": 0, "bytes": 0})
+        k["files"] += 1
+        k["bytes"] += i["bytes"]
+    return out
+
+
+
+def gc_now(state: State) -> tuple[int, int]:
+    """The policy applied now, between rounds (the round lock held, so no round's files go under it):
+    (items removed, bytes freed). A round in progress: nothing now, the next call does it."""
+    from .errors import RoundBusy
+    from .rounds import round_lock
+
+    try:
+        with round_lock(state, wait=False):
+            items = plan(state)
+            return len(items), collect(state, items)
+    except RoundBusy:
+        return 0, 0

@@ -1,0 +1,180 @@
+"""A state's disk: what it holds by kind, what `dopsd gc` gives back and what it never touches, and a full
+disk at each phase of a round and of a scan (a real small file system where this machine lets a test mount
+one)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tree_snapshot
+from typer.testing import CliRunner
+
+from dopsd_continual.cli import app
+from dopsd_continual.ingest import ingest_paths
+from dopsd_continual.rounds import run_round
+from dopsd_continual.sampling import Sampler
+from dopsd_continual.stack import set_active
+from dopsd_continual.toy.packs import write_pack
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a large red heart on the left, black background"
+
+
+def run(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.output, r.output
+    return r
+
+
+def test_gc_gives_back_what_no_round_needs_and_every_accepted_version_still_works(tmp_path):
+    from dopsd_continual.store import init_state
+
+    write_pack("heart", tmp_path / "drop")
+    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
+    ingest_paths(st)
+    sampler = Sampler(st)
+
+    def round_(status):
+        for row in list(st.db["samples"].rows):
+            st.db["samples"].update(row["id"], {"status": "queued"})
+        r = run_round(st, steps=2, sampler=sampler)
+        st.db["versions"].update(r["version"], {"status": status})
+        return r["version"]
+
+    v1 = round_("accepted")
+    set_active(st, v1)
+    v2 = round_("rejected")  # a candidate of v1 the gate turned down
+    v3 = round_("accepted")  # the chain goes on from v1
+    set_active(st, v3)
+    dropped = next(st.db["samples"].rows)["id"]
+    st.close()
+    s = tmp_path / "s"
+    assert run("queue", "drop", dropped, "--state", s).exit_code == 0
+
+    before = tree_snapshot(s)
+    dry = json.loads(run("gc", "--json", "--state", s).stdout)
+    assert dry["dry_run"] and set(dry["prunable"]) == {"features"}  # the dropped sample's, at once; the rest waits its days
+    assert run("config", "set", "retention.rejected_days", "0", "--state", s).exit_code == 0
+    assert run("config", "set", "retention.gate_days", "0", "--state", s).exit_code == 0
+    before = tree_snapshot(s)
+    dry = json.loads(run("gc", "--json", "--state", s).stdout)
+    assert tree_snapshot(s) == before  # a dry run changes nothing
+    items = {Path(i["path"]).relative_to(s).as_posix(): i["kind"] for i in dry["items"]}
+    assert items[f"adapters/{v2}"] == "candidates" and f"adapters/{v1}" not in items and f"adapters/{v3}" not in items
+    gate = {p for p, k in items.items() if k == "gate pictures"}
+    assert gate and not any(Path(p).name.startswith(f"{v3}-") for p in gate)  # the active version's are kept
+    assert sum(k == "features" for k in items.values()) >= 1  # the dropped sample's
+    assert not any(p.startswith("blobs/") or p.startswith("reports/") for p in items)  # originals, reports: never
+    use = dry["use_bytes"]
+    assert use["originals"] > 0 and use["versions kept"] > 0 and use["candidates"] > 0
+
+    r = run("gc", "--yes", "--json", "--state", s)
+    assert r.exit_code == 0 and json.loads(r.stdout)["freed_bytes"] > 0
+    assert not (s / "adapters" / v2).exists() and (s / "blobs").exists()
+    assert json.loads(run("gc", "--json", "--state", s).stdout)["items"] == []  # done: nothing more to give
+    r = run("versions", "promote", v2, "--state", s)
+    assert r.exit_code == 1 and "removed by `dopsd gc`" in r.output  # said, not a corrupt version
+    assert json.loads(run("versions", "show", v2, "--json", "--state", s).stdout)["status"] == "rejected"
+    for v in ("v0", v1, v3):  # every accepted version: rollback, sample, export
+        assert run("versions", "rollback", v, "--state", s).exit_code == 0
+        assert run("sample", PROMPT, "--version", v, "--out", tmp_path / f"{v}.png", "--state", s).exit_code == 0
+        if v != "v0":
+            assert run("versions", "export", v, "--out", tmp_path / f"lora-{v}", "--state", s).exit_code == 0
+    assert "state disk use" in run("doctor", "--state", s).output
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def fill(folder: Path) -> Path:
+    """Write until the file system says no: the disk is full from here on."""
+    f = folder / "filler"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return f
+
+
+CHILD = """
+import sys
+from pathlib import Path
+
+import dopsd_continual.placement as placement
+from dopsd_continual.cli import app
+
+at, disk = sys.argv[1], Path(sys.argv[2])
+real = placement.PhaseLog.__call__
+
+
+def call(self, name):
+    if name == at:
+        sys.path.insert(0, sys.argv[3])
+        from test_disk import fill
+
+        fill(disk)
+    return real(self, name)
+
+
+placement.PhaseLog.__call__ = call
+sys.argv = ["dopsd", "train", "--steps", "2", "--state", str(disk / "s")]
+app()
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "160m"):
+        pytest.skip("this machine does not let the test mount a small file system (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_at_each_phase_is_one_line_loses_nothing_and_the_next_round_trains_the_same_samples(small_disk, tmp_path):
+    disk = small_disk
+    drop = tmp_path / "drop"
+    write_pack("heart", drop)
+    snapshot = tree_snapshot(drop)
+    s = disk / "s"
+    assert run("init", "--state", s, "--watch", drop).exit_code == 0
+    filler = fill(disk)  # a scan on a full disk: one line, the user's files untouched, taken later
+    r = run("ingest", "--state", s)
+    assert r.exit_code == 1 and "the disk is full" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    filler.unlink()
+    assert tree_snapshot(drop) == snapshot
+    assert len(json.loads(run("ingest", "--json", "--state", s).stdout)["queued"]) == 8
+    ids = sorted(r["id"] for r in json.loads(run("queue", "list", "--json", "--state", s).stdout))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    for phase in ("load", "features", "train", "gate"):
+        p = subprocess.run([sys.executable, "-c", CHILD, phase, str(disk), str(ROOT / "tests")], capture_output=True,
+                           text=True, env=env, timeout=600)
+        out = p.stdout + p.stderr
+        assert p.returncode == 1 and "Traceback" not in out, (phase, out[-3000:])
+        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and "disk is full" in lines[0], (phase, p.stderr)
+        (disk / "filler").unlink()
+        queue = json.loads(run("queue", "list", "--json", "--state", s).stdout)
+        assert sorted(r["id"] for r in queue) == ids and {r["status"] for r in queue} == {"queued"}, (phase, queue)
+        assert tree_snapshot(drop) == snapshot
+    r = run("train", "--steps", "2", "--json", "--state", s)
+    assert r.exit_code == 0, r.output
+    took = sorted(json.loads(r.stdout)["samples"])
+    assert took and took == ids[: len(took)]  # the same samples, the oldest first, as before the full disks
+    queue = {q["id"]: q["status"] for q in json.loads(run("queue", "list", "--json", "--state", s).stdout)}
+    assert sorted(queue) == ids and all(queue[i] == "queued" for i in ids if i not in took)  # nothing lost
