@@ -359,8 +359,9 @@ class Daemon:
 
             if is_disk_full(e):  # said once; the next scan that can write takes the files
                 if not self.scan_disk_full:
-                    log.warning("scan paused: %s; the files stay where they are and are taken when there is room",
-                                disk_words(e, self.root))
+                    self.hold("disk", f"paused: {disk_words(e, self.root)}. New files stay where they are; they are "
+                              "taken, and rounds resume, by themselves when there is room (`dopsd gc` shows what the "
+                              "state can give back)")
                 self.scan_disk_full = True
                 return
             log.exception("ingest failed")
@@ -368,6 +369,8 @@ class Daemon:
         if self.scan_disk_full:
             log.info("scan: there is room again")
             self.scan_disk_full = False
+            if self.held is not None and self.held["key"] == "disk":
+                self.held = None  # the next round looks at the room itself
         news = [r for r in rep.rejected if (r["path"], r["reason"]) not in self.logged_rejections]
         if rep.queued or news or rep.updated:  # what is new since the last scan, once
             log.info("ingest: %d queued, %d duplicates, %d rejected, %d pending", len(rep.queued), len(rep.duplicates),

@@ -176,10 +176,9 @@ def _failure(path: Path) -> str:
 def rank_main(job_dir: Path) -> None:
     """One rank: load the transformer, set the parent chain on it, train on the cached features, rank 0 saves."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file
 
     from .sampling import Sampler
-    from .store import atomic_write, open_state
+    from .store import atomic_write, load_compact, open_state
     from .training import make_backend, train_delta
 
     job = json.loads((job_dir / JOB).read_text())
@@ -192,8 +191,8 @@ def rank_main(job_dir: Path) -> None:
         sampler.place.use("train")
         sampler.switch.set(state, job["parent"])
         backend = make_backend(sampler.pipe, state.recipe, sampler.device, encoders=False)
-        new = [load_file(p) for p in job["new"]]
-        replay = [load_file(p) for p in job["replay"]]
+        new = [load_compact(p) for p in job["new"]]  # the feature cache's files, as FeatureCache reads them
+        replay = [load_compact(p) for p in job["replay"]]
 
         def progress(step: int, total: int, loss: float) -> None:
             if acc.is_main_process:

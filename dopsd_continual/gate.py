@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .checks import ALWAYS, checks
-from .store import State, atomic_write
+from .store import State, atomic_write, load_compact, save_compact
 from .toy.scorer import high_freq_energy  # the same Laplacian measure the toy scorer uses
 
 TOY_HELD_OUT = 24
@@ -138,7 +138,6 @@ class Gate:
 
     # samples of a version are deterministic: cache them per version and prompt set
     def _cached(self, vid: str, tag: str, prompts: list[str], seeds: list[int], steps: int, refs=None) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
 
         m = self.recipe["model"]  # which model drew them (another after `init --force` never reuses them)
         how = [m["name"], m["backend"], str(m["source"]), m["dtype"], m["height"], m["width"],
@@ -147,13 +146,13 @@ class Gate:
         path = self.state.cache / "gate" / f"{vid}-{key}.safetensors"
         if path.exists():
             try:
-                return load_file(str(path))["images"]
+                return load_compact(path)["images"]
             except Exception:
                 path.unlink(missing_ok=True)
         imgs = self.sampler.images(prompts, seeds, steps, vid, references=refs)
         if not self.state.readonly:  # a read-only state is evaluated without keeping the samples
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            save_file({"images": imgs.contiguous()}, str(path))
+            save_compact({"images": imgs}, path)  # bf16 where that is exact: a bf16 model's pictures
         return imgs
 
     def held_out(self, vid: str) -> torch.Tensor:

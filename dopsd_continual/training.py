@@ -146,19 +146,20 @@ class FeatureCache:
         return self.dir / f"{key}.safetensors"
 
     def get(self, sha: str, caption: str, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save_file
 
         path = self.path(sha, caption)
+        from .store import load_compact, save_compact
+
         if path.exists():
             try:
                 self.hits += 1
-                return load_file(str(path))
+                return load_compact(path)
             except Exception:
                 path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
         self.misses += 1
         feats = compute()
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        save_compact(feats, tmp)  # bf16 where that is exact (a bf16 encoder's output): half the bytes
         tmp.replace(path)
         return feats
 

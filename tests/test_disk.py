@@ -178,3 +178,20 @@ def test_a_full_disk_at_each_phase_is_one_line_loses_nothing_and_the_next_round_
     assert took and took == ids[: len(took)]  # the same samples, the oldest first, as before the full disks
     queue = {q["id"]: q["status"] for q in json.loads(run("queue", "list", "--json", "--state", s).stdout)}
     assert sorted(queue) == ids and all(queue[i] == "queued" for i in ids if i not in took)  # nothing lost
+
+
+def test_caches_keep_a_bf16_models_values_in_half_the_bytes_and_give_them_back_bit_for_bit(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from dopsd_continual.store import load_compact, save_compact
+
+    from_bf16 = torch.randn(64, 64).to(torch.bfloat16).float()  # a bf16 model's pictures, held in float32
+    full = torch.randn(64, 64)  # float32 values bf16 cannot hold: kept as they are
+    native = torch.randn(8).to(torch.bfloat16)  # stored bf16 on purpose: comes back bf16
+    save_compact({"a": from_bf16, "b": full, "c": native}, tmp_path / "f.safetensors")
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        assert {k: f.get_tensor(k).dtype for k in f.keys()} == {"a": torch.bfloat16, "b": torch.float32, "c": torch.bfloat16}
+    back = load_compact(tmp_path / "f.safetensors")
+    assert torch.equal(back["a"], from_bf16) and back["a"].dtype == torch.float32
+    assert torch.equal(back["b"], full) and back["c"].dtype == torch.bfloat16

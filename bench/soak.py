@@ -1,0 +1,232 @@
+"""The daemon for months, compressed: many rounds on the toy model, pairs arriving in bursts, the dashboard
+open, a full disk injected once and cleared, a kill -9 once. Per round: the state's disk use by kind, the
+daemon's resident memory, open file descriptors and threads.
+
+    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6]
+
+The daemon is the real one (`python -m dopsd_continual.daemon`, rounds in their own processes), on a fresh
+toy state whose settings (`dopsd config set`, no file edited) shorten its waits, keep the recipe's gate and
+give back at once what the retention policy allows (rejected_days = gate_days = 0), so disk use per round
+should be flat. Rounds are shortened to --steps optimiser steps so that 60 fit in well under an hour on 2
+cores. Where this process may mount a tmpfs (root), the state lives on one of --disk-mb, filled once before
+a burst (the daemon must pause, say why, and resume when the filler goes); elsewhere that step is skipped
+and the result says so. Writes bench/results/soak.json as rows come in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from benchinfo import machine
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dopsd_continual.retention import disk_use  # noqa: E402
+from dopsd_continual.store import init_state, open_state, set_settings  # noqa: E402
+from dopsd_continual.toy.world import random_scene, render  # noqa: E402
+
+
+def proc_stats(pid: int) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    field = {ln.split(":")[0]: ln.split(":")[1].strip() for ln in status if ":" in ln}
+    return {"rss_mb": int(field["VmRSS"].split()[0]) / 1024, "threads": int(field["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def finished_rounds(db: Path) -> list[tuple]:
+    c = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return c.execute("select id, version, status, message from rounds where status != 'running' order by id").fetchall()
+    finally:
+        c.close()
+
+
+def drop_burst(folder: Path, n: int, rng: np.random.Generator) -> None:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        scene = random_scene(rng)
+        Image.fromarray(render(scene)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(scene.caption() + "\n")
+
+
+def daemon_status(state: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "daemon", "status", "--json", "--state",
+                        str(state)], capture_output=True, text=True, env=ENV, timeout=120)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def start_daemon(state: Path, log: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(state)], env=ENV,
+                         stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    t = time.time()
+    while time.time() - t < 120 and not daemon_status(state).get("running"):
+        time.sleep(0.5)
+    return p
+
+
+def browse(state: Path, stop: threading.Event, seen: dict) -> None:
+    """The dashboard open in a browser: its pages fetched every 2 s with the token, as a tab would."""
+    while not stop.wait(2):
+        try:
+            url = json.loads((state / "daemon.json").read_text()).get("ui")
+        except (OSError, ValueError):
+            continue
+        token = (state / "ui-token").read_text().strip() if (state / "ui-token").exists() else ""
+        if not url:
+            continue
+        for page in ("/", "/queue"):
+            try:
+                with urllib.request.urlopen(f"{url}{page}?token={token}", timeout=30) as r:
+                    seen["pages"] = seen.get("pages", 0) + (r.status == 200)
+            except Exception as e:  # counted, not fatal: the soak measures the daemon
+                seen["errors"] = seen.get("errors", 0) + 1
+                seen["last_error"] = str(e)[:200]
+
+
+def mount_tmpfs(where: Path, mb: int) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0700", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def fill(folder: Path) -> Path:
+    f = folder / "filler"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 12):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return f
+
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), DOPSD_STABILITY_SECONDS="0")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--burst", type=int, default=6)
+    ap.add_argument("--disk-mb", type=int, default=400)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="dopsd-soak-"))
+    disk = tmp / "disk"
+    mounted = mount_tmpfs(disk, a.disk_mb)
+    state, drop = disk / "state", tmp / "drop"
+    drop.mkdir()
+    init_state(state, None, [drop]).close()
+    settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": a.burst, "daemon.rescan_seconds": 5,
+                "daemon.ui": True, "daemon.ui_port": 0, "train.steps": a.steps, "retention.rejected_days": 0,
+                "retention.gate_days": 0}
+    set_settings(state, settings)
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
+              "burst": a.burst, "settings": settings, "full_disk_injected": mounted, "events": [], "rows": []}
+
+    def save() -> None:
+        Path(a.out).write_text(json.dumps(result, indent=2))
+
+    log = tmp / "daemon-stdout.log"
+    daemon = start_daemon(state, log)
+    stop, seen = threading.Event(), {}
+    browser = threading.Thread(target=browse, args=(state, stop, seen), daemon=True)
+    browser.start()
+    rng = np.random.default_rng(0)
+    db = state / "dopsd.sqlite"
+    full_at, kill_at = a.rounds // 3, 2 * a.rounds // 3
+    bursts, t0 = 0, time.time()
+    try:
+        while len(finished_rounds(db)) < a.rounds:
+            done = len(finished_rounds(db))
+            if done == full_at and mounted and not any(e["event"] == "disk full" for e in result["events"]):
+                filler = fill(disk)
+                drop_burst(drop / f"burst{bursts}", a.burst, rng)
+                bursts += 1
+                t = time.time()
+                while time.time() - t < 600 and "paused" not in str(daemon_status(state).get("held") or ""):
+                    time.sleep(1)
+                held = daemon_status(state).get("held")
+                filler.unlink()
+                result["events"].append({"event": "disk full", "after_round": done, "daemon_said": held,
+                                         "paused_within_s": round(time.time() - t, 1)})
+                save()
+            elif done == kill_at and not any(e["event"] == "kill -9" for e in result["events"]):
+                drop_burst(drop / f"burst{bursts}", a.burst, rng)
+                bursts += 1
+                t = time.time()
+                while time.time() - t < 600 and not (daemon_status(state).get("round") or {}).get("id"):
+                    time.sleep(0.5)
+                time.sleep(3)  # well inside the round
+                os.kill(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+                daemon = start_daemon(state, log)
+                result["events"].append({"event": "kill -9", "after_round": done, "restarted": daemon_status(state).get("running")})
+                save()
+            else:
+                drop_burst(drop / f"burst{bursts}", a.burst, rng)
+                bursts += 1
+            t = time.time()
+            while len(finished_rounds(db)) == done and time.time() - t < 900 and daemon.poll() is None:
+                time.sleep(1)
+            if daemon.poll() is not None:
+                result["events"].append({"event": "daemon exited", "code": daemon.returncode})
+                break
+            st = open_state(state)
+            try:
+                use = disk_use(st)
+            finally:
+                st.close()
+            rows = finished_rounds(db)
+            last = rows[-1] if rows else None
+            result["rows"].append({"round": len(rows), "version": last[1] if last else None,
+                                   "status": last[2] if last else None, "verdict": last[3] if last else None,
+                                   "seconds_since_start": round(time.time() - t0, 1), "bursts": bursts,
+                                   "disk_bytes": use, "disk_total_mb": round(sum(use.values()) / 2**20, 2),
+                                   **proc_stats(daemon.pid), "dashboard": dict(seen)})
+            print(f"round {len(rows)}: {last[1] if last else '-'} {last[3] if last else ''} "
+                  f"disk {sum(use.values()) / 2**20:.1f} MB rss {result['rows'][-1]['rss_mb']:.0f} MB "
+                  f"fds {result['rows'][-1]['fds']} threads {result['rows'][-1]['threads']}", flush=True)
+            save()
+    finally:
+        stop.set()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        result["exit_code_after_sigterm"] = daemon.returncode
+        rows = result["rows"]
+        if len(rows) >= 20:
+            first, last = rows[5:15], rows[-10:]
+
+            def mean(rs, k):
+                return round(sum(r[k] for r in rs) / len(rs), 2)
+
+            result["summary"] = {k: {"rounds_6_to_15": mean(first, k), "last_10": mean(last, k)}
+                                 for k in ("rss_mb", "fds", "threads", "disk_total_mb")}
+        save()
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
