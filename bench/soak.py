@@ -79,7 +79,11 @@ def start_daemon(state: Path, log: Path) -> subprocess.Popen:
 
 
 def browse(state: Path, stop: threading.Event, seen: dict) -> None:
-    """The dashboard open in a browser: its pages fetched every 2 s with the token, as a tab would."""
+    """The dashboard open in a browser: its pages fetched every 2 s, the token once and then its cookie, as a
+    tab would (a refused connection while the daemon is down, after the kill -9, is counted too)."""
+    import http.cookiejar
+
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
     while not stop.wait(2):
         try:
             url = json.loads((state / "daemon.json").read_text()).get("ui")
@@ -90,7 +94,7 @@ def browse(state: Path, stop: threading.Event, seen: dict) -> None:
             continue
         for page in ("/", "/queue"):
             try:
-                with urllib.request.urlopen(f"{url}{page}?token={token}", timeout=30) as r:
+                with browser.open(f"{url.rstrip('/')}{page}?token={token}", timeout=30) as r:
                     seen["pages"] = seen.get("pages", 0) + (r.status == 200)
             except Exception as e:  # counted, not fatal: the soak measures the daemon
                 seen["errors"] = seen.get("errors", 0) + 1
