@@ -181,6 +181,9 @@ class Daemon:
                  rounds_apart: bool = False):
         self.root = Path(root)
         self.state = open_state(self.root)
+        if self.state.readonly_reason:  # it would run on a stale, read-only view: say why it cannot start
+            self.state.close()
+            raise UserError(f"{self.state.readonly_reason}; the daemon needs room to start")
         self.cfg = self.state.recipe["daemon"]
         # a round in its own process leaves nothing of the model in the daemon's memory; with the model kept
         # warm between rounds (keep_warm_seconds > 0) rounds run in the daemon, which holds it
@@ -341,6 +344,7 @@ class Daemon:
 
     # --------------------------------------------------------------------------------------------- jobs
     def rescan_job(self) -> None:
+        from .errors import DiskFull
         from .ingest import ingest_paths
 
         if self.stop_event.is_set():
@@ -348,9 +352,19 @@ class Daemon:
         try:
             st = open_state(self.root)
             try:
+                if st.readonly_reason:  # a full disk: the state opened for reading only
+                    from .errors import DiskFull
+
+                    raise DiskFull(st.readonly_reason)
                 rep = ingest_paths(st)
             finally:
                 st.close()
+        except DiskFull as e:
+            if not self.scan_disk_full:
+                self.hold("disk", f"paused: {e}. New files stay where they are; they are taken, and rounds resume, "
+                          "by themselves when there is room (`dopsd gc` shows what the state can give back)")
+            self.scan_disk_full = True
+            return
         except UserError as e:  # a problem the user can fix (a bad setting): one line, and the next scan tries again
             log.error("scan: %s", e)
             return
@@ -436,6 +450,11 @@ class Daemon:
             log.info("round starting (%s): %d queued sample(s)", reason, self.queued_count())
             self.set_starting("loading the model")
             st = open_state(self.root)
+            if st.readonly_reason:  # a full disk: no round can write
+                st.close()
+                self.set_starting(None)
+                self.hold("disk", f"rounds paused: {st.readonly_reason}. They resume by themselves when there is room")
+                return None
             try:
                 result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:

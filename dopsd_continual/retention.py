@@ -82,39 +82,46 @@ def _size(path: Path) -> int:
 
 
 def plan(state: State, at: float | None = None) -> list[dict]:
-    """What gc would give back now: [{"path", "bytes", "kind", "why"}]."""
+    """What gc would give back now: [{"path", "bytes", "kind", "why"}]. Over the budget, what the days
+    would still keep goes too, oldest first, until the state is under it."""
     r = state.recipe["retention"]
     at = time.time() if at is None else at
-    use = disk_use(state)
-    over = r["disk_budget_gb"] > 0 and sum(use.values()) > r["disk_budget_gb"] * 2**30
-    old = (lambda t, days: True) if over else (lambda t, days: at - float(t) >= days * DAY)  # noqa: E731
-    keep, out = kept_versions(state), []
-    pruned = pruned_versions(state)
+    keep, pruned, due, later = kept_versions(state), pruned_versions(state), [], []
+
+    def offer(when: float, days: float, item: dict) -> None:
+        (due if at - float(when) >= days * DAY else later).append((float(when), item))
+
     for vid, status, created in state.conn.execute("select id, status, created_at from versions where id != 'v0'"):
         folder = state.adapters / vid
-        if vid in keep or vid in pruned or status in ("candidate", "accepted") or not folder.exists():
-            continue
-        if old(created, r["rejected_days"]):
-            out.append({"path": folder, "bytes": _size(folder), "kind": "candidates", "version": vid,
-                        "why": f"{status} candidate older than {r['rejected_days']} days"})
+        if vid in keep or vid in pruned or status in ("candidate", "accepted", "corrupt") or not folder.exists():
+            continue  # a corrupt one's files are the user's evidence (and it may have been accepted once)
+        offer(created, r["rejected_days"], {"path": folder, "bytes": _size(folder), "kind": "candidates", "version": vid,
+                                            "why": f"{status} candidate older than {r['rejected_days']} days"})
     active = state.active_version
     gate = state.cache / "gate"
     for f in sorted(gate.glob("*.safetensors")) if gate.exists() else []:
-        if f.name.split("-", 1)[0] != active and old(f.stat().st_mtime, r["gate_days"]):
-            out.append({"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
-                        "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
+        if f.name.split("-", 1)[0] != active:
+            offer(f.stat().st_mtime, r["gate_days"], {"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
+                  "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
     live = {hashlib.sha256(f"{sha}\0{cap}".encode()).hexdigest() for sha, cap in state.conn.execute(
         f"select sha256, caption from samples where status in ({', '.join('?' * len(KEPT_STATUSES))})", KEPT_STATUSES)}
     feats = state.cache / "features"
     for f in sorted(feats.rglob("*")) if feats.exists() else []:
-        if f.is_file() and f.name.split(".", 1)[0] not in live:
-            out.append({"path": f, "bytes": f.stat().st_size, "kind": "features",
-                        "why": "features of a sample no round can draw (dropped, or captioned anew), or a leftover"})
+        if f.is_file() and (f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp")):  # a failed write's leftover too
+            offer(0, 0, {"path": f, "bytes": f.stat().st_size, "kind": "features",
+                         "why": "features of a sample no round can draw (dropped, or captioned anew), or a leftover"})
     q = state.root / "quarantine"
     for f in sorted(q.iterdir()) if q.exists() else []:
-        if old(f.stat().st_mtime, r["quarantine_days"]):
-            out.append({"path": f, "bytes": _size(f), "kind": "quarantine",
-                        "why": f"left by a crashed round, older than {r['quarantine_days']} days"})
+        offer(f.stat().st_mtime, r["quarantine_days"], {"path": f, "bytes": _size(f), "kind": "quarantine",
+              "why": f"left by a crashed round, older than {r['quarantine_days']} days"})
+    out = [i for _, i in due]
+    if r["disk_budget_gb"] > 0 and later:  # only then is the whole state walked
+        over = sum(disk_use(state).values()) - sum(i["bytes"] for i in out) - r["disk_budget_gb"] * 2**30
+        for _, item in sorted(later, key=lambda w: w[0]):
+            if over <= 0:
+                break
+            out.append({**item, "why": item["why"] + f"; sooner, the state being over its {r['disk_budget_gb']} GB budget"})
+            over -= item["bytes"]
     return out
 
 
@@ -126,11 +133,17 @@ def pruned_versions(state: State) -> dict[str, str]:
 def collect(state: State, items: list[dict]) -> int:
     """Remove what plan() listed; a version's delta is recorded as pruned first (its row stays). Bytes freed."""
     versions = {i["version"]: i["why"] for i in items if i.get("version")}
-    if versions:
-        pruned = pruned_versions(state)
-        day = time.strftime("%Y-%m-%d", time.localtime(now()))
-        pruned.update({v: f"removed by `dopsd gc` on {day} ({why})" for v, why in versions.items()})
-        state.db["meta"].upsert({"key": "pruned_versions", "value": json.dumps(pruned)}, pk="key")
+    if versions:  # recorded before anything goes, and checked again in the same transaction: a version the
+        with state.conn:  # user promoted or made active since the plan is kept
+            state.conn.execute("BEGIN IMMEDIATE")
+            keep = kept_versions(state)
+            status = dict(state.conn.execute("select id, status from versions"))
+            versions = {v: w for v, w in versions.items() if v not in keep and status.get(v) not in ("accepted", "candidate", "corrupt")}
+            pruned = pruned_versions(state)
+            day = time.strftime("%Y-%m-%d", time.localtime(now()))
+            pruned.update({v: f"removed by `dopsd gc` on {day} ({why})" for v, why in versions.items()})
+            state.conn.execute("insert or replace into meta (key, value) values ('pruned_versions', ?)", [json.dumps(pruned)])
+    items = [i for i in items if not i.get("version") or i["version"] in versions]
     freed = 0
     for i in items:
         p = Path(i["path"])

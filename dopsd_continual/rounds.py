@@ -115,13 +115,22 @@ def disk_need(state: State, sampler, train: dict, n_samples: int) -> int:
     delta = sum((modules[n].in_features + modules[n].out_features) * rank * 4 for n in resolve_targets(tr, train["targets"])
                 if hasattr(modules[n], "in_features"))
     cached = [f.stat().st_size for f in (state.cache / "features").rglob("*.safetensors")][:256]
-    per_sample = max(cached) if cached else 3 * m["height"] * m["width"] * 4 // 16
+    per_sample = max(cached) if cached else 3 * m["height"] * m["width"] * 4  # a float32 picture: the order of it
     picture = 3 * m["height"] * m["width"] * 4
     gate = 0
     if g["enabled"]:
         held = len(held_out_prompts(state.recipe)) * len(g["seeds"])
         gate = 2 * (held + 16 + 3 * GATE_CONCEPTS) * picture
     return delta + n_samples * per_sample + gate + DISK_MARGIN
+
+
+def uncached(state: State, samples: list[dict]) -> int:
+    """How many of these samples have no cached features yet (under any encoder's folder): only they write."""
+    import hashlib
+
+    feats = state.cache / "features"
+    have = {f.name.split(".", 1)[0] for f in feats.rglob("*.safetensors")} if feats.exists() else set()
+    return sum(hashlib.sha256(f"{s['sha256']}\0{s['caption']}".encode()).hexdigest() not in have for s in samples)
 
 
 def check_disk(state: State, need: int) -> None:
@@ -268,7 +277,7 @@ def run_round(
         try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
             with phases("load"):
                 sampler = sampler or Sampler(state)
-            check_disk(state, disk_need(state, sampler, train, len(new) + len(replay)))
+            check_disk(state, disk_need(state, sampler, train, uncached(state, new + replay)))
             with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
                 sampler.place.use("features")
                 backend = make_backend(sampler.pipe, recipe, sampler.device, encoders=False)

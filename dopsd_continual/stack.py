@@ -85,6 +85,11 @@ def load_delta(state: State, vid: str) -> Delta:
     except PermissionError as e:  # not damage: this user may not read the state's files
         raise UserError(f"version {vid} cannot be read: {e.strerror}: {e.filename}") from None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        from .retention import pruned_versions
+
+        pruned = pruned_versions(state)
+        if vid in pruned:  # removed by gc under a reader: said as that, and the row keeps its verdict
+            raise UserError(f"version {vid}'s adapter was {pruned[vid]}") from None
         if not state.readonly:
             state.db["versions"].update(vid, {"status": "corrupt", "reasons": json.dumps([f"corrupt: {e}"])})
         back = intact_ancestor(state, vid)
@@ -273,7 +278,14 @@ def set_active(state: State, vid: str) -> None:
         raise UserError(f"version {vid} is {v['status']} and cannot be made active")
     if vid != "v0":
         chain_deltas(state, vid)  # verifies every adapter on the chain
-    state.set_meta("active_version", vid)
+    from .retention import pruned_versions
+
+    with state.conn:  # gc records what it removes in one transaction: a chain it took since is not made active
+        state.conn.execute("BEGIN IMMEDIATE")
+        gone = [v for v in chain(state, vid) if v in pruned_versions(state)]
+        if gone:
+            raise UserError(f"version {gone[0]}'s adapter was {pruned_versions(state)[gone[0]]}")
+        state.conn.execute("insert or replace into meta (key, value) values ('active_version', ?)", [vid])
 
 
 def rollback(state: State, vid: str | None = None) -> str:

@@ -229,9 +229,18 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
         if readonly:
             if not path.is_file():
                 raise UserError(f"no database at {path}")
-            uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            conn.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+            wal = Path(f"{path}-wal")  # committed rows may live there still: read them (immutable would not),
+            base = path.resolve().as_uri()  # where SQLite may open its shared memory; else the file as it is
+            uris = [f"{base}?mode=ro", f"{base}?mode=ro&immutable=1"] if wal.exists() and wal.stat().st_size else [
+                f"{base}?mode=ro&immutable=1"]
+            for i, uri in enumerate(uris):
+                try:
+                    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                    conn.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+                    break
+                except sqlite3.OperationalError:
+                    if i == len(uris) - 1:
+                        raise
             found = _schema_version(conn)
             if found != SCHEMA_VERSION:
                 raise UserError(f"a read-only state must be at schema {SCHEMA_VERSION} (found {found if found else 'none'}); "
@@ -247,7 +256,8 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
         migrate(conn)
         return conn
     except sqlite3.DatabaseError as e:
-        if not readonly and (is_disk_full(e) or _nearly_full(Path(path).parent)):  # no room for its journal
+        code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF  # FULL, IOERR, CANTOPEN: a full disk's answers;
+        if not readonly and code in (13, 10, 14) and (is_disk_full(e) or _nearly_full(Path(path).parent)):  # never CORRUPT
             from .errors import DiskFull
 
             raise DiskFull(f"{disk_words(e, Path(path).parent)}: the state's database cannot take a write "
@@ -443,9 +453,13 @@ def open_state(root: Path) -> State:
 
     try:
         return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=readonly), readonly=readonly)
-    except DiskFull as e:  # a full disk: everything can still be read (the database was whole when last closed)
-        return State(root, cfg, recipe, open_db(root / "dopsd.sqlite", readonly=True), readonly=True,
-                     readonly_reason=str(e))
+    except DiskFull as e:  # a full disk: everything can still be read
+        conn = open_db(root / "dopsd.sqlite", readonly=True)
+        if conn.execute("pragma quick_check").fetchone()[0] != "ok":  # damage is damage, full disk or not
+            conn.close()
+            raise UserError(f"{root / 'dopsd.sqlite'} cannot be used as the state's database (it is damaged); "
+                            "restore it from a backup") from None
+        return State(root, cfg, recipe, conn, readonly=True, readonly_reason=str(e))
 
 
 def readable_by_others(root: Path) -> bool:
