@@ -360,10 +360,7 @@ class Daemon:
             finally:
                 st.close()
         except DiskFull as e:
-            if not self.scan_disk_full:
-                self.hold("disk", f"paused: {e}. New files stay where they are; they are taken, and rounds resume, "
-                          "by themselves when there is room (`dopsd gc` shows what the state can give back)")
-            self.scan_disk_full = True
+            self.pause_scans(str(e))
             return
         except UserError as e:  # a problem the user can fix (a bad setting): one line, and the next scan tries again
             log.error("scan: %s", e)
@@ -372,11 +369,7 @@ class Daemon:
             from .store import disk_words, is_disk_full
 
             if is_disk_full(e):  # said once; the next scan that can write takes the files
-                if not self.scan_disk_full:
-                    self.hold("disk", f"paused: {disk_words(e, self.root)}. New files stay where they are; they are "
-                              "taken, and rounds resume, by themselves when there is room (`dopsd gc` shows what the "
-                              "state can give back)")
-                self.scan_disk_full = True
+                self.pause_scans(disk_words(e, self.root))
                 return
             log.exception("ingest failed")
             return
@@ -408,6 +401,13 @@ class Daemon:
             run_at = datetime.now() + timedelta(seconds=max(0.0, quiet))
             self.scheduler.add_job(self.round_job, "date", run_date=run_at, id="round-threshold",
                                    replace_existing=True, kwargs={"reason": "threshold"})
+
+    def pause_scans(self, why: str) -> None:
+        """A scan that found the disk full: said once (daemon status, the log) until a scan can write again."""
+        if not self.scan_disk_full:
+            self.hold("disk", f"paused: {why}. New files stay where they are; they are taken, and rounds resume, by "
+                      "themselves when there is room (`dopsd gc` shows what the state can give back)")
+        self.scan_disk_full = True
 
     def room_for_a_round(self) -> bool:
         """False while the state's disk has less room than the last round said it needs (rounds paused,

@@ -17,13 +17,12 @@ captioned anew), and features of another model (after `dopsd init --force`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
-from .store import State, now
+from .store import State, feature_key, now
 
 DAY = 86400.0
 KEPT_STATUSES = ("queued", "training", "used", "set_aside")  # samples a round may still draw (replay included)
@@ -103,7 +102,7 @@ def plan(state: State, at: float | None = None) -> list[dict]:
         if f.name.split("-", 1)[0] != active:
             offer(f.stat().st_mtime, r["gate_days"], {"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
                   "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
-    live = {hashlib.sha256(f"{sha}\0{cap}".encode()).hexdigest() for sha, cap in state.conn.execute(
+    live = {feature_key(sha, cap) for sha, cap in state.conn.execute(
         f"select sha256, caption from samples where status in ({', '.join('?' * len(KEPT_STATUSES))})", KEPT_STATUSES)}
     feats = state.cache / "features"
     for f in sorted(feats.rglob("*")) if feats.exists() else []:

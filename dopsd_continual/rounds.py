@@ -126,11 +126,11 @@ def disk_need(state: State, sampler, train: dict, n_samples: int) -> int:
 
 def uncached(state: State, samples: list[dict]) -> int:
     """How many of these samples have no cached features yet (under any encoder's folder): only they write."""
-    import hashlib
+    from .store import feature_key
 
     feats = state.cache / "features"
     have = {f.name.split(".", 1)[0] for f in feats.rglob("*.safetensors")} if feats.exists() else set()
-    return sum(hashlib.sha256(f"{s['sha256']}\0{s['caption']}".encode()).hexdigest() not in have for s in samples)
+    return sum(feature_key(s["sha256"], s["caption"]) not in have for s in samples)
 
 
 def check_disk(state: State, need: int) -> None:

@@ -93,6 +93,13 @@ def disk_words(e: BaseException, fallback: Path | None = None) -> str:
     return f"the disk is full{': ' + where if where else ''}" + (f" ({free:.0f} MB free)" if free is not None else "")
 
 
+def feature_key(sha: str, caption: str) -> str:
+    """The feature cache's name for a sample: its image and its caption (a new caption is a new entry)."""
+    import hashlib
+
+    return hashlib.sha256(f"{sha}\0{caption}".encode()).hexdigest()
+
+
 def save_compact(tensors: dict, path: Path) -> None:
     """Safetensors where float32 tensors that bf16 holds exactly (a bf16 model's pictures and features: every
     value came from bf16) are stored as bf16, half the bytes, and named in the file's metadata; load_compact

@@ -142,8 +142,9 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     def path(self, sha: str, caption: str) -> Path:
-        key = hashlib.sha256(f"{sha}\0{caption}".encode()).hexdigest()
-        return self.dir / f"{key}.safetensors"
+        from .store import feature_key
+
+        return self.dir / f"{feature_key(sha, caption)}.safetensors"
 
     def get(self, sha: str, caption: str, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
 
