@@ -23,12 +23,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from benchinfo import machine  # noqa: E402
 
-from dopsd_continual import klein  # noqa: E402
+from dopsd_continual.families import klein  # noqa: E402
+from dopsd_continual.families.klein import KleinBackend  # noqa: E402
 from dopsd_continual.models import load_pipeline  # noqa: E402
 from dopsd_continual.recipe import load_recipe, resolve_recipe_path  # noqa: E402
 from dopsd_continual.stack import WeightSwitcher  # noqa: E402
 from dopsd_continual.toy.packs import PACKS, pack_images  # noqa: E402
-from dopsd_continual.training import KleinBackend, train_delta  # noqa: E402
+from dopsd_continual.training import train_delta  # noqa: E402
 
 
 def main() -> None:

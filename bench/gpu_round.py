@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_continual import klein
+from dopsd_continual.families import klein
+from dopsd_continual.families.klein import KleinBackend
+from dopsd_continual.families.zimage import ZImageBackend
 from dopsd_continual.quant import quantize_int8, restore
 from dopsd_continual.training import (
-    KleinBackend,
     adapter_params,
     add_adapters,
     dopsd_loss_and_backward,
@@ -41,7 +42,6 @@ from dopsd_continual.training import (
     set_checkpointing,
     use,
 )
-from dopsd_continual.zimage import ZImageBackend
 
 SHARES = [1.0, 0.75, 0.5, 0.25, 0.0]
 INT8_SHARES = [1.0, 0.5, 0.0]

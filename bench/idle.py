@@ -24,7 +24,7 @@ from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_continual.daemon import daemon_running  # noqa: E402
+from dopsd_continual.status import daemon_running  # noqa: E402
 from dopsd_continual.store import init_state, set_settings  # noqa: E402
 from dopsd_continual.toy.packs import write_pack  # noqa: E402
 

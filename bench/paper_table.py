@@ -28,6 +28,7 @@ from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dopsd_continual.families.klein import KleinBackend  # noqa: E402
 from dopsd_continual.lora import merge_into  # noqa: E402
 from dopsd_continual.models import load_pipeline, resolve_source  # noqa: E402
 from dopsd_continual.recipe import load_recipe, resolve_recipe_path  # noqa: E402
@@ -35,7 +36,7 @@ from dopsd_continual.toy.evaluate import generate  # noqa: E402
 from dopsd_continual.toy.packs import PACKS, pack_eval_captions, pack_images  # noqa: E402
 from dopsd_continual.toy.scorer import load_classifier, score_images  # noqa: E402
 from dopsd_continual.toy.world import held_out_captions  # noqa: E402
-from dopsd_continual.training import KleinBackend, train_delta  # noqa: E402
+from dopsd_continual.training import train_delta  # noqa: E402
 
 TRIGGER = "zxq"
 

@@ -37,6 +37,9 @@ def previous_training(name: str = "training_prev"):
     """The training module as it was at REV, loaded inside the package (its relative imports resolve)."""
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{REV}:dopsd_continual/training.py"], check=True,
                          capture_output=True, text=True).stdout
+    from dopsd_continual.families import klein
+
+    sys.modules.setdefault("dopsd_continual.klein", klein)  # where REV's module imported it from
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(f"dopsd_continual.{name}", path)
@@ -61,7 +64,9 @@ def one_process(runs: int, steps: int) -> dict:
     st = init_state(tmp / "s", None, [tmp / "drop"])
     ingest_paths(st)
     sampler = Sampler(st)
-    backend = now.make_backend(sampler.pipe, st.recipe, sampler.device)
+    from dopsd_continual.families import family
+
+    backend = family(st.recipe).backend(sampler.pipe, st.recipe, sampler.device)
     from dopsd_continual.ingest import sample_image
     from dopsd_continual.rounds import fit
 

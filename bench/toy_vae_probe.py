@@ -21,7 +21,7 @@ from benchinfo import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_continual import klein  # noqa: E402
+from dopsd_continual.families import klein  # noqa: E402
 from dopsd_continual.models import resolve_source  # noqa: E402
 from dopsd_continual.toy import model as toy_model  # noqa: E402
 from dopsd_continual.toy.scorer import load_classifier, score_images  # noqa: E402

@@ -21,6 +21,12 @@ CHECKS = (
     ("retention_drop", "max_retention_drop", ">", "retention dropped {v:.3f} > {t}"),
     ("concept_gain", "min_concept_gain", "<", "concept gain {v:.3f} < {t}"),
 )
+# the shipped judges (judges.py), by the name a recipe's `[gate] judges` gives them
+JUDGES = {
+    "clip": "dopsd_continual.judges:ClipJudge",
+    "dino": "dopsd_continual.judges:DinoJudge",
+    "toy-truth": "dopsd_continual.toy.judge:ToyTruth",
+}
 # measured on every round (Gate.verdict insists)
 ALWAYS = {"drift", "sharpness_ratio", "colour_shift", "seed_diversity_ratio", "few_step_gap_ratio"}
 

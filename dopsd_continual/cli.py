@@ -97,9 +97,10 @@ def init(
 
 def _needs(recipe: dict) -> list[str]:
     """What a real recipe will need before its first round: the weights, a card, disk (planned, nothing loaded)."""
-    if recipe["model"]["name"] == "toy-shapes":
+    from .models import is_embedded, missing_weights, weights_hint
+
+    if is_embedded(recipe["model"]):
         return []
-    from .models import missing_weights, weights_hint
 
     out = []
     missing = missing_weights(recipe)
@@ -720,7 +721,7 @@ def daemon_stop(state: Path | None = STATE_OPT) -> None:
 @daemon_app.command("status")
 def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Running or not, active version, queue counts, the round in progress, the next round."""
-    from .daemon import status
+    from .status import status
 
     st = _open(state)
     s = status(st)

@@ -177,9 +177,10 @@ def rank_main(job_dir: Path) -> None:
     """One rank: load the transformer, set the parent chain on it, train on the cached features, rank 0 saves."""
     from accelerate import Accelerator
 
+    from .families import family
     from .sampling import Sampler
     from .store import atomic_write, load_compact, open_state
-    from .training import make_backend, train_delta
+    from .training import train_delta
 
     job = json.loads((job_dir / JOB).read_text())
     acc = Accelerator(cpu=os.environ.get("DOPSD_DEVICE", "cpu") != "cuda")
@@ -190,7 +191,7 @@ def rank_main(job_dir: Path) -> None:
         sampler = Sampler(state, device=str(acc.device), encoders=False)
         sampler.place.use("train")
         sampler.switch.set(state, job["parent"])
-        backend = make_backend(sampler.pipe, state.recipe, sampler.device, encoders=False)
+        backend = family(state.recipe).backend(sampler.pipe, state.recipe, sampler.device, encoders=False)
         new = [load_compact(p) for p in job["new"]]  # the feature cache's files, as FeatureCache reads them
         replay = [load_compact(p) for p in job["replay"]]
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
-from .models import PIPELINES, resolve_source
+from .models import is_embedded, resolve_source
 
 SHIPPED_REAL = ("flux2-klein-4b", "flux2-klein-9b", "z-image-turbo")
 
@@ -26,12 +26,12 @@ def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list
     if card_gb is not None:
         budget = usable_gib(card_gb)
         where = f"a {card_gb:g} GB card"
-    elif device.startswith("cuda") and recipe["model"]["name"] != "toy-shapes":
+    elif device.startswith("cuda") and not is_embedded(recipe["model"]):
         budget = memory.budget_gib(recipe, "cuda")
         where = "this card"
     else:
         return lines, problems
-    recipes = [recipe] if recipe["model"]["name"] != "toy-shapes" else []
+    recipes = [recipe] if not is_embedded(recipe["model"]) else []
     if card_gb is not None:
         recipes += [load_recipe(RECIPES_DIR / f"{n}.toml") for n in SHIPPED_REAL if n != recipe["model"]["name"]]
     for i, r in enumerate(recipes):
@@ -89,7 +89,7 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
             problems.append(str(e))
     else:
         device = "cpu"
-        if model["name"] != "toy-shapes":
+        if not is_embedded(model):
             problems.append(f"no CUDA GPU: {model['name']} needs one for training")
     from .store import readable_by_others
 
@@ -107,12 +107,14 @@ def diagnose(state: Path | None = None, card_gb: float | None = None) -> dict:
                         "`dopsd gc` shows what can go")
     memory, memory_problems = memory_lines(recipe, card_gb, device)
     problems += memory_problems
+    from .families import family
+
     return {
         "ok": not problems,
         "warnings": warnings,
         "memory": memory,
         "problems": problems,
-        "model": {"name": model["name"], "source": source, "pipeline": PIPELINES[model["backend"]]},
+        "model": {"name": model["name"], "source": source, "pipeline": family(model["backend"]).pipeline},
         "device": device,
         "gpus": seen,
         "processes": {"recipe": n, "would_use": seen[:n] if seen else ["cpu"] * n, "note": _processes_note(n, seen)},

@@ -12,8 +12,9 @@ Metrics that need no downloads, each a plain function of image tensors (B, 3, H,
 - neighbour_drift: on the prompts nearest the round's captions that do not name the round's concept (its
   trigger word and the words no held-out prompt uses), candidate vs parent: a round that turns "a green
   striped circle" into the heart it was shown changes what it was never asked to change.
-On the toy model the ground-truth scorer adds retention (held-out and neighbours) and concept score.
-A candidate is accepted only if every guard holds; thresholds live in the recipe's [gate] table.
+The judges the recipe lists (`[gate] judges`: CLIP, DINO, the toy world's ground truth; judges.py) add
+their own metrics from the same pictures. A candidate is accepted only if every guard holds; thresholds live
+in the recipe's [gate] table.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
+from . import judges
 from .checks import ALWAYS, checks
+from .families import family
 from .store import State, atomic_write, load_compact, save_compact
-from .toy.scorer import high_freq_energy  # the same Laplacian measure the toy scorer uses
-
-TOY_HELD_OUT = 24
-
 
 # -------------------------------------------------------------------------------------------- metrics
+
+
+def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute Laplacian per image (B,), the blur measure."""
+    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
+    g = x.mean(1, keepdim=True)
+    return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k).abs().mean(dim=(1, 2, 3))
 
 
 def drift(cand: torch.Tensor, parent: torch.Tensor) -> float:
@@ -68,24 +75,22 @@ def ratio(a: float, b: float, eps: float = 1e-3) -> float:
 
 
 def held_out_prompts(recipe: dict) -> list[str]:
+    """gate.prompts: a list; a file (one prompt a line, # comments); a shipped list by name
+    (recipes/prompts/NAME.txt); or "default", the shipped general list."""
+    from .recipe import RECIPES_DIR
+
     spec = recipe["gate"]["prompts"]
     if isinstance(spec, list):
         return [str(p) for p in spec]
-    if spec != "default":
-        path = Path(spec).expanduser()
-        if not path.exists():
-            from .errors import UserError
+    path = Path(spec).expanduser()
+    shipped = RECIPES_DIR / "prompts" / f"{'general' if spec == 'default' else spec}.txt"
+    if not path.is_file() and "/" not in spec and shipped.is_file():
+        path = shipped
+    if not path.is_file():
+        from .errors import UserError
 
-            raise UserError(f"gate.prompts file not found: {path}")
-        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
-    if recipe["model"]["name"] == "toy-shapes":
-        from .toy.world import held_out_captions
-
-        caps = held_out_captions()
-        return caps[:: max(1, len(caps) // TOY_HELD_OUT)][:TOY_HELD_OUT]
-    from .recipe import RECIPES_DIR
-
-    lines = (RECIPES_DIR / "prompts" / "general.txt").read_text(encoding="utf-8").splitlines()
+        raise UserError(f"gate.prompts file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
@@ -133,8 +138,8 @@ class Gate:
         self.steps = self.recipe["model"]["steps"]
         self.prompts = held_out_prompts(self.recipe)
         self.seeds = [int(s) for s in self.g["seeds"]]
-        self.toy = self.recipe["model"]["name"] == "toy-shapes"
-        self._scorer = None
+        self.family = family(self.recipe)
+        self._judges: list | None = None
 
     # samples of a version are deterministic: cache them per version and prompt set
     def _cached(self, vid: str, tag: str, prompts: list[str], seeds: list[int], steps: int, refs=None) -> torch.Tensor:
@@ -167,20 +172,18 @@ class Gate:
         many = self._cached(vid, "gap_many", prompts, seeds, self.steps * 8)
         return native, many
 
-    def scorer(self):
-        if self._scorer is None:
-            from .models import resolve_source
-            from .toy.scorer import load_classifier
-
-            self._scorer = load_classifier(Path(resolve_source(self.recipe["model"]["source"])))
-        return self._scorer
+    def judges(self) -> list:
+        """The recipe's judges, built on first use (a judge may load a scorer)."""
+        if self._judges is None:
+            self._judges = [judges.load(n, self.recipe) for n in judges.names(self.g)]
+        return self._judges
 
     def texts(self, round_samples: list[dict]) -> list[str]:
-        """Every text the gate samples: its held-out prompts, the round's captions and, on klein, the
-        teacher's instructed captions. Encoded in one visit of the text encoder (features are kept)."""
+        """Every text the gate samples: its held-out prompts, the round's captions and, where the family draws
+        on a reference path, the teacher's instructed captions. Encoded in one visit of the text encoder."""
         caps = [s["caption"] for s in round_samples]
         out = list(self.prompts) + caps
-        if self.recipe["model"]["backend"] == "flux2-klein":
+        if self.family.reference_path:
             from .recipe import teacher_text
 
             out += [teacher_text(c, self.recipe["model"]) for c in caps]
@@ -201,7 +204,7 @@ class Gate:
         pn, pm = self.many_step(parent)
         m["few_step_gap"] = few_step_gap(cn, cm)
         m["few_step_gap_ratio"] = ratio(m["few_step_gap"], few_step_gap(pn, pm))
-        if round_samples and self.recipe["model"]["backend"] == "flux2-klein":  # needs the reference-image path
+        if round_samples and self.family.reference_path:
             caps = [s["caption"] for s in round_samples]
             seeds = [1000 + i for i in range(len(caps))]
             refs = [s["image"] for s in round_samples]
@@ -213,52 +216,14 @@ class Gate:
             m["concept_gap_ratio"] = ratio(m["concept_gap"], m["concept_gap_parent"], eps=1e-6)
         neighbours = set(neighbour_prompts([s["caption"] for s in round_samples], self.prompts,
                                            self.recipe["ingest"]["trigger_word"]))
-        if neighbours:  # the held-out pictures of those prompts (every seed): nothing more to draw
-            rows = [i for i, p in enumerate(p for p in self.prompts for _ in self.seeds) if p in neighbours]
+        per_picture = [p for p in self.prompts for _ in self.seeds]
+        rows = [i for i, p in enumerate(per_picture) if p in neighbours]
+        if rows:  # the held-out pictures of those prompts (every seed): nothing more to draw
             m["neighbour_drift"] = drift(cand[rows], par[rows])
-            if self.toy:
-                from .toy.scorer import score_images
-
-                names = [p for p in self.prompts for _ in self.seeds]
-                names = [names[i] for i in rows]
-                m["neighbour_retention"] = score_images(self.scorer(), cand[rows], names).mean()["overall"]
-                m["neighbour_retention_parent"] = score_images(self.scorer(), par[rows], names).mean()["overall"]
-                m["neighbour_retention_drop"] = m["neighbour_retention_parent"] - m["neighbour_retention"]
-        if self.g["clip_model"]:
-            from .embed_metrics import ClipScorer
-
-            clip = ClipScorer(self.g["clip_model"])
-            prompts = [p for p in self.prompts for _ in self.seeds]
-            m["clip_score"] = float(clip.text_image_scores(cand, prompts).mean())
-            m["clip_score_parent"] = float(clip.text_image_scores(par, prompts).mean())
-            m["clip_drop"] = m["clip_score_parent"] - m["clip_score"]
-        if self.g["dino_model"] and round_samples:
-            from .embed_metrics import DinoScorer
-            from .sampling import image_tensor
-
-            dino = DinoScorer(self.g["dino_model"])
-            caps = [s["caption"] for s in round_samples]
-            seeds = [1000 + i for i in range(len(caps))]
-            targets = torch.stack([image_tensor(s["image"]) for s in round_samples])
-            m["dino_concept"] = float(dino.similarity(self._cached(vid, "concept", caps, seeds, self.steps), targets).mean())
-            m["dino_concept_parent"] = float(dino.similarity(self._cached(parent, "concept", caps, seeds, self.steps), targets).mean())
-        if self.toy:
-            from .toy.scorer import score_images
-            from .toy.world import parse_caption
-
-            prompts = [p for p in self.prompts for _ in self.seeds]
-            m["retention"] = score_images(self.scorer(), cand, prompts).mean()["overall"]
-            m["retention_parent"] = score_images(self.scorer(), par, prompts).mean()["overall"]
-            m["retention_drop"] = m["retention_parent"] - m["retention"]
-            caps = [s["caption"] for s in round_samples if _single(parse_caption(s["caption"], self.recipe["ingest"]["trigger_word"]))]
-            if caps:
-                trig = self.recipe["ingest"]["trigger_word"]
-                seeds = [2000 + i for i in range(len(caps))]
-                c = self._cached(vid, "concept_score", caps, seeds, self.steps)
-                p = self._cached(parent, "concept_score", caps, seeds, self.steps)
-                m["concept_score"] = score_images(self.scorer(), c, caps, trig).mean()["overall"]
-                m["concept_score_parent"] = score_images(self.scorer(), p, caps, trig).mean()["overall"]
-                m["concept_gain"] = m["concept_score"] - m["concept_score_parent"]
+        evidence = judges.Evidence(self.recipe, vid, parent, per_picture, cand, par, rows, round_samples,
+                                   lambda v, tag, caps, seeds: self._cached(v, tag, caps, seeds, self.steps))
+        for judge in self.judges():
+            m.update(judge(evidence))
         m["gate_seconds"] = time.time() - t0
         return m
 
@@ -296,6 +261,3 @@ class Gate:
         atomic_write(self.state.reports / f"{vid}.png", buf.getvalue())
         return self.state.reports / f"{vid}.json"
 
-
-def _single(scene) -> bool:
-    return scene is not None and (scene.logo or len(scene.things) == 1)

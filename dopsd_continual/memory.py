@@ -30,6 +30,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .families import family
+from .models import hf_cached, quiet_libraries, resolve_source
+
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SAMPLE_BATCH = 32  # pictures per pipeline call, at most (beyond it a call is no faster per picture)
@@ -124,25 +127,8 @@ def count(fn) -> int:
 # ------------------------------------------------------------------------------------- module trees
 
 
-def hf_cached(repo: str, *names: str) -> Path | None:
-    """The folder of a Hugging Face repository's snapshot in the local cache that holds one of `names`
-    (the first found), without any network; None when it is not there."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for name in names:
-            hit = try_to_load_from_cache(repo, name)
-            if isinstance(hit, str):
-                return Path(hit).parent
-    except Exception:
-        pass
-    return None
-
-
 def config_root(recipe: dict) -> Path | None:
     """The folder whose component configs describe the recipe's model, without loading a weight."""
-    from .models import resolve_source
-
     model = recipe["model"]
     try:
         source = resolve_source(model["source"])
@@ -175,8 +161,6 @@ def meta_modules(recipe: dict, components=("transformer", "text_encoder", "vae")
     import transformers
 
     from .errors import UserError
-    from .models import quiet_libraries
-
     quiet_libraries()
     root = config_root(recipe)
     if root is None:
@@ -234,51 +218,24 @@ def _tokens(recipe: dict, parts) -> tuple[int, int]:
     return m["height"] // f, m["width"] // f
 
 
-def _klein_inputs(tr, recipe, parts, b: int, reference: bool):
-    from . import klein
-
-    m = recipe["model"]
-    lh, lw = _tokens(recipe, parts)
-    grid = (lh // 2, lw // 2)
-    n = grid[0] * grid[1]
-    dev, dt = "meta", tr.dtype
-    x = torch.empty(b, n, tr.config.in_channels, device=dev, dtype=torch.float32)
-    emb = torch.empty(b, m["max_sequence_length"], tr.config.joint_attention_dim, device=dev, dtype=dt)
-    ids = klein.latent_ids(b, grid, dev)
-    txt = torch.zeros(b, m["max_sequence_length"], 4, dtype=torch.long, device=dev)
-    if reference:
-        return x, (emb, txt, ids, torch.empty(b, n, tr.config.in_channels, device=dev), klein.reference_ids(b, grid, dev))
-    return x, (emb, txt, ids, None, None)
+def _inputs(recipe, parts, b: int, text_len: int, reference: bool = False):
+    """The family's (x, cond) on `meta` for b pictures at the recipe's size."""
+    return family(recipe).meta_inputs(parts["transformer"], recipe["model"], _tokens(recipe, parts), b, text_len, reference)
 
 
-def _velocity(family: str, tr, x, sigma, cond):
-    if family == "z-image-turbo":
-        xs = list(x.to(tr.dtype).unsqueeze(2).unbind(0))
-        out = tr(xs, sigma.to(tr.dtype), cond, return_dict=False)[0]
-        return torch.stack([o.float() for o in out]).squeeze(2)
-    from . import klein
-
-    return klein.velocity(tr, x, sigma, *cond).float()
-
-
-def _inputs(family: str, tr, recipe, parts, b: int, text_len: int, reference: bool = False):
-    if family == "z-image-turbo":
-        lh, lw = _tokens(recipe, parts)
-        x = torch.empty(b, tr.config.in_channels, lh, lw, device="meta")
-        cond = [torch.empty(text_len, tr.config.cap_feat_dim, device="meta", dtype=tr.dtype) for _ in range(b)]
-        return x, cond
-    return _klein_inputs(tr, recipe, parts, b, reference)
+def _velocity(recipe, tr, x, sigma, cond):
+    return family(recipe).velocity(tr, x, sigma, cond)
 
 
 def sample_bytes(recipe: dict, parts: dict, b: int, reference: bool = False) -> int:
     """One few-step pipeline call of b pictures: the transformer's forward and the call's latents (with
     reference: klein's reference-image path, the gate's teacher pictures, one at a time)."""
-    family, tr = recipe["model"]["backend"], parts["transformer"]
+    tr = parts["transformer"]
 
     def run():
         with torch.no_grad():
-            x, cond = _inputs(family, tr, recipe, parts, b, text_len(recipe), reference)
-            v = _velocity(family, tr, x, torch.empty(b, device="meta"), cond)
+            x, cond = _inputs(recipe, parts, b, text_len(recipe), reference)
+            v = _velocity(recipe, tr, x, torch.empty(b, device="meta"), cond)
             x = x + v  # the Euler update: a new latent while the old one lives
             del v
 
@@ -331,7 +288,7 @@ def train_bytes(recipe: dict, parts: dict, train: dict | None = None) -> int:
     from .training import STUDENT, TEACHER, add_adapters, remove_adapters, set_checkpointing, use
 
     train = train or recipe["train"]
-    family, tr = recipe["model"]["backend"], parts["transformer"]
+    tr = parts["transformer"]
     b = int(train["batch"])
     with torch.device("meta"):
         add_adapters(tr, int(train["rank"]), float(train["alpha"]), train["targets"])
@@ -339,14 +296,14 @@ def train_bytes(recipe: dict, parts: dict, train: dict | None = None) -> int:
     tr.train()
     try:
         def run():
-            x, cond_s = _inputs(family, tr, recipe, parts, b, text_len(recipe))
-            _, cond_t = _inputs(family, tr, recipe, parts, b, teacher_text_len(recipe), reference=True)
+            x, cond_s = _inputs(recipe, parts, b, text_len(recipe))
+            _, cond_t = _inputs(recipe, parts, b, teacher_text_len(recipe), reference=True)
             sig = torch.empty(b, device="meta")
             use(tr, TEACHER)
             with torch.no_grad():
-                v_t = _velocity(family, tr, x, sig, cond_t)
+                v_t = _velocity(recipe, tr, x, sig, cond_t)
             use(tr, STUDENT)
-            v_s = _velocity(family, tr, x, sig, cond_s)
+            v_s = _velocity(recipe, tr, x, sig, cond_s)
             loss = torch.nn.functional.mse_loss(x - v_s, x - v_t)
             loss.backward()
 
@@ -358,16 +315,12 @@ def train_bytes(recipe: dict, parts: dict, train: dict | None = None) -> int:
 
 
 def text_len(recipe: dict) -> int:
-    """Text tokens the transformer sees: klein pads to max_sequence_length; Z-Image takes a prompt's own
-    length (planned at a long prompt's 128 tokens)."""
-    return recipe["model"]["max_sequence_length"] if recipe["model"]["backend"] != "z-image-turbo" else 128
+    """Text tokens the transformer sees per prompt, by the recipe's family."""
+    return family(recipe).text_len(recipe["model"])
 
 
 def teacher_text_len(recipe: dict) -> int:
-    m = recipe["model"]
-    if m["backend"] == "z-image-turbo":  # the teacher's tokens: the bounded image's merged patches + the text
-        return m["teacher_max_pixels"] // (32 * 32) + 128
-    return m["max_sequence_length"]
+    return family(recipe).teacher_text_len(recipe["model"])
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -422,7 +375,7 @@ class Accountant:
 
     def __init__(self, recipe: dict, cache_dir: Path | None = None):
         self.recipe = recipe
-        self.family = recipe["model"]["backend"]
+        self.family = family(recipe)
         self._parts: dict | None = None
         self._file = self._cache_file(cache_dir)
         saved = {}
@@ -558,7 +511,7 @@ class Accountant:
             if sample_res + tiled <= usable:
                 decode_act, p.batches["decode_tiled"] = tiled, 1
         sample_act = max(sf + sp * max(1, p.batches["sample"]), decode_act)
-        if self.family == "flux2-klein":  # the gate's teacher pictures: one at a time, with reference tokens
+        if self.family.reference_path:  # the gate's teacher pictures: one at a time, with reference tokens
             sample_act = max(sample_act, self._count(("reference", 1), lambda: sample_bytes(r, self.parts, 1, True))
                              * CALIBRATION["sample"])
         p.resident_gib["sample"], p.activation_gib["sample"] = sample_res, sample_act
@@ -601,9 +554,8 @@ class Accountant:
             out.append(f"sampling needs {p.resident_gib['sample'] + p.per_item_gib['sample']:.1f} GiB for one picture: "
                        "a lower model.height/width or a larger card")
         if phases["features"] > usable or phases["encode"] > usable:
-            lever = "lower model.teacher_max_pixels or " if self.family == "z-image-turbo" else ""
             out.append(f"the text encoder's phases need {max(phases['features'], phases['encode']):.1f} GiB: "
-                       f"{lever}a larger card")
+                       f"{self.family.encoder_advice}a larger card")
         return out or [f"needs {p.peak_gib:.1f} GiB in {p.peak_phase}"]
 
 

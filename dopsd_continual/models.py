@@ -1,4 +1,4 @@
-"""Where model weights come from and which diffusers pipeline class loads them."""
+"""Where model weights come from, and loading them through the family's diffusers pipeline class."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from pathlib import Path
 from .errors import UserError
 
 EMBEDDED = {"toy-shapes": Path(__file__).resolve().parent / "toy" / "model"}
-PIPELINES = {"flux2-klein": "Flux2KleinPipeline", "z-image-turbo": "ZImagePipeline"}
+
+
+def is_embedded(model: dict) -> bool:
+    """A model shipped inside the package (`embedded:NAME`): small, on a CPU, nothing to download or plan."""
+    return str(model["source"]).startswith("embedded:")
 
 
 def resolve_source(source: str) -> Path | str:
@@ -30,14 +34,6 @@ def resolve_source(source: str) -> Path | str:
     return source  # a Hugging Face id, loaded from the local cache (HF_HUB_OFFLINE is respected)
 
 
-def pipeline_class(backend: str):
-    import diffusers
-
-    if backend not in PIPELINES:
-        raise UserError(f"unknown backend {backend!r}; known: {', '.join(PIPELINES)}")
-    return getattr(diffusers, PIPELINES[backend])
-
-
 def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     """The recipe's pipeline through its diffusers class and `from_pretrained` (local files or the HF cache).
 
@@ -48,11 +44,12 @@ def load_pipeline(recipe: dict, device=None, encoders: bool = True):
     """
     import torch
 
+    from .families import family
     from .placement import apply_memory_budget, compute_device
 
     quiet_libraries()
     model = recipe["model"]
-    cls = pipeline_class(model["backend"])
+    cls = family(recipe).pipeline_class()
     device = compute_device(device)
     dtype = getattr(torch, model["dtype"])  # on every device: a bf16 recipe runs its bf16 path on a CPU too
     source = resolve_source(model["source"])
@@ -96,10 +93,23 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hf_cached(repo: str, *names: str) -> Path | None:
+    """The folder of a Hugging Face repository's snapshot in the local cache that holds one of `names`
+    (the first found), without any network; None when it is not there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in names:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str):
+                return Path(hit).parent
+    except Exception:
+        pass
+    return None
+
+
 def _snapshot(repo: str) -> Path | None:
     """The local snapshot folder of a Hugging Face repository in the cache, without any network."""
-    from .memory import hf_cached
-
     return hf_cached(repo, "model_index.json", "config.json")
 
 

@@ -77,6 +77,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_concept_gap_ratio": ((int, float), 0.9),
         "max_neighbour_drift": ((int, float), 1.0),
         "max_neighbour_retention_drop": ((int, float), 1.0),
+        "judges": (list, []),  # judges.py: "toy-truth", "clip", "dino", or package.module:attribute
         "clip_model": (str, ""),
         "dino_model": (str, ""),
         "max_clip_drop": ((int, float), 0.02),
@@ -103,7 +104,6 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     },
 }
 CHOICES = {
-    ("model", "backend"): {"flux2-klein", "z-image-turbo"},
     ("train", "objective"): {"dopsd", "sft"},
     ("train", "mixed_precision"): {"no", "bf16", "fp16"},
     ("model", "dtype"): {"float32", "bfloat16", "float16"},
@@ -163,6 +163,16 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
             else:
                 sec[k] = copy.deepcopy(default)
         out[section] = sec
+    from .families import SHIPPED, known
+
+    if not known(out["model"]["backend"]):
+        raise UserError(f"{where}: model.backend must be one of {sorted(SHIPPED)} or a family's "
+                        f"package.module:attribute, got {out['model']['backend']!r}")
+    from .checks import JUDGES
+
+    for j in out["gate"]["judges"]:
+        if not isinstance(j, str) or (j not in JUDGES and ":" not in j):
+            raise UserError(f"{where}: gate.judges: {j!r} is not a judge; known: {sorted(JUDGES)} or package.module:attribute")
     for k in ("rank", "steps", "K", "batch", "processes", "views_per_sample"):
         if out["train"][k] < 1:
             raise UserError(f"{where}: train.{k} must be >= 1")

@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .store import State, feature_key, now
+from .stack import chain, pruned_versions
+from .store import State, feature_key, now, round_lock
 
 DAY = 86400.0
 KEPT_STATUSES = ("queued", "training", "used", "set_aside")  # samples a round may still draw (replay included)
@@ -46,8 +47,6 @@ def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
 
 def kept_versions(state: State) -> set[str]:
     """Every accepted version, the active one, and every version on their chains."""
-    from .stack import chain
-
     roots = {r[0] for r in state.conn.execute("select id from versions where status = 'accepted'")}
     roots.add(state.active_version)
     out: set[str] = set()
@@ -124,11 +123,6 @@ def plan(state: State, at: float | None = None) -> list[dict]:
     return out
 
 
-def pruned_versions(state: State) -> dict[str, str]:
-    row = state.conn.execute("select value from meta where key='pruned_versions'").fetchone()
-    return json.loads(row[0]) if row else {}
-
-
 def collect(state: State, items: list[dict]) -> int:
     """Remove what plan() listed; a version's delta is recorded as pruned first (its row stays). Bytes freed."""
     versions = {i["version"]: i["why"] for i in items if i.get("version")}
@@ -171,8 +165,6 @@ def gc_now(state: State) -> tuple[int, int]:
     """The policy applied now, between rounds (the round lock held, so no round's files go under it):
     (items removed, bytes freed). A round in progress: nothing now, the next call does it."""
     from .errors import RoundBusy
-    from .rounds import round_lock
-
     try:
         with round_lock(state, wait=False):
             items = plan(state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -10,31 +9,11 @@ import shutil
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 
-from .errors import RoundBusy, UserError
+from .errors import UserError
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
 from .stack import get_version, next_version_id, write_version
-from .store import State, disk_words, is_disk_full, now
-
-
-@contextmanager
-def round_lock(state: State, wait: bool = False):
-    """An OS lock (flock) shared by `dopsd train` and the daemon: one round at a time per state dir."""
-    path = state.root / "round.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                raise RoundBusy(f"another round is running (pid {holder or '?'}); try again when it finishes") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock, also when the process dies
+from .store import State, disk_words, is_disk_full, now, round_lock  # noqa: F401 (round_lock: the round's, kept here)
 
 
 @contextmanager
@@ -225,11 +204,12 @@ def run_round(
     """One round. processes: data-parallel training processes (default: the recipe's train.processes);
     more than one hands the train phase to accelerate's launcher (distributed.py)."""
     from .distributed import check_processes, jobs_dir, train_in_processes
+    from .families import family
     from .gate import Gate
     from .memory import check_fits
     from .placement import PhaseLog, compute_device
     from .sampling import Sampler, image_tensor
-    from .training import FeatureCache, make_backend, new_per_round, train_delta
+    from .training import FeatureCache, new_per_round, train_delta
 
     recipe = state.recipe
     train = dict(recipe["train"])
@@ -280,10 +260,10 @@ def run_round(
             check_disk(state, disk_need(state, sampler, train, uncached(state, new + replay)))
             with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
                 sampler.place.use("features")
-                backend = make_backend(sampler.pipe, recipe, sampler.device, encoders=False)
+                backend = family(recipe).backend(sampler.pipe, recipe, sampler.device, encoders=False)
                 cache = FeatureCache(state.cache / "features", backend.encoder_id)
                 if not all(cache.path(s["sha256"], s["caption"]).exists() for s in new + replay):
-                    backend = make_backend(sampler.pipe, recipe, sampler.device)  # Z-Image's teacher loads only now
+                    backend = family(recipe).backend(sampler.pipe, recipe, sampler.device)  # encoders only a miss needs
 
                 def features(s: dict) -> dict:
                     return cache.get(s["sha256"], s["caption"],

@@ -4,9 +4,8 @@ Because the noise comes from `torch.Generator("cpu").manual_seed(seed)` and the 
 chain's deltas merged, an exported LoRA loaded into plain diffusers reproduces the same picture (exactly in
 float32; in bf16 up to the rounding of the merged weights, see docs/GPU.md).
 
-Each backend is sampled the way its pipeline natively samples its step-distilled model: klein with no
-classifier-free guidance (guidance 1.0), Z-Image-Turbo with guidance 0.0 (its pipeline turns guidance on
-for any value above 0, which doubles the cost and is not the picture the model draws).
+Each model is sampled the way its pipeline natively samples its step-distilled model: at its family's
+`guidance` (no classifier-free guidance), with its family's prompt encoding and latent decoding.
 The text encoder runs once per prompt (features kept per process) and leaves the GPU before the
 transformer samples; latents are decoded in micro-batches sized to the picture.
 """
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .families import family
 from .models import load_pipeline
 from .placement import PhaseLog, Placement, compute_device
 from .stack import WeightSwitcher, get_version
@@ -30,17 +30,13 @@ DECODE_PIXELS = 2 * 1024 * 1024  # pixels decoded per VAE call (two 1024 px pict
 TILE_ABOVE_PIXELS = 1536 * 1536  # larger pictures decode in VAE tiles
 
 
-def native_guidance(backend: str) -> float:
-    """The guidance value at which each pipeline samples its step-distilled model without CFG."""
-    return 0.0 if backend == "z-image-turbo" else 1.0
-
-
 class Sampler:
     """A loaded pipeline that can be switched between versions (merge kept per version in memory)."""
 
     def __init__(self, state: State, device: str | None = None, encoders: bool = True):
         self.state = state
         self.recipe = state.recipe
+        self.family = family(state.recipe)
         self.device = compute_device(device)
         self.pipe = load_pipeline(state.recipe, self.device, encoders)
         self.place = Placement(self.pipe, self.device)
@@ -74,7 +70,7 @@ class Sampler:
 
     def call_kwargs(self, steps: int) -> dict:
         m = self.recipe["model"]
-        return {"num_inference_steps": steps, "guidance_scale": native_guidance(m["backend"]), "height": m["height"],
+        return {"num_inference_steps": steps, "guidance_scale": self.family.guidance, "height": m["height"],
                 "width": m["width"]}
 
     def prompt_features(self, prompts: list[str]) -> list:
@@ -83,31 +79,21 @@ class Sampler:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._features]
         if missing:
             self.place.use("encode")
-            te = self.pipe.text_encoder
             with torch.no_grad():
                 per = self.batches["encode"]
                 for i in range(0, len(missing), per):
                     chunk = missing[i : i + per]  # encode_prompt may rewrite the list it is given: pass copies
-                    if m["backend"] == "z-image-turbo":
-                        feats, _ = self.pipe.encode_prompt(prompt=list(chunk), device=te.device, do_classifier_free_guidance=False,
-                                                           max_sequence_length=m["max_sequence_length"])
-                    else:
-                        feats, _ = self.pipe.encode_prompt(prompt=list(chunk), device=te.device,
-                                                           max_sequence_length=m["max_sequence_length"],
-                                                           text_encoder_out_layers=tuple(m["text_encoder_out_layers"]))
+                    feats = self.family.encode_prompts(self.pipe, list(chunk), m)
                     for p, f in zip(chunk, feats):
                         self._features[p] = f.detach().to("cpu")
         return [self._features[p] for p in prompts]
 
     def _embeds_arg(self, feats: list):
-        dtype = self.pipe.transformer.dtype
-        if self.recipe["model"]["backend"] == "z-image-turbo":
-            return [f.to(self.device, dtype) for f in feats]  # one variable-length tensor per prompt
-        return torch.stack(feats).to(self.device, dtype)
+        return self.family.prompt_embeds(feats, self.device, self.pipe.transformer.dtype)
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, version: str,
                references: list[Image.Image] | None = None, batch: int | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1]. With references, each prompt is run on klein's reference-image path.
+        """(B, 3, H, W) in [0, 1]. With references, each prompt is run on the family's reference-image path.
         batch: pictures per pipeline call (default: the plan's); the pictures do not depend on it beyond
         the float rounding of batched kernels."""
         batch = batch or self.batches["sample"]
@@ -136,13 +122,11 @@ class Sampler:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's own decode of output_type="latent" results, in micro-batches; (B, 3, H, W) on the CPU."""
-        m, vae = self.recipe["model"], self.pipe.vae
+        vae = self.pipe.vae
         per = self.batches["decode"]
         out = []
         for i in range(0, latents.shape[0], per):
-            lat = latents[i : i + per].to(vae.device, vae.dtype)
-            if m["backend"] == "z-image-turbo":
-                lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+            lat = self.family.decode_input(vae, latents[i : i + per].to(vae.device, vae.dtype))
             img = vae.decode(lat, return_dict=False)[0]
             out.append(self.pipe.image_processor.postprocess(img, output_type="pt").float().cpu())
         return torch.cat(out)

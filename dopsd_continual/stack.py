@@ -85,8 +85,6 @@ def load_delta(state: State, vid: str) -> Delta:
     except PermissionError as e:  # not damage: this user may not read the state's files
         raise UserError(f"version {vid} cannot be read: {e.strerror}: {e.filename}") from None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        from .retention import pruned_versions
-
         pruned = pruned_versions(state)
         if vid in pruned:  # removed by gc under a reader: said as that, and the row keeps its verdict
             raise UserError(f"version {vid}'s adapter was {pruned[vid]}") from None
@@ -126,8 +124,6 @@ def chain_deltas(state: State, vid: str) -> list[Delta]:
         if v in foreign:
             raise UserError(f"version {v} was trained on {foreign[v]}; this state now tunes "
                             f"{state.recipe['model']['name']} (its versions start again from v0)")
-    from .retention import pruned_versions
-
     pruned = pruned_versions(state)
     for v in ids:
         if v in pruned:
@@ -278,8 +274,6 @@ def set_active(state: State, vid: str) -> None:
         raise UserError(f"version {vid} is {v['status']} and cannot be made active")
     if vid != "v0":
         chain_deltas(state, vid)  # verifies every adapter on the chain
-    from .retention import pruned_versions
-
     with state.conn:  # gc records what it removes in one transaction: a chain it took since is not made active
         state.conn.execute("BEGIN IMMEDIATE")
         gone = [v for v in chain(state, vid) if v in pruned_versions(state)]
@@ -360,3 +354,9 @@ def _all_samples(state: State, vid: str) -> list[int]:
     for v in chain(state, vid):
         out += json.loads(get_version(state, v)["samples"] or "[]")
     return out
+
+
+def pruned_versions(state: State) -> dict[str, str]:
+    """Versions whose delta retention removed: id -> why (their rows and reports stay)."""
+    row = state.conn.execute("select value from meta where key='pruned_versions'").fetchone()
+    return json.loads(row[0]) if row else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -10,12 +11,13 @@ import stat
 import threading
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import RoundBusy, UserError
 from .recipe import load_recipe, resolve_recipe_path
 
 if TYPE_CHECKING:
@@ -103,13 +105,17 @@ def feature_key(sha: str, caption: str) -> str:
 def save_compact(tensors: dict, path: Path) -> None:
     """Safetensors where float32 tensors that bf16 holds exactly (a bf16 model's pictures and features: every
     value came from bf16) are stored as bf16, half the bytes, and named in the file's metadata; load_compact
-    gives the float32 back, bit for bit. Anything else is stored as it is."""
+    gives the float32 back, bit for bit. Anything else is stored as it is. Two names for one tensor (a family
+    whose teacher text is its student text) are stored as two."""
     import torch
     from safetensors.torch import save_file
 
-    out, narrowed = {}, []
+    out, narrowed, seen = {}, [], set()
     for k, t in tensors.items():
         t = t.contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
         if t.dtype == torch.float32 and t.numel() and torch.equal(t.to(torch.bfloat16).float(), t):
             t, _ = t.to(torch.bfloat16), narrowed.append(k)
         out[k] = t
@@ -645,3 +651,23 @@ def set_settings(root: Path, changes: dict[str, Any], remove: tuple[str, ...] = 
     cfg["settings"] = settings
     atomic_write(cfg_path, _dump_config(cfg).encode())
     return recipe
+
+
+@contextmanager
+def round_lock(state: State, wait: bool = False):
+    """An OS lock (flock) shared by `dopsd train` and the daemon: one round at a time per state dir."""
+    path = state.root / "round.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                raise RoundBusy(f"another round is running (pid {holder or '?'}); try again when it finishes") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, also when the process dies

@@ -15,8 +15,6 @@ SFT trains the same adapter with the same loop around it, with the flow-matching
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,108 +24,11 @@ import torch
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from . import klein
+from .families import Backend
 from .lora import Delta, from_peft, resolve_targets
 from .quant import quantize_int8, restore
-from .recipe import teacher_text
 
 STUDENT, TEACHER = "student", "teacher"
-
-
-# ------------------------------------------------------------------------------------------- backend
-
-
-class KleinBackend:
-    """FLUX.2-klein (and the toy model, which is klein at a small size) behind the training interface."""
-
-    def __init__(self, pipe, recipe: dict, device: torch.device | str = "cpu"):
-        self.pipe = pipe
-        self.model = recipe["model"]
-        self.device = torch.device(device)
-        self.transformer = pipe.transformer
-        h, w = self.model["height"], self.model["width"]
-        f = pipe.vae_scale_factor * 2
-        self.grid = (h // f, w // f)
-
-    @property
-    def encoder_id(self) -> str:
-        """Identifies the encoders and the prompt template: part of every cache key."""
-        te = self.pipe.text_encoder.config.to_dict() if hasattr(self.pipe.text_encoder.config, "to_dict") else {}
-        ident = {
-            "source": str(self.model["source"]),
-            "te": {k: te.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-            "te_weights": _param_fingerprint(self.pipe.text_encoder),
-            "vae_weights": _param_fingerprint(self.pipe.vae),
-            "template": [self.model["max_sequence_length"], list(self.model["text_encoder_out_layers"]),
-                         self.model["teacher_instruction"], self.model["height"], self.model["width"],
-                         self.model.get("teacher_instruction_position", "after")],
-        }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-    def release_encoders(self) -> None:
-        """klein's encoders are the pipeline's own: the placement's next phase takes them off the GPU."""
-
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        emb, _ = klein.encode_prompts(self.pipe, captions, self.model["max_sequence_length"], self.model["text_encoder_out_layers"])
-        return emb
-
-    def features(self, caption: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything a round needs of one sample, computed once (then cached): no encoder runs while training."""
-        with torch.no_grad():
-            tokens, _ = klein.encode_images(self.pipe, image.unsqueeze(0).to(self.device))
-            return {
-                "student_text": self.encode([caption])[0].float().cpu(),
-                "teacher_text": self.encode([teacher_text(caption, self.model)])[0].float().cpu(),
-                "latents": tokens[0].float().cpu(),
-            }
-
-    def text_ids(self, batch: int, length: int) -> torch.Tensor:
-        from diffusers import Flux2KleinPipeline
-
-        return Flux2KleinPipeline._prepare_text_ids(torch.empty(batch, length, 1)).to(self.device)
-
-    def conditions(self, feats: list[dict], teacher: bool):
-        b = len(feats)
-        key = "teacher_text" if teacher else "student_text"
-        emb = torch.stack([f[key] for f in feats]).to(self.device, self.transformer.dtype)
-        cond = [emb, self.text_ids(b, emb.shape[1]), klein.latent_ids(b, self.grid, self.device)]
-        if teacher:
-            ref = torch.stack([f["latents"] for f in feats]).to(self.device)
-            return (*cond, ref, klein.reference_ids(b, self.grid, self.device))
-        return (*cond, None, None)
-
-    def velocity(self, x, sigma, cond) -> torch.Tensor:
-        return klein.velocity(self.transformer, x, sigma, *cond).float()
-
-    def sigmas(self, k: int, schedule="pipeline") -> list[float]:
-        if isinstance(schedule, list):
-            return [float(s) for s in schedule] + ([0.0] if schedule[-1] != 0 else [])
-        import numpy as np
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-        sched = self.pipe.scheduler
-        mu = compute_empirical_mu(self.grid[0] * self.grid[1], k)
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / k, k), mu=mu, device="cpu")
-        return [float(s) for s in sched.sigmas]
-
-
-def make_backend(pipe, recipe: dict, device, encoders: bool = True):
-    """The training backend for the recipe's model family. encoders=False: training on cached features only
-    (a rank of a several-process round), so Z-Image's teacher encoder is not loaded."""
-    if recipe["model"]["backend"] == "z-image-turbo":
-        from .zimage import ZImageBackend, load_teacher_encoder
-
-        vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device) if encoders else (None, None)
-        return ZImageBackend(pipe, recipe, device, vl, processor)
-    return KleinBackend(pipe, recipe, device)
-
-
-def _param_fingerprint(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items())[:8]:
-        h.update(name.encode())
-        h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------- feature cache
@@ -242,7 +143,7 @@ def remove_adapters(transformer) -> None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def dopsd_loss_and_backward(backend: KleinBackend, feats: list[dict], sigmas: list[float], noise: torch.Tensor,
+def dopsd_loss_and_backward(backend: Backend, feats: list[dict], sigmas: list[float], noise: torch.Tensor,
                             per_step_backward: bool = True, teacher_same_as_student: bool = False) -> float:
     """Steps 2-3: the K-step roll-out with the teacher at the student's state; gradients accumulate."""
     tr = backend.transformer
@@ -271,7 +172,7 @@ def dopsd_loss_and_backward(backend: KleinBackend, feats: list[dict], sigmas: li
     return total
 
 
-def sft_loss_and_backward(backend: KleinBackend, feats: list[dict], noise: torch.Tensor, sigma: torch.Tensor) -> float:
+def sft_loss_and_backward(backend: Backend, feats: list[dict], noise: torch.Tensor, sigma: torch.Tensor) -> float:
     """Plain flow matching toward the user's image: the baseline objective."""
     use(backend.transformer, STUDENT)
     x0 = torch.stack([f["latents"] for f in feats]).to(noise.device)
@@ -293,7 +194,7 @@ class TrainResult:
 
 
 def train_delta(
-    backend: KleinBackend,
+    backend: Backend,
     new: list[dict],
     replay: list[dict],
     train: dict,

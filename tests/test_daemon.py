@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import make_pair
 
-from dopsd_continual.daemon import Daemon, daemon_running, start_background, status, stop_background
+from dopsd_continual.daemon import Daemon, start_background, stop_background
 from dopsd_continual.recipe import RECIPES_DIR
+from dopsd_continual.status import daemon_running, status
 from dopsd_continual.store import init_state, open_state
 from dopsd_continual.toy.packs import write_pack
 
@@ -26,7 +27,7 @@ def fast_recipe(tmp_path: Path, steps=3, gate=False, **daemon) -> Path:
     text = text.split("\n[gate]")[0]  # the shipped [gate] and [daemon] tables are replaced below
     d = {"interval_minutes": 60, "min_new_samples": 2, "quiet_seconds": 0, "rescan_seconds": 1, **daemon}
     text += "\n[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-    text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\n"
+    text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\nprompts = \"toy-shapes\"\njudges = [\"toy-truth\"]\n"
     p = tmp_path / "fast.toml"
     p.write_text(text)
     return p

@@ -71,10 +71,10 @@ def test_bf16_autocast_runs_through_int8_layers():
 
 @pytest.fixture(scope="module")
 def toy():
+    from dopsd_continual.families.klein import KleinBackend
     from dopsd_continual.models import load_pipeline
     from dopsd_continual.recipe import load_recipe, resolve_recipe_path
     from dopsd_continual.toy.packs import PACKS, pack_images
-    from dopsd_continual.training import KleinBackend
 
     recipe = load_recipe(resolve_recipe_path(None))
     b = KleinBackend(load_pipeline(recipe, "cpu"), recipe)

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dopsd_continual.families.klein import KleinBackend
 from dopsd_continual.lora import Delta, resolve_targets
 from dopsd_continual.models import load_pipeline
 from dopsd_continual.recipe import load_recipe, resolve_recipe_path
 from dopsd_continual.sampling import Sampler
 from dopsd_continual.stack import WeightSwitcher
-from dopsd_continual.training import STUDENT, TEACHER, KleinBackend, adapter_params, train_delta
+from dopsd_continual.training import STUDENT, TEACHER, adapter_params, train_delta
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -183,7 +183,7 @@ def test_diffusers_export_keeps_the_scale_when_alpha_differs_from_rank(tmp_path)
                for n in resolve_targets(pipe.transformer, ["to_q", "to_v", "attn.to_out"])}
     delta = Delta(weights, 2.0)  # alpha 8, rank 4
     export_diffusers(delta, tmp_path / "lora")
-    from dopsd_continual import klein
+    from dopsd_continual.families import klein
 
     emb, tids = klein.encode_prompts(pipe, [PROMPT], 40, (1, 2, 3))
     from dopsd_continual.toy.model import token_grid

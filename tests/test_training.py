@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from dopsd_continual.families.klein import KleinBackend
 from dopsd_continual.lora import Delta, merge_into
 from dopsd_continual.training import (
     STUDENT,
     TEACHER,
     FeatureCache,
-    KleinBackend,
     adapter_params,
     add_adapters,
     dopsd_loss_and_backward,

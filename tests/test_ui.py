@@ -210,7 +210,8 @@ def test_the_daemon_serves_the_dashboard_when_the_recipe_says_so(tmp_path):
     import httpx
     from test_daemon import fast_recipe, wait_for
 
-    from dopsd_continual.daemon import Daemon, status
+    from dopsd_continual.daemon import Daemon
+    from dopsd_continual.status import status
 
     (tmp_path / "w").mkdir()
     st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, ui=True, ui_port=0)), [tmp_path / "w"])
@@ -237,7 +238,7 @@ def test_a_round_run_by_the_cli_shows_its_progress_and_a_dead_one_does_not(tmp_p
 
     from test_daemon import fast_recipe, wait_for
 
-    from dopsd_continual.daemon import status
+    from dopsd_continual.status import status
 
     write_pack("heart", tmp_path / "drop")
     st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, steps=2000)), [tmp_path / "drop"])

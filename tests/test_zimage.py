@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dopsd_continual.errors import UserError
+from dopsd_continual.families.zimage import ZImageBackend, load_teacher_encoder, share_text_weights_with_vl
 from dopsd_continual.training import add_adapters, dopsd_loss_and_backward, remove_adapters, train_delta
-from dopsd_continual.zimage import ZImageBackend, load_teacher_encoder, share_text_weights_with_vl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_e2e import tokenizer  # noqa: E402  (the tiny Qwen tokenizer with chat template and vision tokens)

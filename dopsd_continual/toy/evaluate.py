@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import klein
+from ..families import klein
 from . import model as toy_model
 from .packs import PACKS, pack_images
 from .scorer import score_images

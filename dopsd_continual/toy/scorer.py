@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..gate import high_freq_energy  # the gate's blur measure: the scorer's sharpness is the same
 from .world import (
     COLOUR_NAMES,
     COLOURS,
@@ -157,13 +158,6 @@ def load_classifier(model_dir: Path) -> SceneClassifier:
     m = SceneClassifier()
     m.load_state_dict(load_file(str(Path(model_dir) / SCORER_FILE)))
     return m.eval()
-
-
-def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute Laplacian per image (B,), the blur measure."""
-    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
-    g = x.mean(1, keepdim=True)
-    return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k).abs().mean(dim=(1, 2, 3))
 
 
 def complete(spec: Scene, predicted: dict[str, int]) -> Scene:

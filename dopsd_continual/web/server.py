@@ -146,8 +146,8 @@ class Dashboard:
     # ------------------------------------------------------------------------------------------- pages
 
     def overview(self, request):
-        from ..daemon import status
         from ..stack import list_versions
+        from ..status import status
 
         st = self.state()
         try:
@@ -202,7 +202,7 @@ class Dashboard:
     def queue(self, request):
         from starlette.exceptions import HTTPException
 
-        from ..daemon import status
+        from ..status import status
         from ..store import SAMPLE_STATUSES, shown_status
 
         wanted = request.query_params.get("status") or None
@@ -247,7 +247,7 @@ class Dashboard:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     def fingerprint(self) -> str:
-        from ..daemon import status
+        from ..status import status
 
         st = self.state()
         try:

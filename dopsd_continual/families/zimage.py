@@ -1,4 +1,4 @@
-"""Z-Image-Turbo behind the training interface.
+"""Z-Image-Turbo: the family and its training backend.
 
 Student condition: the pipeline's own prompt encoding (Qwen3 text encoder, hidden_states[-2], padding
 removed). Teacher condition: the features of [image, prompt] from a Qwen3-VL encoder whose language model
@@ -16,8 +16,9 @@ import json
 import numpy as np
 import torch
 
-from .errors import UserError
-from .recipe import teacher_text
+from ..errors import UserError
+from ..recipe import teacher_text
+from .base import Family, param_fingerprint
 
 
 def _suffix(key: str) -> str:
@@ -67,11 +68,9 @@ class ZImageBackend:
 
     @property
     def encoder_id(self) -> str:
-        from .training import _param_fingerprint
-
         m = self.model
         ident = {"source": str(m["source"]), "teacher": str(m["teacher_encoder"]),
-                 "te_weights": _param_fingerprint(self.pipe.text_encoder), "vae_weights": _param_fingerprint(self.pipe.vae),
+                 "te_weights": param_fingerprint(self.pipe.text_encoder), "vae_weights": param_fingerprint(self.pipe.vae),
                  "template": [m["max_sequence_length"], m["teacher_instruction"], m["height"], m["width"],
                               m["teacher_min_pixels"], m["teacher_max_pixels"], m.get("teacher_instruction_position", "after")]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -114,9 +113,7 @@ class ZImageBackend:
         return [f[key].to(self.device, self.transformer.dtype) for f in feats]
 
     def velocity(self, x, sigma, cond) -> torch.Tensor:
-        xs = list(x.to(self.transformer.dtype).unsqueeze(2).unbind(0))
-        out = self.transformer(xs, (1 - sigma).to(self.transformer.dtype), cond, return_dict=False)[0]
-        return -torch.stack([o.float() for o in out]).squeeze(2)
+        return FAMILY.velocity(self.transformer, x, sigma, cond)
 
     def sigmas(self, k: int, schedule="pipeline") -> list[float]:
         if isinstance(schedule, list):
@@ -174,3 +171,48 @@ def load_teacher_encoder(source: str, text_encoder, device):
         raise UserError(f"cannot load the teacher encoder {source}: {str(e).splitlines()[0]}") from None
     share_text_weights_with_vl(vl, text_encoder)
     return vl.to(device).eval(), processor  # lives only through a round's features phase (release_encoders)
+
+
+class ZImage(Family):
+    name = "z-image-turbo"
+    pipeline = "ZImagePipeline"
+    guidance = 0.0  # its pipeline turns CFG on for any value above 0 (twice the cost, not the distilled picture)
+    reference_path = False  # the teacher's context is a VL encoder's features, not a pipeline path
+    encoder_advice = "lower model.teacher_max_pixels or "
+
+    def backend(self, pipe, recipe: dict, device, encoders: bool = True) -> ZImageBackend:
+        vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device) if encoders else (None, None)
+        return ZImageBackend(pipe, recipe, device, vl, processor)
+
+    def encode_prompts(self, pipe, prompts: list[str], model: dict) -> list[torch.Tensor]:
+        feats, _ = pipe.encode_prompt(prompt=list(prompts), device=pipe.text_encoder.device,
+                                      do_classifier_free_guidance=False, max_sequence_length=model["max_sequence_length"])
+        return list(feats)
+
+    def prompt_embeds(self, feats, device, dtype):
+        return [f.to(device, dtype) for f in feats]  # one variable-length tensor per prompt
+
+    def decode_input(self, vae, latents):
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+    def text_len(self, model: dict) -> int:
+        return 128  # a prompt's own length, planned at a long prompt's
+
+    def teacher_text_len(self, model: dict) -> int:
+        return model["teacher_max_pixels"] // (32 * 32) + 128  # the bounded image's merged patches + the text
+
+    def meta_inputs(self, transformer, model: dict, tokens: tuple[int, int], b: int, text_len: int,
+                    reference: bool = False):
+        x = torch.empty(b, transformer.config.in_channels, *tokens, device="meta")
+        cond = [torch.empty(text_len, transformer.config.cap_feat_dim, device="meta", dtype=transformer.dtype)
+                for _ in range(b)]
+        return x, cond
+
+    def velocity(self, transformer, x, sigma, cond) -> torch.Tensor:
+        """`ZImagePipeline.__call__` feeds t = 1 - sigma and negates the transformer's output."""
+        xs = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))
+        out = transformer(xs, (1 - sigma).to(transformer.dtype), cond, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
+
+FAMILY = ZImage()
