@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 from .errors import UserError
 from .ingest import _history, sample_image
@@ -190,6 +191,44 @@ def select_samples(state: State, max_new: int | None = None) -> tuple[list[dict]
     return new, replay
 
 
+@dataclass
+class Round:
+    """What a round's steps pass on to the next: settings, the samples, the loaded model, the results."""
+
+    state: State
+    train: dict
+    device: object
+    new: list[dict]
+    replay: list[dict]
+    parent: str
+    vid: str
+    rid: int
+    progress: Callable[[int, int, float], None] | None = None
+    sampler: object = None
+    backend: object = None
+    cache: object = None
+    feats_new: list = field(default_factory=list)
+    feats_replay: list = field(default_factory=list)
+    result: object = None
+    metrics: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    phases: object = None
+
+    @property
+    def ids(self) -> list[int]:
+        return [s["id"] for s in self.new]
+
+    def report(self, step: int, total: int, loss: float) -> None:
+        self.state.db["rounds"].update(self.rid, {"progress": step / total})
+        if self.progress:
+            self.progress(step, total, loss)
+
+    def summary(self) -> dict:
+        verdict = "rejected" if self.reasons else "accepted"
+        return {"version": self.vid, "parent": self.parent, "verdict": verdict, "reasons": self.reasons,
+                "metrics": self.metrics, "samples": self.ids, "active": self.state.active_version}
+
+
 def run_round(
     state: State,
     objective: str | None = None,
@@ -201,125 +240,167 @@ def run_round(
     sampler=None,
     processes: int | None = None,
 ) -> dict:
-    """One round. processes: data-parallel training processes (default: the recipe's train.processes);
-    more than one hands the train phase to accelerate's launcher (distributed.py)."""
-    from .distributed import check_processes, jobs_dir, train_in_processes
-    from .families import family
-    from .gate import Gate
+    """One round: lock, select samples, load, features, train, save the candidate, gate, commit.
+    processes: data-parallel training processes (default: the recipe's train.processes); more than one hands
+    the train phase to accelerate's launcher (distributed.py)."""
+    from .distributed import check_processes
     from .memory import check_fits
-    from .placement import PhaseLog, compute_device
-    from .sampling import Sampler, image_tensor
-    from .training import FeatureCache, new_per_round, train_delta
+    from .placement import compute_device
 
-    recipe = state.recipe
+    train = round_settings(state.recipe, objective, steps, lr, processes)
+    device = sampler.device if sampler else compute_device()
+    check_processes(int(train["processes"]), device.type)
+    check_fits({**state.recipe, "train": train}, device)  # a round the card cannot hold is refused before it starts
+    with round_lock(state, wait=wait_for_lock), ExitStack() as held:
+        rnd = begin(state, train, device, progress)
+        held.enter_context(render_lock(state))  # a dashboard's render in progress finishes first; no new one starts
+        try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
+            load(rnd, sampler)
+            features(rnd)
+            train_candidate(rnd, should_stop)
+            save_candidate(rnd)
+            judge(rnd)
+            commit_verdict(state, rnd.rid, rnd.vid, rnd.new, "rejected" if rnd.reasons else "accepted", rnd.reasons,
+                           rnd.metrics, [rnd.new[i]["id"] for i in rnd.result.seen])
+        except BaseException as e:  # the candidate, if written, is kept as 'interrupted'; its samples queue again
+            abandon_quietly(state, f"the round stopped before it finished ({disk_words(e, state.root)})"
+                            if is_disk_full(e) else "the round stopped before it finished")
+            raise
+        return rnd.summary()
+
+
+def round_settings(recipe: dict, objective: str | None, steps: int | None, lr: float | None,
+                   processes: int | None) -> dict:
+    """The recipe's [train] with the command's overrides."""
     train = dict(recipe["train"])
     if objective:
         if objective not in ("dopsd", "sft"):
             raise UserError(f"unknown objective {objective!r}: dopsd or sft")
         train["objective"] = objective
-    if steps is not None:
-        train["steps"] = steps
-    if lr is not None:
-        train["lr"] = lr
-    if processes is not None:
-        train["processes"] = processes
-    n_proc = int(train["processes"])
-    device = sampler.device if sampler else compute_device()
-    check_processes(n_proc, device.type)
-    check_fits({**recipe, "train": train}, device)  # a round the card cannot hold is refused before it starts
-    with round_lock(state, wait=wait_for_lock), ExitStack() as held:
-        recover(state)
-        new, replay = select_samples(state)
-        if not new:
-            raise UserError("no queued samples: drop image + caption pairs into a watched folder and run `dopsd ingest`")
-        new = new[: new_per_round(train, bool(replay))]  # the oldest first; the rest wait for the next rounds
-        tries = max((s["rejections"] or 0) for s in new)
-        if tries:  # a batch rejected before is not retrained unchanged: another seed draws other noise and batches
-            train["seed"] = int(train["seed"]) + tries
-        parent = state.active_version
-        vid = next_version_id(state)
-        ids = [s["id"] for s in new]
-        with state.conn:
-            state.conn.execute("BEGIN IMMEDIATE")
-            rid = state.db["rounds"].insert({"version": vid, "status": "running", "pid": os.getpid(), "started_at": now(),
-                                             "progress": 0.0, "samples": json.dumps(ids)}).last_pk
-            for s in new:
-                state.db["samples"].update(s["id"], {"status": "training"})
-        held.enter_context(render_lock(state))  # a dashboard's render in progress finishes first; no new one starts
-        phases = PhaseLog(device)
-        h, w = recipe["model"]["height"], recipe["model"]["width"]
+    for key, value in (("steps", steps), ("lr", lr), ("processes", processes)):
+        if value is not None:
+            train[key] = value
+    return train
 
-        def report(step, total, loss):
-            state.db["rounds"].update(rid, {"progress": step / total})
-            if progress:
-                progress(step, total, loss)
 
-        try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
-            with phases("load"):
-                sampler = sampler or Sampler(state)
-            check_disk(state, disk_need(state, sampler, train, uncached(state, new + replay)))
-            with phases("features"):  # the encoders visit the GPU once; the transformer waits in CPU memory
-                sampler.place.use("features")
-                backend = family(recipe).backend(sampler.pipe, recipe, sampler.device, encoders=False)
-                cache = FeatureCache(state.cache / "features", backend.encoder_id)
-                if not all(cache.path(s["sha256"], s["caption"]).exists() for s in new + replay):
-                    backend = family(recipe).backend(sampler.pipe, recipe, sampler.device)  # encoders only a miss needs
+def begin(state: State, train: dict, device, progress) -> Round:
+    """Under the round lock: recover what a crash left, take the oldest queued samples (and the replay pool),
+    and write the round's row with its samples marked `training`."""
+    from .placement import PhaseLog
+    from .training import new_per_round
 
-                def features(s: dict) -> dict:
-                    return cache.get(s["sha256"], s["caption"],
-                                     lambda: backend.features(s["caption"], image_tensor(fit(sample_image(state, s), w, h))))
+    recover(state)
+    new, replay = select_samples(state)
+    if not new:
+        raise UserError("no queued samples: drop image + caption pairs into a watched folder and run `dopsd ingest`")
+    new = new[: new_per_round(train, bool(replay))]  # the oldest first; the rest wait for the next rounds
+    tries = max((s["rejections"] or 0) for s in new)
+    if tries:  # a batch rejected before is not retrained unchanged: another seed draws other noise and batches
+        train["seed"] = int(train["seed"]) + tries
+    parent, vid = state.active_version, next_version_id(state)
+    with state.conn:
+        state.conn.execute("BEGIN IMMEDIATE")
+        rid = state.db["rounds"].insert({"version": vid, "status": "running", "pid": os.getpid(), "started_at": now(),
+                                         "progress": 0.0, "samples": json.dumps([s["id"] for s in new])}).last_pk
+        for s in new:
+            state.db["samples"].update(s["id"], {"status": "training"})
+    return Round(state, train, device, new, replay, parent, vid, rid, progress, phases=PhaseLog(device))
 
-                feats_new = [features(s) for s in new]
-                feats_replay = [features(s) for s in replay]
-                backend.release_encoders()
-                if recipe["gate"]["enabled"]:  # the text encoder is on the GPU now: the gate's prompts too
-                    sampler.prompt_features(Gate(state, sampler).texts(gate_choice(new)))
-            with phases("train"):
-                if n_proc > 1:  # the ranks load their own transformer: this one waits in CPU memory
-                    sampler.place.use("idle")
-                    job = {"state": str(state.root), "parent": parent, "train": train,
-                           "new": [str(cache.path(s["sha256"], s["caption"])) for s in new],
-                           "replay": [str(cache.path(s["sha256"], s["caption"])) for s in replay]}
-                    job_dir = jobs_dir(state) / vid
-                    result = train_in_processes(state, job_dir, job, n_proc, sampler.device.type, report, should_stop)
-                    shutil.rmtree(job_dir, ignore_errors=True)
-                else:
-                    sampler.place.use("train")
-                    sampler.switch.set(state, parent)  # train on top of the active chain (stack.WeightSwitcher)
-                    result = train_delta(backend, feats_new, feats_replay, train, train["objective"], report, should_stop)
-            meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": ids,
-                    "replay_samples": [s["id"] for s in replay], "train": train,
-                    "loss_first": result.losses[0], "loss_last": result.losses[-1]}
-            write_version(state, vid, parent, result.delta, meta)
-            state.db["versions"].insert({"id": vid, "parent": parent, "status": "candidate", "created_at": now(),
-                                         "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
-                                         "samples": json.dumps(ids), "metrics": "{}", "reasons": "[]",
-                                         "adapter_dir": str((state.adapters / vid).relative_to(state.root))})
-            seen_ids = [new[i]["id"] for i in result.seen]
-            metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
-                       "samples_per_s": result.samples_per_s, "feature_cache_hits": cache.hits, "processes": n_proc,
-                       "seed": int(train["seed"]), "samples_trained": len(seen_ids), "samples_taken": len(new)}
-            reasons: list[str] = []
-            if recipe["gate"]["enabled"]:
-                with phases("gate"):
-                    gate = Gate(state, sampler)
-                    round_samples = gate_samples(state, new)
-                    m = gate.metrics(vid, parent, round_samples)
-                    reasons = gate.verdict(m)
-                    metrics.update(m)
-                metrics["phases"] = phases.records
-                gate.report(vid, parent, metrics, reasons, round_samples)
-            else:
-                metrics["gate"] = "disabled in the recipe: accepted without checks"
-                metrics["phases"] = phases.records
-            verdict = "rejected" if reasons else "accepted"
-            commit_verdict(state, rid, vid, new, verdict, reasons, metrics, seen_ids)
-        except BaseException as e:  # the candidate, if written, is kept as 'interrupted'; its samples queue again
-            abandon_quietly(state, f"the round stopped before it finished ({disk_words(e, state.root)})"
-                            if is_disk_full(e) else "the round stopped before it finished")
-            raise
-        return {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": metrics,
-                "samples": ids, "active": state.active_version}
+
+def load(rnd: Round, sampler=None) -> None:
+    """The model (or the caller's, already loaded), then the disk space the round will write checked."""
+    from .sampling import Sampler
+
+    with rnd.phases("load"):
+        rnd.sampler = sampler or Sampler(rnd.state)
+    check_disk(rnd.state, disk_need(rnd.state, rnd.sampler, rnd.train, uncached(rnd.state, rnd.new + rnd.replay)))
+
+
+def features(rnd: Round) -> None:
+    """Every sample's features, from the cache or computed once: the encoders visit the GPU once, the
+    transformer waits in CPU memory. The gate's texts are encoded in the same visit."""
+    from .families import family
+    from .gate import Gate
+    from .sampling import image_tensor
+    from .training import FeatureCache
+
+    state, recipe, sampler = rnd.state, rnd.state.recipe, rnd.sampler
+    h, w = recipe["model"]["height"], recipe["model"]["width"]
+    with rnd.phases("features"):
+        sampler.place.use("features")
+        rnd.backend = family(recipe).backend(sampler.pipe, recipe, sampler.device, encoders=False)
+        rnd.cache = cache = FeatureCache(state.cache / "features", rnd.backend.encoder_id)
+        if not all(cache.path(s["sha256"], s["caption"]).exists() for s in rnd.new + rnd.replay):
+            rnd.backend = family(recipe).backend(sampler.pipe, recipe, sampler.device)  # encoders only a miss needs
+
+        def one(s: dict) -> dict:
+            return cache.get(s["sha256"], s["caption"],
+                             lambda: rnd.backend.features(s["caption"], image_tensor(fit(sample_image(state, s), w, h))))
+
+        rnd.feats_new = [one(s) for s in rnd.new]
+        rnd.feats_replay = [one(s) for s in rnd.replay]
+        rnd.backend.release_encoders()
+        if recipe["gate"]["enabled"]:  # the text encoder is on the GPU now: the gate's prompts too
+            sampler.prompt_features(Gate(state, sampler).texts(gate_choice(rnd.new)))
+
+
+def train_candidate(rnd: Round, should_stop) -> None:
+    """A new delta on top of the parent's chain: here, or in several processes through accelerate."""
+    from .distributed import jobs_dir, train_in_processes
+    from .training import train_delta
+
+    state, sampler, cache, train = rnd.state, rnd.sampler, rnd.cache, rnd.train
+    with rnd.phases("train"):
+        if int(train["processes"]) > 1:  # the ranks load their own transformer: this one waits in CPU memory
+            sampler.place.use("idle")
+            job = {"state": str(state.root), "parent": rnd.parent, "train": train,
+                   "new": [str(cache.path(s["sha256"], s["caption"])) for s in rnd.new],
+                   "replay": [str(cache.path(s["sha256"], s["caption"])) for s in rnd.replay]}
+            job_dir = jobs_dir(state) / rnd.vid
+            rnd.result = train_in_processes(state, job_dir, job, int(train["processes"]), sampler.device.type,
+                                            rnd.report, should_stop)
+            shutil.rmtree(job_dir, ignore_errors=True)
+        else:
+            sampler.place.use("train")
+            sampler.switch.set(state, rnd.parent)  # train on top of the active chain (stack.WeightSwitcher)
+            rnd.result = train_delta(rnd.backend, rnd.feats_new, rnd.feats_replay, train, train["objective"],
+                                     rnd.report, should_stop)
+
+
+def save_candidate(rnd: Round) -> None:
+    """The delta on disk and its `candidate` row; the training figures in the round's metrics."""
+    state, train, result, recipe = rnd.state, rnd.train, rnd.result, rnd.state.recipe
+    meta = {"objective": train["objective"], "recipe_hash": recipe_hash(recipe), "samples": rnd.ids,
+            "replay_samples": [s["id"] for s in rnd.replay], "train": train,
+            "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+    write_version(state, rnd.vid, rnd.parent, result.delta, meta)
+    state.db["versions"].insert({"id": rnd.vid, "parent": rnd.parent, "status": "candidate", "created_at": now(),
+                                 "objective": train["objective"], "recipe_hash": recipe_hash(recipe),
+                                 "samples": json.dumps(rnd.ids), "metrics": "{}", "reasons": "[]",
+                                 "adapter_dir": str((state.adapters / rnd.vid).relative_to(state.root))})
+    rnd.metrics = {"loss_first": result.losses[0], "loss_last": result.losses[-1], "train_seconds": result.seconds,
+                   "samples_per_s": result.samples_per_s, "feature_cache_hits": rnd.cache.hits,
+                   "processes": int(train["processes"]), "seed": int(train["seed"]),
+                   "samples_trained": len(result.seen), "samples_taken": len(rnd.new)}
+
+
+def judge(rnd: Round) -> None:
+    """The gate's metrics and verdict on the candidate against its parent, and its report."""
+    from .gate import Gate
+
+    state, metrics = rnd.state, rnd.metrics
+    if not state.recipe["gate"]["enabled"]:
+        metrics["gate"] = "disabled in the recipe: accepted without checks"
+        metrics["phases"] = rnd.phases.records
+        return
+    with rnd.phases("gate"):
+        gate = Gate(state, rnd.sampler)
+        round_samples = gate_samples(state, rnd.new)
+        m = gate.metrics(rnd.vid, rnd.parent, round_samples)
+        rnd.reasons = gate.verdict(m)
+        metrics.update(m)
+    metrics["phases"] = rnd.phases.records
+    gate.report(rnd.vid, rnd.parent, metrics, rnd.reasons, round_samples)
 
 
 def commit_verdict(state: State, rid: int, vid: str, new: list[dict], verdict: str, reasons: list[str], metrics: dict,
