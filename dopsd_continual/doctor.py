@@ -8,8 +8,6 @@ from pathlib import Path
 from .errors import UserError
 from .models import is_embedded, resolve_source
 
-SHIPPED_REAL = ("flux2-klein-4b", "flux2-klein-9b", "z-image-turbo")
-
 
 def usable_gib(card_gb: float) -> float:
     """What a card sold as N GB leaves one process after the driver, the CUDA context and a desktop."""
@@ -33,7 +31,8 @@ def memory_lines(recipe: dict, card_gb: float | None, device: str) -> tuple[list
         return lines, problems
     recipes = [recipe] if not is_embedded(recipe["model"]) else []
     if card_gb is not None:
-        recipes += [load_recipe(RECIPES_DIR / f"{n}.toml") for n in SHIPPED_REAL if n != recipe["model"]["name"]]
+        shipped = [load_recipe(p) for p in sorted(RECIPES_DIR.glob("*.toml"))]  # every shipped recipe of a real model
+        recipes += [s for s in shipped if not is_embedded(s["model"]) and s["model"]["name"] != recipe["model"]["name"]]
     for i, r in enumerate(recipes):
         try:
             plan = memory.plan(r, budget)

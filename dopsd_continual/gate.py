@@ -74,18 +74,43 @@ def ratio(a: float, b: float, eps: float = 1e-3) -> float:
 # --------------------------------------------------------------------------------------------- prompts
 
 
+def model_defaults(recipe: dict) -> dict:
+    """What a model folder says of its own gate (`dopsd-gate.json`: "prompts", "judges"), where the recipe leaves
+    them at their defaults: the toy model names its world's prompts and its ground-truth judge this way."""
+    from .models import resolve_source
+
+    try:
+        source = resolve_source(recipe["model"]["source"])
+        if isinstance(source, Path) and (source / "dopsd-gate.json").is_file():
+            return json.loads((source / "dopsd-gate.json").read_text())
+    except Exception:  # an unreadable or unresolvable model: the recipe's own settings
+        pass
+    return {}
+
+
+def prompts_spec(recipe: dict):
+    spec = recipe["gate"]["prompts"]
+    return model_defaults(recipe).get("prompts", spec) if spec == "default" else spec
+
+
+def judge_names(recipe: dict) -> list[str]:
+    """The recipe's judges, or the model's own where the recipe lists none (CLIP / DINO where their model is set)."""
+    g = dict(recipe["gate"])
+    if not g.get("judges"):
+        g["judges"] = list(model_defaults(recipe).get("judges", []))
+    return judges.names(g)
+
+
 def held_out_prompts(recipe: dict) -> list[str]:
-    """gate.prompts: a list; a file (one prompt a line, # comments); a shipped list by name
-    (recipes/prompts/NAME.txt); or "default", the shipped general list."""
+    """gate.prompts: a list; a shipped list by name (recipes/prompts/NAME.txt; "default": the model folder's
+    choice, else general.txt); or a file (one prompt a line, # comments)."""
     from .recipe import RECIPES_DIR
 
-    spec = recipe["gate"]["prompts"]
+    spec = prompts_spec(recipe)
     if isinstance(spec, list):
         return [str(p) for p in spec]
-    path = Path(spec).expanduser()
     shipped = RECIPES_DIR / "prompts" / f"{'general' if spec == 'default' else spec}.txt"
-    if not path.is_file() and "/" not in spec and shipped.is_file():
-        path = shipped
+    path = shipped if "/" not in spec and shipped.is_file() else Path(spec).expanduser()
     if not path.is_file():
         from .errors import UserError
 
@@ -175,7 +200,7 @@ class Gate:
     def judges(self) -> list:
         """The recipe's judges, built on first use (a judge may load a scorer)."""
         if self._judges is None:
-            self._judges = [judges.load(n, self.recipe) for n in judges.names(self.g)]
+            self._judges = [judges.load(n, self.recipe) for n in judge_names(self.recipe)]
         return self._judges
 
     def texts(self, round_samples: list[dict]) -> list[str]:

@@ -46,16 +46,20 @@ def names(gate: dict) -> list[str]:
     return out
 
 
-def load(name: str, recipe: dict):
+def resolve(name: str):
+    """A judge's class, imported (a typo or a missing module is one line, before a round trains)."""
     target = JUDGES.get(name, name)
     if ":" not in target:
         raise UserError(f"unknown gate judge {name!r}; known: {', '.join(JUDGES)} (or package.module:attribute)")
     module, attr = target.split(":", 1)
     try:
-        cls = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise UserError(f"gate judge {name!r}: cannot import it ({e})") from None
-    return cls(recipe)
+
+
+def load(name: str, recipe: dict):
+    return resolve(name)(recipe)
 
 
 class ClipJudge:

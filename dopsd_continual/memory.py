@@ -181,9 +181,10 @@ def meta_modules(recipe: dict, components=("transformer", "text_encoder", "vae")
                 cls = getattr(transformers, cls_name)
                 module = cls(transformers.AutoConfig.from_pretrained(root / name))
             out[name] = module.to(dtype).eval()
-        if "teacher_encoder" in components and (t := teacher_config_root(recipe)) is not None:
+        cls_name = family(recipe).teacher_encoder
+        if "teacher_encoder" in components and cls_name and (t := teacher_config_root(recipe)) is not None:
             cfg = transformers.AutoConfig.from_pretrained(t)
-            out["teacher_encoder"] = transformers.Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
+            out["teacher_encoder"] = getattr(transformers, cls_name)(cfg).to(dtype).eval()
     return out
 
 
@@ -516,10 +517,12 @@ class Accountant:
                              * CALIBRATION["sample"])
         p.resident_gib["sample"], p.activation_gib["sample"] = sample_res, sample_act
         p.resident_gib["encode"], p.activation_gib["encode"] = s["text_encoder"], ef + ep * max(1, p.batches["encode"])
-        # features: the text encoder and the VAE (and Z-Image's teacher: its vision tower and the same language model)
+        # features: the text encoder and the VAE (and a teacher encoder, Z-Image's: its vision tower and the same
+        # language model)
         feat_res = s["text_encoder"] + s["vae"]
         if "teacher_encoder" in s:
-            feat_res += s["teacher_encoder"] - s["text_encoder"]  # one copy of the shared language model
+            shared = s["text_encoder"] if self.family.teacher_shares_text_encoder else 0.0
+            feat_res += s["teacher_encoder"] - shared  # one copy of a shared language model
         p.resident_gib["features"] = feat_res
         p.activation_gib["features"] = self.features_gib()
         res, act = self.train_gib(r["train"])

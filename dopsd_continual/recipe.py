@@ -98,6 +98,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "rescan_seconds": ((int, float), 300),
         "polling": (bool, False),
         "keep_warm_seconds": ((int, float), 0),
+        "sample_warm_seconds": ((int, float), 600),  # the model stays loaded this long after a `dopsd sample`
         "ui": (bool, False),
         "ui_host": (str, "127.0.0.1"),
         "ui_port": (int, 8765),
@@ -173,6 +174,9 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
     for j in out["gate"]["judges"]:
         if not isinstance(j, str) or (j not in JUDGES and ":" not in j):
             raise UserError(f"{where}: gate.judges: {j!r} is not a judge; known: {sorted(JUDGES)} or package.module:attribute")
+    for j, key in (("clip", "clip_model"), ("dino", "dino_model")):
+        if j in out["gate"]["judges"] and not out["gate"][key]:
+            raise UserError(f"{where}: gate.judges lists {j!r}: set gate.{key} to a local folder of its weights")
     for k in ("rank", "steps", "K", "batch", "processes", "views_per_sample"):
         if out["train"][k] < 1:
             raise UserError(f"{where}: train.{k} must be >= 1")
@@ -204,7 +208,7 @@ def _check_daemon(d: dict[str, Any], where: str) -> None:
     for k in ("interval_minutes", "rescan_seconds"):
         if not d[k] > 0:
             raise UserError(f"{where}: daemon.{k} must be > 0, got {d[k]!r}")
-    for k in ("quiet_seconds", "keep_warm_seconds"):
+    for k in ("quiet_seconds", "keep_warm_seconds", "sample_warm_seconds"):
         if d[k] < 0:
             raise UserError(f"{where}: daemon.{k} must be >= 0, got {d[k]!r}")
     if d["min_new_samples"] < 1:

@@ -251,6 +251,12 @@ def run_round(
     device = sampler.device if sampler else compute_device()
     check_processes(int(train["processes"]), device.type)
     check_fits({**state.recipe, "train": train}, device)  # a round the card cannot hold is refused before it starts
+    if state.recipe["gate"]["enabled"]:  # a judge that cannot be imported fails now, not after the training
+        from .gate import judge_names
+        from .judges import resolve
+
+        for name in judge_names(state.recipe):
+            resolve(name)
     with round_lock(state, wait=wait_for_lock), ExitStack() as held:
         rnd = begin(state, train, device, progress)
         held.enter_context(render_lock(state))  # a dashboard's render in progress finishes first; no new one starts

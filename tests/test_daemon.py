@@ -27,7 +27,7 @@ def fast_recipe(tmp_path: Path, steps=3, gate=False, **daemon) -> Path:
     text = text.split("\n[gate]")[0]  # the shipped [gate] and [daemon] tables are replaced below
     d = {"interval_minutes": 60, "min_new_samples": 2, "quiet_seconds": 0, "rescan_seconds": 1, **daemon}
     text += "\n[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-    text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\nprompts = \"toy-shapes\"\njudges = [\"toy-truth\"]\n"
+    text += f"\n[gate]\nenabled = {'true' if gate else 'false'}\n"  # the model's own prompts and judges (dopsd-gate.json)
     p = tmp_path / "fast.toml"
     p.write_text(text)
     return p

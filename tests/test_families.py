@@ -35,7 +35,7 @@ def test_no_generic_module_branches_on_a_model_or_imports_one():
                 mod = node.module.split(".")
                 if f.name != "cli.py" and f.name != "demo.py" and "toy" in mod:  # the toy's own commands excepted
                     found.append(f"{f.relative_to(ROOT)}:{node.lineno} imports the toy world")
-                if "klein" in mod or "zimage" in mod:
+                if {"klein", "zimage"} & (set(mod) | {a.name for a in node.names}):
                     found.append(f"{f.relative_to(ROOT)}:{node.lineno} imports a family module by name")
     assert not found, "\n".join(found)
 
@@ -94,6 +94,25 @@ def test_the_package_imports_form_no_circle():
             visit(m, [m])
 
 
+def test_every_relative_import_names_a_module_of_the_package():
+    """`from .. import klein` after klein moved would import nothing on a fresh install."""
+    missing = []
+    for f in sorted(PKG.rglob("*.py")):
+        here = f.parent
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = base.joinpath(*node.module.split(".")) if node.module else base
+                if node.module and not (target.with_suffix(".py").exists() or (target / "__init__.py").exists()):
+                    missing.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.module}")
+                if not node.module:
+                    missing += [f"{f.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                                if not ((base / f"{a.name}.py").exists() or (base / a.name / "__init__.py").exists())]
+    assert not missing, missing
+
+
 def test_the_toy_recipes_held_out_prompts_are_the_worlds():
     from dopsd_continual.gate import held_out_prompts
     from dopsd_continual.recipe import RECIPES_DIR, load_recipe
@@ -103,6 +122,13 @@ def test_the_toy_recipes_held_out_prompts_are_the_worlds():
     assert held_out_prompts(load_recipe(RECIPES_DIR / "toy-shapes.toml")) == caps[::8][:24]
     general = held_out_prompts(load_recipe(RECIPES_DIR / "flux2-klein-4b.toml"))
     assert len(general) >= 40 and not set(general) & set(caps)
+    # a toy recipe that leaves the gate's prompts and judges at their defaults (as earlier recipes did) gets the
+    # model's own: its folder's dopsd-gate.json
+    from dopsd_continual.gate import judge_names
+
+    old = load_recipe(RECIPES_DIR / "toy-shapes.toml")
+    old["gate"].update(prompts="default", judges=[])
+    assert held_out_prompts(old) == caps[::8][:24] and judge_names(old) == ["toy-truth"]
 
 
 def test_an_unknown_family_or_judge_is_one_line_at_load(tmp_path):
@@ -115,8 +141,14 @@ def test_an_unknown_family_or_judge_is_one_line_at_load(tmp_path):
         validate(raw)
     with pytest.raises(UserError, match="gate.judges"):
         validate({**raw, "model": {**raw["model"], "backend": "flux2-klein"}, "gate": {"judges": ["aesthetics"]}})
+    with pytest.raises(UserError, match="gate.clip_model"):
+        validate({**raw, "model": {**raw["model"], "backend": "flux2-klein"}, "gate": {"judges": ["clip"]}})
     with pytest.raises(UserError, match="cannot import"):
         family("no_such_module:FAMILY")
+    from dopsd_continual.judges import resolve
+
+    with pytest.raises(UserError, match="cannot import"):
+        resolve("no_such_module:Judge")
     assert family(load_recipe(RECIPES_DIR / "z-image-turbo.toml")).guidance == 0.0
 
 

@@ -50,6 +50,8 @@ class Family:
     guidance: float = 1.0  # the guidance_scale at which that pipeline samples the distilled model without CFG
     reference_path: bool = False  # the pipeline draws with a reference image (`image=[...]`): the gate's teacher
     encoder_advice: str = ""  # a setting that makes the encoder phases smaller, for the accountant's advice
+    teacher_encoder: str = ""  # the transformers class of a separate teacher encoder (`model.teacher_encoder`)
+    teacher_shares_text_encoder: bool = False  # that encoder runs on the text encoder's own weights (one copy)
 
     def pipeline_class(self):
         import diffusers

@@ -179,6 +179,8 @@ class ZImage(Family):
     guidance = 0.0  # its pipeline turns CFG on for any value above 0 (twice the cost, not the distilled picture)
     reference_path = False  # the teacher's context is a VL encoder's features, not a pipeline path
     encoder_advice = "lower model.teacher_max_pixels or "
+    teacher_encoder = "Qwen3VLForConditionalGeneration"  # its language model: the text encoder's tensors
+    teacher_shares_text_encoder = True
 
     def backend(self, pipe, recipe: dict, device, encoders: bool = True) -> ZImageBackend:
         vl, processor = load_teacher_encoder(recipe["model"]["teacher_encoder"], pipe.text_encoder, device) if encoders else (None, None)

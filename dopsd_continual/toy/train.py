@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .. import klein
+from ..families import klein
 from . import model as toy_model
 from .world import held_out_captions, held_out_loose_captions, loosen, random_scene, randomise, render_scenes
 
@@ -407,6 +407,8 @@ def export(ctx: dict, out: Path) -> None:
         from safetensors.torch import load_file, save_file
 
         save_file({k: v.half() for k, v in load_file(str(scorer)).items()}, str(out / "scorer.safetensors"))
+        # the gate's defaults for this model (gate.model_defaults): its world's prompts, judged by that scorer
+        (out / "dopsd-gate.json").write_text(json.dumps({"prompts": "toy-shapes", "judges": ["toy-truth"]}) + "\n")
     log(f"exported to {out} (weights stored in fp16; from_pretrained loads them as float32)")
 
 
