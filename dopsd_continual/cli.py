@@ -547,13 +547,29 @@ def sample(
     n: int = typer.Option(1, "-n", min=1, max=64, help="images (a grid, seeds seed..seed+n-1)"),
     out: Path | None = typer.Option(None, "--out", help="file (.png, .jpg, .webp) or an existing folder"),
     as_json: bool = typer.Option(False, "--json"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="during a round, draw here at once instead of waiting for it"),
     state: Path | None = STATE_OPT,
 ) -> None:
-    """Sample from any version (merged weights; PNG text chunks carry prompt, seed, steps, version, model)."""
-    from .sampling import sample as do_sample
+    """Sample from any version (merged weights; PNG text chunks carry prompt, seed, steps, version, model).
+    A running daemon draws it with the model it keeps warm; without one, this process loads the model."""
+    from .pictures import output_path, request, save_image
+    from .serve import ask_daemon
 
     st = _open(state)
-    res = do_sample(st, prompt, version, steps, seed, n, out)
+    req = request(st, prompt, version, steps, seed, n)
+    path = output_path(out, req["version"], seed)
+    got = ask_daemon(st.root, {**req, "no_wait": no_wait},
+                     on_wait=lambda what: err_console.print(f"waiting for {esc(what)}", highlight=False))
+    if got is not None and got[0] != "busy":
+        image, meta, phases = got
+        save_image(image, path, meta)
+        res = {"path": str(path), **req, "phases": phases, "drawn_by": "daemon"}
+    else:
+        from .sampling import sample as do_sample
+
+        if got is not None:
+            err_console.print(f"the daemon's model is busy ({esc(got[1])}): drawing here", highlight=False)
+        res = {**do_sample(st, prompt, req["version"], req["steps"], seed, n, path), "drawn_by": "this process"}
     st.close()
     emit_json(res) if as_json else console.print(f"wrote {esc(str(res['path']))} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
 

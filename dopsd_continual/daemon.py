@@ -134,6 +134,9 @@ class Daemon:
         self._lock_fd: int | None = None
         self._sampler = None
         self._sampler_used = 0.0
+        self._warm_until = 0.0  # a sample request keeps the model loaded until then (daemon.sample_warm_seconds)
+        self.service = None  # serve.SampleService: `dopsd sample` drawn by this daemon
+        self.model_busy = threading.Lock()  # one picture at a time on the warm model (CLI samples, dashboard renders)
         self.round_lock = threading.Lock()
         self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
         self.starting: str | None = None  # what a round does before it has a version (loading the model)
@@ -171,6 +174,7 @@ class Daemon:
             interrupted = recover(self.state)
         if interrupted:
             log.info("recovered interrupted rounds: %s", ", ".join(interrupted))
+        self.service = self._start_service()  # before the first heartbeat names its socket
         self.scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 3600})
         cron = self.cfg["cron"]
         trigger = CronTrigger.from_crontab(cron) if cron else IntervalTrigger(seconds=float(self.cfg["interval_minutes"]) * 60)
@@ -195,12 +199,21 @@ class Daemon:
         token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
         atomic_write(self.root / "ui-token", token.encode())  # 0600 from the first byte
         try:
-            ui = Server(self.root, host, port, token).start()
+            ui = Server(self.root, host, port, token, warm=self).start()  # its renders share the warm model
         except UserError as e:
             log.error("dashboard not started: %s", e)
             return None
         log.info("dashboard at %s (its token: ui-token, or `dopsd daemon status`)", url(host, ui.port))
         return ui
+
+    def _start_service(self):
+        from .serve import SampleService
+
+        try:
+            return SampleService(self).start()
+        except OSError as e:  # `dopsd sample` then draws in its own process, as without a daemon
+            log.error("sample service not started: %s", e)
+            return None
 
     def _ui_url(self) -> str | None:
         """The dashboard's address without its token (daemon.json is no place for it); None without one."""
@@ -226,6 +239,8 @@ class Daemon:
         self.stop_event.set()
         if getattr(self, "ui", None):
             self.ui.stop()
+        if self.service is not None:
+            self.service.stop()
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
@@ -392,6 +407,9 @@ class Daemon:
                 self.set_starting(None)
                 self.hold("disk", f"rounds paused: {st.readonly_reason}. They resume by themselves when there is room")
                 return None
+            if self.rounds_apart:  # the round's process loads its own: a model kept warm for samples goes
+                self._warm_until = 0.0
+                self.release_model()
             try:
                 result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:
@@ -568,6 +586,17 @@ class Daemon:
         self._sampler.state = st
         return self._sampler
 
+    def warm_sampler(self, st: State):
+        """The model for a sample request: the one kept warm (with prompt features on disk), loaded if none is;
+        it stays loaded daemon.sample_warm_seconds after the request."""
+        from .sampling import PromptCache
+
+        s = self.sampler(st)
+        if s.prompt_cache is None and not st.readonly:
+            s.prompt_cache = PromptCache(st)
+        self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
+        return s
+
     def release_model(self) -> None:
         if self._sampler is not None:
             self._sampler = None
@@ -593,8 +622,9 @@ class Daemon:
             self.heartbeat()
 
     def heartbeat(self) -> None:
-        if self._sampler is not None and not self.round_lock.locked():
-            if time.time() - self._sampler_used > float(self.cfg["keep_warm_seconds"]):
+        serving = self.model_busy.locked()
+        if self._sampler is not None and not self.round_lock.locked() and not serving:
+            if time.time() > max(self._sampler_used + float(self.cfg["keep_warm_seconds"]), self._warm_until):
                 self.release_model()
         times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
         nxt = min(times).isoformat(timespec="seconds") if times else None
@@ -608,7 +638,7 @@ class Daemon:
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
                 "ui": self._ui_url(), "held": self.held["reason"] if self.held else None,
-                "starting": self.starting}
+                "starting": self.starting, "sample_socket": str(self.service.path) if self.service else None}
         self._started = info["started_at"]
         atomic_write(self.root / "daemon.json", json.dumps(info).encode())
 

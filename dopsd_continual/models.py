@@ -113,6 +113,28 @@ def _snapshot(repo: str) -> Path | None:
     return hf_cached(repo, "model_index.json", "config.json")
 
 
+def files_fingerprint(model: dict, component: str) -> str | None:
+    """A fingerprint of one component's files (config, weight names and sizes, the snapshot's commit), read
+    without loading it: keys what was computed with it (prompt features) so that a cold process can reuse them
+    before deciding to load it. None where the files cannot be found."""
+    import hashlib
+
+    try:
+        where = resolve_source(model["source"])
+    except UserError:
+        return None
+    root = where if isinstance(where, Path) else _snapshot(where)
+    if root is None or not (root / component / "config.json").exists():
+        return None
+    folder = (root / component).resolve()
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    h.update(str(folder.parent.name if isinstance(where, str) else "").encode())  # a hub snapshot's commit
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
 def _component_missing(folder: Path) -> str | None:
     """Why a component folder cannot load: no config, no weights, or a shard its index names is absent."""
     import json

@@ -6,35 +6,100 @@ float32; in bf16 up to the rounding of the merged weights, see docs/GPU.md).
 
 Each model is sampled the way its pipeline natively samples its step-distilled model: at its family's
 `guidance` (no classifier-free guidance), with its family's prompt encoding and latent decoding.
-The text encoder runs once per prompt (features kept per process) and leaves the GPU before the
-transformer samples; latents are decoded in micro-batches sized to the picture.
+The text encoder runs once per prompt and leaves the GPU before the transformer samples; `dopsd sample`
+keeps each prompt's features on disk (state/cache/prompts/, keyed by the text encoder's files and the prompt
+settings), so a prompt seen before needs no text encoder, not even loaded. Latents are decoded in
+micro-batches sized to the picture.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from .families import family
 from .models import load_pipeline
+from .pictures import OUTPUT_FORMATS, grid, output_path, request, save_image  # noqa: F401 (sampling's own words)
 from .placement import PhaseLog, Placement, compute_device
 from .stack import WeightSwitcher, get_version
-from .store import State, atomic_write, user_file_mode
+from .store import State
 
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels decoded per VAE call (two 1024 px pictures)
 TILE_ABOVE_PIXELS = 1536 * 1536  # larger pictures decode in VAE tiles
 
 
+PROMPTS_KEPT = 256  # prompt features kept on disk per text encoder (the least recently used go)
+
+
+class PromptCache:
+    """state/cache/prompts/<text encoder files + settings>/<prompt hash>.safetensors: `dopsd sample`'s prompts."""
+
+    def __init__(self, state: State):
+        from .models import files_fingerprint
+
+        m = state.recipe["model"]
+        files = files_fingerprint(m, "text_encoder")
+        self.dir = None
+        if files is not None:
+            import hashlib
+
+            how = json.dumps([files, m["backend"], m["dtype"], m["max_sequence_length"], m["text_encoder_out_layers"]])
+            self.dir = state.cache / "prompts" / hashlib.sha256(how.encode()).hexdigest()[:16]
+
+    def path(self, prompt: str) -> Path | None:
+        import hashlib
+
+        return None if self.dir is None else self.dir / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
+
+    def has(self, prompts: list[str]) -> bool:
+        return all((p := self.path(x)) is not None and p.exists() for x in prompts)
+
+    def get(self, prompt: str):
+        from .store import load_compact
+
+        path = self.path(prompt)
+        if path is None or not path.exists():
+            return None
+        try:
+            feats = load_compact(path)["features"]
+        except Exception:
+            path.unlink(missing_ok=True)  # a damaged entry is computed again, never trusted
+            return None
+        try:
+            os.utime(path)  # recently used: kept
+        except OSError:
+            pass
+        return feats
+
+    def put(self, prompt: str, feats) -> None:
+        from .store import save_compact
+
+        path = self.path(prompt)
+        if path is None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(path.name + ".tmp")
+            save_compact({"features": feats}, tmp)
+            tmp.replace(path)
+            kept = sorted(self.dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+            for old in kept[PROMPTS_KEPT:]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            pass  # a full or read-only disk costs the next cold sample its text encoder, nothing else
+
+
 class Sampler:
     """A loaded pipeline that can be switched between versions (merge kept per version in memory)."""
 
-    def __init__(self, state: State, device: str | None = None, encoders: bool = True):
+    def __init__(self, state: State, device: str | None = None, encoders: bool = True, prompt_cache: bool = False):
         self.state = state
+        self.prompt_cache = PromptCache(state) if prompt_cache and not state.readonly else None
         self.recipe = state.recipe
         self.family = family(state.recipe)
         self.device = compute_device(device)
@@ -77,6 +142,11 @@ class Sampler:
         """Each prompt's text features as the pipeline's own encode_prompt makes them (CPU, float32)."""
         m = self.recipe["model"]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._features]
+        if missing and self.prompt_cache is not None:
+            for p in list(missing):
+                if (f := self.prompt_cache.get(p)) is not None:
+                    self._features[p] = f
+                    missing.remove(p)
         if missing:
             self.place.use("encode")
             with torch.no_grad():
@@ -86,6 +156,8 @@ class Sampler:
                     feats = self.family.encode_prompts(self.pipe, list(chunk), m)
                     for p, f in zip(chunk, feats):
                         self._features[p] = f.detach().to("cpu")
+                        if self.prompt_cache is not None:
+                            self.prompt_cache.put(p, self._features[p])
         return [self._features[p] for p in prompts]
 
     def _embeds_arg(self, feats: list):
@@ -140,79 +212,29 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    cols = cols or min(len(images), 8)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
-
-
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-def save_image(image: Image.Image, path: Path, meta: dict) -> None:
-    """Encoded by the suffix: PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP
-    as a JSON EXIF ImageDescription. Every format says what made it."""
-    import io
-
-    fmt = OUTPUT_FORMATS[Path(path).suffix.lower()]
-    buf = io.BytesIO()
-    if fmt == "PNG":
-        info = PngInfo()
-        for k, v in meta.items():
-            info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-        image.save(buf, format="PNG", pnginfo=info)
-    elif fmt == "JPEG":
-        image.save(buf, format="JPEG", quality=95, comment=json.dumps(meta).encode())
-    else:
-        exif = Image.Exif()
-        exif[0x010E] = json.dumps(meta)  # ImageDescription
-        image.save(buf, format="WEBP", quality=95, exif=exif)
-    atomic_write(Path(path), buf.getvalue(), mode=user_file_mode())  # the user's picture: their usual mode
-
-
-def output_path(out: Path | None, version: str, seed: int) -> Path:
-    """Where `dopsd sample` writes: a file by its suffix, or a default name inside an existing folder."""
-    from .errors import UserError
-
-    default = f"sample-{version}-s{seed}.png"
-    if out is None:
-        return Path(default)
-    out = Path(out)
-    if out.is_dir():
-        return out / default
-    if out.suffix.lower() not in OUTPUT_FORMATS:
-        raise UserError(f"--out {out}: the name must end in {', '.join(OUTPUT_FORMATS)} (or be an existing folder)")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    return out
+def draw(state: State, req: dict, sampler: Sampler | None = None) -> tuple[Image.Image, dict, dict]:
+    """The picture (a grid for n > 1), the fields its file carries, and what each phase cost. Without a
+    sampler one is loaded here, without the text encoder when the prompt's features are on disk."""
+    phases = PhaseLog(sampler.device if sampler else compute_device())
+    with phases("load"):
+        if sampler is None:
+            cached = PromptCache(state).has([req["prompt"]]) and not state.readonly
+            sampler = Sampler(state, encoders=not cached, prompt_cache=True)
+    with phases("sample"):
+        n, seed = req["n"], req["seed"]
+        imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
+    pil = [to_pil(x) for x in imgs]
+    image = pil[0] if n == 1 else grid(pil)
+    meta = {"prompt": req["prompt"], "seed": seed, "steps": req["steps"], "version": req["version"],
+            "model": state.recipe["model"]["name"], "n": n}
+    return image, meta, phases.records
 
 
 def sample(state: State, prompt: str, version: str | None, steps: int | None, seed: int, n: int, out: Path | None,
            sampler: Sampler | None = None) -> dict:
-    from .errors import UserError
-    from .stack import get_version
-
-    version = version or state.active_version
-    get_version(state, version)  # an unknown id fails before the model loads
-    steps = state.recipe["model"]["steps"] if steps is None else steps
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    if n < 1:
-        raise UserError("-n must be at least 1")
-    out = output_path(out, version, seed)
-    phases = PhaseLog(sampler.device if sampler else compute_device())
-    with phases("load"):
-        sampler = sampler or Sampler(state)
-    with phases("sample"):
-        imgs = sampler.images([prompt] * n, [seed + i for i in range(n)], steps, version)
-    pil = [to_pil(x) for x in imgs]
-    image = pil[0] if n == 1 else grid(pil)
-    meta = {"prompt": prompt, "seed": seed, "steps": steps, "version": version,
-            "model": state.recipe["model"]["name"], "n": n}
+    """`dopsd sample` in this process: draw, then write the file."""
+    req = request(state, prompt, version, steps, seed, n)
+    out = output_path(out, req["version"], seed)
+    image, meta, phases = draw(state, req, sampler)
     save_image(image, out, meta)
-    return {"path": str(out), "version": version, "seed": seed, "steps": steps, "prompt": prompt, "n": n,
-            "phases": phases.records}
+    return {"path": str(out), **req, "phases": phases}

@@ -1,6 +1,6 @@
 """`dopsd ui`: a small local dashboard over a state dir, served by Starlette (uvicorn), rendered on the server.
 
-What it shows comes from the same library calls as the CLI (`stack.list_versions`, `daemon.status`, the
+What it shows comes from the same library calls as the CLI (`stack.list_versions`, `status.status`, the
 gate's reports); what it does too (`stack.rollback`, `stack.promote`, `ingest.queue_action`,
 `sampling.sample`). Each request opens the state and closes it again, so the page and the CLI never
 disagree and a running round's writes are seen at once.
@@ -87,7 +87,7 @@ def same(given: str, expected: str) -> bool:
 
 class Dashboard:
     def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None, no_token: bool = False,
-                 port: int | None = None):
+                 port: int | None = None, warm=None):
         from jinja2 import Environment, FileSystemLoader, select_autoescape
 
         self.root = Path(root)
@@ -106,6 +106,7 @@ class Dashboard:
         self._jobs_lock = threading.Lock()
         self._sampler = None
         self._sampler_state = None
+        self.warm = warm  # inside the daemon: its warm model, the one `dopsd sample` uses (daemon.warm_sampler)
         self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
         self.closing = False  # set when the server stops: open event streams end
         self.stopping = lambda: False  # the server's "shutting down" (a signal to uvicorn), set by Server
@@ -467,22 +468,31 @@ class Dashboard:
             from ..rounds import render_turn
             from ..sampling import Sampler
 
-            with self.model_lock:
+            with self.warm.model_busy if self.warm else self.model_lock:
+                st = None
                 try:
-                    if self._sampler is None:
-                        self._sampler_state = self.state()
-                        self._sampler = Sampler(self._sampler_state)
-                    st = self._sampler_state
+                    if self.warm is not None:  # the daemon's model, kept warm for the CLI's samples too
+                        st = self.state()
+                        sampler = self.warm.warm_sampler(st)
+                    else:
+                        if self._sampler is None:
+                            self._sampler_state = self.state()
+                            self._sampler = Sampler(self._sampler_state)
+                        st, sampler = self._sampler_state, self._sampler
                     with render_turn(st, on_wait=lambda what: self.jobs[job].update(waiting_for=what),
                                      stop=lambda: self.closing):
                         self.jobs[job]["status"] = "running"
                         try:
-                            self.jobs[job]["png"] = run(self._sampler, self._sampler_state)
+                            self.jobs[job]["png"] = run(sampler, st)
                         finally:
-                            self._sampler.place.use("idle")
+                            if self.warm is None:
+                                sampler.place.use("idle")
                     self.jobs[job]["status"] = "done"
                 except Exception as e:  # the page says what failed; the server goes on
                     self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                finally:
+                    if self.warm is not None and st is not None:
+                        st.close()
 
         threading.Thread(target=work, name=f"dopsd-ui-{job[:8]}", daemon=True).start()
 
@@ -678,13 +688,13 @@ class Server:
     """The dashboard on a socket, in this thread (`run`) or a background one (`start`/`stop`)."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 no_token: bool = False):
+                 no_token: bool = False, warm=None):
         import uvicorn
 
         check_access(host, token, no_token)  # a bad host or token fails before the socket is taken
         self.sock = bind(host, port)
         self.host, self.port, self.token = host, self.sock.getsockname()[1], token
-        self.dashboard = Dashboard(root, host, token, no_token, port=self.port)
+        self.dashboard = Dashboard(root, host, token, no_token, port=self.port, warm=warm)
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=2))
         self.dashboard.stopping = lambda: self.server.should_exit  # Ctrl-C: open event streams end within a second

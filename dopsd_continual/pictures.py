@@ -1,0 +1,79 @@
+"""A sample request and the file it becomes: checked before any model loads, written the same way whether this
+process drew the picture or the daemon did. Imports no model library (a `dopsd sample` that the daemon
+answers stays a light process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .store import State, atomic_write, user_file_mode
+
+
+def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or min(len(images), 8)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: Image.Image, path: Path, meta: dict) -> None:
+    """Encoded by the suffix: PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP
+    as a JSON EXIF ImageDescription. Every format says what made it."""
+    import io
+
+    fmt = OUTPUT_FORMATS[Path(path).suffix.lower()]
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        info = PngInfo()
+        for k, v in meta.items():
+            info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+        image.save(buf, format="PNG", pnginfo=info)
+    elif fmt == "JPEG":
+        image.save(buf, format="JPEG", quality=95, comment=json.dumps(meta).encode())
+    else:
+        exif = Image.Exif()
+        exif[0x010E] = json.dumps(meta)  # ImageDescription
+        image.save(buf, format="WEBP", quality=95, exif=exif)
+    atomic_write(Path(path), buf.getvalue(), mode=user_file_mode())  # the user's picture: their usual mode
+
+
+def output_path(out: Path | None, version: str, seed: int) -> Path:
+    """Where `dopsd sample` writes: a file by its suffix, or a default name inside an existing folder."""
+    from .errors import UserError
+
+    default = f"sample-{version}-s{seed}.png"
+    if out is None:
+        return Path(default)
+    out = Path(out)
+    if out.is_dir():
+        return out / default
+    if out.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--out {out}: the name must end in {', '.join(OUTPUT_FORMATS)} (or be an existing folder)")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def request(state: State, prompt: str, version: str | None, steps: int | None, seed: int, n: int) -> dict:
+    """A sample request checked before any model loads: the version exists, steps and n make sense."""
+    from .errors import UserError
+    from .stack import get_version
+
+    version = version or state.active_version
+    get_version(state, version)  # an unknown id fails before the model loads
+    steps = state.recipe["model"]["steps"] if steps is None else int(steps)
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    return {"prompt": prompt, "version": version, "steps": steps, "seed": int(seed), "n": int(n)}

@@ -1,0 +1,183 @@
+"""The daemon draws `dopsd sample`'s pictures with the model it keeps warm.
+
+The channel is a Unix socket in the state dir (`sample.sock`; owner-only like the dir, and every peer's uid
+checked against the daemon's); nothing listens on the network. Where the state dir's path is too long for a
+socket name, the socket lives in $XDG_RUNTIME_DIR (owner-only too); daemon.json names it either way.
+
+One request a connection, one JSON line: {"prompt", "version", "steps", "seed", "n", "no_wait"}. The daemon
+answers with JSON lines: {"waiting": "round v7, step 120/300"} while a round holds the model (never beside a
+round, exactly as a dashboard render waits: rounds.render_turn), then {"png": base64, "meta": {...},
+"phases": {...}} or {"error": "one line"}; with no_wait, a round in progress is answered {"busy": ...} at
+once. The client writes the file itself, with the same fields an in-process `dopsd sample` writes: the same
+picture, the same file. A client that gets no answer (no daemon, a daemon killed mid-request) draws in its
+own process.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from pathlib import Path
+
+log = logging.getLogger("dopsd.daemon")
+SOCKET_NAME = "sample.sock"
+MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes with the terminating NUL; a margin
+
+
+def socket_path(root: Path) -> Path:
+    """Where the daemon of this state dir listens: in the state dir, or in the runtime dir when that path is
+    too long for a socket's name."""
+    path = Path(root).resolve() / SOCKET_NAME
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    run = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dopsd-{os.getuid()}")
+    return run / f"dopsd-{hashlib.sha256(os.fsencode(path)).hexdigest()[:16]}.sock"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class SampleService:
+    """The daemon's side: a thread that serves requests one at a time on the daemon's warm sampler."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.root = daemon.root
+        self.path = socket_path(self.root)
+        self.server: socketserver.ThreadingUnixStreamServer | None = None
+
+    def start(self) -> SampleService:
+        service = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                service.handle(self.connection, self.rfile, self.wfile)
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.unlink(missing_ok=True)  # a socket a killed daemon left (the daemon lock says it is ours)
+        old = os.umask(0o177)
+        try:
+            self.server = socketserver.ThreadingUnixStreamServer(str(self.path), Handler)
+        finally:
+            os.umask(old)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="dopsd-sample", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.path.unlink(missing_ok=True)
+
+    def handle(self, conn: socket.socket, rfile, wfile) -> None:
+        def send(msg: dict) -> None:
+            wfile.write(json.dumps(msg).encode() + b"\n")
+            wfile.flush()
+
+        try:
+            if _peer_uid(conn) != os.getuid():
+                send({"error": "not this daemon's user"})
+                return
+            req = json.loads(rfile.readline(1 << 20) or b"{}")
+            send(self.answer(req, send))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (Ctrl-C): nothing to answer
+        except Exception as e:  # one line back, the whole story in the log; the daemon goes on
+            log.exception("sample request failed")
+            try:
+                send({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+            except OSError:
+                pass
+
+    def answer(self, req: dict, send) -> dict:
+        from .errors import UserError
+        from .rounds import render_turn, running_round
+        from .sampling import draw, request
+        from .store import open_state
+
+        st = open_state(self.root)
+        try:
+            try:
+                req = {**request(st, str(req.get("prompt", "")), req.get("version"), req.get("steps"),
+                                 int(req.get("seed", 0)), int(req.get("n", 1))), "no_wait": bool(req.get("no_wait"))}
+            except UserError as e:
+                return {"error": str(e)}
+            if req["no_wait"] and (running_round(st) or self.daemon.round_lock.locked()):
+                return {"busy": round_words(st)}
+            last = [None]
+
+            def waiting(_what: str) -> None:
+                words = round_words(st)
+                if words != last[0]:
+                    last[0] = words
+                    send({"waiting": words})
+
+            with self.daemon.model_busy, render_turn(st, on_wait=waiting, stop=self.daemon.stop_event.is_set):
+                image, meta, phases = draw(st, req, self.daemon.warm_sampler(st))
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")  # lossless: the client encodes the file as it would have
+            return {"png": base64.b64encode(buf.getvalue()).decode(), "meta": meta, "phases": phases}
+        finally:
+            st.close()
+
+
+def round_words(st) -> str:
+    """"round v7, step 120/300" for the round in progress (or "a round" before it has a row)."""
+    row = st.conn.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
+    if row is None:
+        return "a round"
+    steps = int(st.recipe["train"]["steps"])
+    return f"round {row[0]}, step {round((row[1] or 0) * steps)}/{steps}"
+
+
+def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
+    """The daemon's picture for a request: (PIL image, meta, phases); ("busy", words) with no_wait while a
+    round runs; None when no daemon answers (none running, or it went away): draw in this process then."""
+    from PIL import Image
+
+    from .errors import UserError
+    from .status import daemon_running, read_status_file
+
+    if not daemon_running(root):
+        return None
+    path = read_status_file(root).get("sample_socket")
+    if not path:
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.settimeout(None)  # the picture takes what it takes; a daemon that dies closes the socket
+        s.sendall(json.dumps(req).encode() + b"\n")
+        f = s.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                return None  # the daemon went away mid-request
+            msg = json.loads(line)
+            if "waiting" in msg:
+                if on_wait:
+                    on_wait(msg["waiting"])
+                continue
+            if "busy" in msg:
+                return "busy", msg["busy"]
+            if "error" in msg:
+                raise UserError(msg["error"])
+            image = Image.open(io.BytesIO(base64.b64decode(msg["png"])))
+            image.load()
+            return image, msg["meta"], msg["phases"]
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()

@@ -1,0 +1,173 @@
+"""`dopsd sample` drawn by the running daemon: the same file as in-process, a fallback when the daemon cannot
+answer, a request during a round waits and leaves the round untouched, prompt features kept on disk."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_pair
+from test_daemon import fast_recipe, wait_for
+
+from dopsd_continual.store import init_state, open_state
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # sample_latency.make_chain: versions without training
+PROMPT = "a large red circle in the center, blue background"
+
+
+def _env(tmp_path):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "DOPSD_STABILITY_SECONDS": "0"}
+
+
+def dopsd(tmp_path, *args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", *map(str, args)], capture_output=True,
+                       text=True, env=_env(tmp_path), timeout=timeout)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    st = init_state(tmp / "s", None, [])
+    from sample_latency import make_chain
+
+    deep = make_chain(st, 5)
+    st.close()
+    dopsd(tmp, "daemon", "start", "--state", tmp / "s")
+    yield tmp, deep
+    dopsd(tmp, "daemon", "stop", "--state", tmp / "s")
+
+
+@pytest.mark.parametrize("version", ["v0", "v5"])
+def test_the_daemons_picture_is_the_in_process_one_byte_for_byte(served, version):
+    tmp, _ = served
+    state = tmp / "s"
+    out = json.loads(dopsd(tmp, "sample", PROMPT, "--version", version, "--seed", "3", "--out", tmp / f"d-{version}.png",
+                           "--json", "--state", state).stdout)
+    assert out["drawn_by"] == "daemon"
+    from dopsd_continual.sampling import sample
+
+    st = open_state(state)
+    sample(st, PROMPT, version, None, 3, 1, tmp / f"p-{version}.png")  # this process, its own model
+    st.close()
+    assert (tmp / f"d-{version}.png").read_bytes() == (tmp / f"p-{version}.png").read_bytes()
+    again = json.loads(dopsd(tmp, "sample", PROMPT, "--version", version, "--seed", "3", "-n", "2", "--out",
+                             tmp / f"g-{version}.jpg", "--json", "--state", state).stdout)
+    assert again["drawn_by"] == "daemon" and again["n"] == 2 and (tmp / f"g-{version}.jpg").stat().st_size > 0
+
+
+def test_the_socket_is_the_owners_alone(served):
+    tmp, _ = served
+    sock = json.loads((tmp / "s" / "daemon.json").read_text())["sample_socket"]
+    assert Path(sock).parent == (tmp / "s").resolve() and (os.stat(sock).st_mode & 0o777) == 0o600
+
+
+def test_a_daemon_that_goes_away_mid_request_leaves_the_cli_drawing_itself(tmp_path):
+    """A daemon lock held, a socket that reads the request and closes without a word: the CLI draws the same
+    picture in its own process, with no alarm."""
+    import fcntl
+
+    st = init_state(tmp_path / "s", None, [])
+    st.close()
+    lock = os.open(tmp_path / "s" / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    path = tmp_path / "s" / "dead.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    (tmp_path / "s" / "daemon.json").write_text(json.dumps({"pid": os.getpid(), "sample_socket": str(path)}))
+    got = []
+
+    def die():
+        conn, _ = server.accept()
+        got.append(conn.makefile("rb").readline())
+        conn.close()
+
+    t = threading.Thread(target=die, daemon=True)
+    t.start()
+    try:
+        r = dopsd(tmp_path, "sample", PROMPT, "--out", tmp_path / "a.png", "--json", "--state", tmp_path / "s")
+    finally:
+        os.close(lock)
+        server.close()
+    assert json.loads(got[0])["prompt"] == PROMPT  # it asked the daemon first
+    assert json.loads(r.stdout)["drawn_by"] == "this process" and "Traceback" not in r.stderr
+    from dopsd_continual.sampling import sample
+
+    st = open_state(tmp_path / "s")
+    sample(st, PROMPT, None, None, 0, 1, tmp_path / "b.png")
+    st.close()
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_a_prompt_seen_before_needs_no_text_encoder(tmp_path):
+    from dopsd_continual.sampling import PromptCache, Sampler, draw, request
+
+    st = init_state(tmp_path / "s", None, [])
+    req = request(st, PROMPT, None, None, 1, 1)
+    assert not PromptCache(st).has([PROMPT])
+    first, _, _ = draw(st, req)
+    assert PromptCache(st).has([PROMPT])
+    cold = Sampler(st, encoders=False, prompt_cache=True)
+    assert cold.pipe.text_encoder is None
+    again = cold.images([PROMPT], [1], st.recipe["model"]["steps"], "v0")
+    from dopsd_continual.sampling import to_pil
+
+    assert to_pil(again[0]).tobytes() == first.tobytes()
+    st.close()
+
+
+def _round_delta(tmp_path, name: str, ask_during: bool) -> tuple[dict, list[str]]:
+    """A daemon round on two pairs; with ask_during, a `dopsd sample` sent while the round runs. The round is
+    held at the render lock (which it takes right after its row says running) until the request has said what
+    it waits for, so the request lands inside the round on a slow machine and a fast one alike."""
+    from safetensors.torch import load_file
+
+    from dopsd_continual.rounds import render_lock
+
+    watch = tmp_path / f"{name}-drop"
+    watch.mkdir()
+    state = tmp_path / name
+    st = init_state(state, str(fast_recipe(tmp_path, steps=3)), [watch])
+    lines, cli = [], None
+
+    def count(sql: str) -> int:
+        return st.conn.execute(sql).fetchone()[0]
+
+    dopsd(tmp_path, "daemon", "start", "--state", state)
+    try:
+        with render_lock(st):
+            for i in range(2):
+                make_pair(watch, f"p{i}", seed=i)
+            assert wait_for(lambda: count("select count(*) from rounds where status='running'"), 600)
+            if ask_during:
+                cli = subprocess.Popen([sys.executable, "-m", "dopsd_continual.cli_entry", "sample", PROMPT, "--out",
+                                        tmp_path / f"{name}.png", "--json", "--state", state], env=_env(tmp_path),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                lines.append(cli.stderr.readline().strip())  # the daemon has said what the request waits for
+        assert wait_for(lambda: count("select count(*) from versions where id='v1' and status in ('accepted','rejected')"), 900)
+        if cli is not None:
+            out, err = cli.communicate(timeout=600)
+            lines += err.splitlines()
+            assert cli.returncode == 0 and json.loads(out)["drawn_by"] == "daemon", err
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+        dopsd(tmp_path, "daemon", "stop", "--state", state)
+        st.close()
+    return load_file(str(state / "adapters" / "v1" / "delta.safetensors")), lines
+
+
+def test_a_request_during_a_round_waits_for_it_and_leaves_the_round_as_it_was(tmp_path):
+    plain, _ = _round_delta(tmp_path, "a", ask_during=False)
+    asked, lines = _round_delta(tmp_path, "b", ask_during=True)
+    assert plain.keys() == asked.keys() and all(torch.equal(plain[k], asked[k]) for k in plain)  # bit for bit
+    assert lines[0] == "waiting for round v1, step 0/3", lines
+    assert (tmp_path / "b.png").exists()
