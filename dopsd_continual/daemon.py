@@ -19,11 +19,12 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
-from .errors import UserError
+from .errors import ModelBusy, UserError
 from .status import _lock_path, daemon_running, read_status_file
 from .store import State, atomic_write, now, open_state, user_file_mode
 
@@ -407,9 +408,10 @@ class Daemon:
                 self.set_starting(None)
                 self.hold("disk", f"rounds paused: {st.readonly_reason}. They resume by themselves when there is room")
                 return None
-            if self.rounds_apart:  # the round's process loads its own: a model kept warm for samples goes
-                self._warm_until = 0.0
-                self.release_model()
+            with self.model_busy:  # a picture in progress finishes first; later ones wait for the round's end
+                if self.rounds_apart:  # the round's process loads its own: a model kept warm for samples goes
+                    self._warm_until = 0.0
+                    self.release_model()
             try:
                 result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:
@@ -581,21 +583,45 @@ class Daemon:
     def sampler(self, st: State):
         from .sampling import Sampler
 
+        if self._sampler is not None and self._sampler.recipe["model"] != st.recipe["model"]:
+            self.release_model()  # `dopsd config set model.…` or `init --force`: the model drawn with is the recipe's
         if self._sampler is None:
             self._sampler = Sampler(st)
         self._sampler.state = st
         return self._sampler
 
-    def warm_sampler(self, st: State):
-        """The model for a sample request: the one kept warm (with prompt features on disk), loaded if none is;
-        it stays loaded daemon.sample_warm_seconds after the request."""
+    @contextmanager
+    def model_turn(self, st: State, on_wait=None, stop=None, no_wait: bool = False):
+        """The warm model for one picture (a `dopsd sample` request, a dashboard render): never beside a round of
+        this daemon (from the moment it decides on one to its end) nor of another process, nor beside another
+        picture. on_wait(what) says what it waits for; with no_wait a wait raises ModelBusy at once. The model
+        is loaded if none is (with prompt features on disk) and kept daemon.sample_warm_seconds after."""
+        from .rounds import render_turn
         from .sampling import PromptCache
 
-        s = self.sampler(st)
-        if s.prompt_cache is None and not st.readonly:
-            s.prompt_cache = PromptCache(st)
-        self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
-        return s
+        while True:
+            if stop is not None and stop():
+                raise InterruptedError("the daemon is stopping")
+            if self.model_busy.acquire(timeout=0.5):
+                try:
+                    if not self.round_lock.locked():
+                        with render_turn(st, on_wait=None if no_wait else on_wait, stop=stop, busy=no_wait):
+                            s = self.sampler(st)
+                            if s.prompt_cache is None and not st.readonly:
+                                s.prompt_cache = PromptCache(st)
+                            self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
+                            yield s
+                        return
+                finally:
+                    self.model_busy.release()
+                what = "a round"
+            else:
+                what = "another picture"
+            if no_wait:
+                raise ModelBusy(what)
+            if on_wait:
+                on_wait(what)
+            time.sleep(0.5)
 
     def release_model(self) -> None:
         if self._sampler is not None:
@@ -622,10 +648,12 @@ class Daemon:
             self.heartbeat()
 
     def heartbeat(self) -> None:
-        serving = self.model_busy.locked()
-        if self._sampler is not None and not self.round_lock.locked() and not serving:
-            if time.time() > max(self._sampler_used + float(self.cfg["keep_warm_seconds"]), self._warm_until):
-                self.release_model()
+        if self._sampler is not None and not self.round_lock.locked() and self.model_busy.acquire(blocking=False):
+            try:  # never under a picture in progress
+                if time.time() > max(self._sampler_used + float(self.cfg["keep_warm_seconds"]), self._warm_until):
+                    self.release_model()
+            finally:
+                self.model_busy.release()
         times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
         nxt = min(times).isoformat(timespec="seconds") if times else None
         with self._beat:

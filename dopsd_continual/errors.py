@@ -19,3 +19,7 @@ class DiskFull(UserError):
     def __init__(self, message: str, need: int = 0, free: int = 0):
         super().__init__(message)
         self.need, self.free = need, free
+
+
+class ModelBusy(Exception):
+    """The model is in a round or drawing another picture, for a request that would not wait."""

@@ -41,9 +41,9 @@ def running_round(state: State) -> str | None:
 
 
 @contextmanager
-def render_turn(state: State, on_wait=None, stop=None, every: float = 0.5):
+def render_turn(state: State, on_wait=None, stop=None, every: float = 0.5, busy: bool = False):
     """A render's turn to use the model: after any round in progress, holding the render lock. A round that
-    starts while a render waits for the lock goes first."""
+    starts while a render waits for the lock goes first. busy: a round in progress raises ModelBusy at once."""
     import time
 
     while True:
@@ -54,10 +54,14 @@ def render_turn(state: State, on_wait=None, stop=None, every: float = 0.5):
                     yield
                     return
             continue
+        if busy:
+            from .errors import ModelBusy
+
+            raise ModelBusy(f"round {vid}")
         if on_wait:
             on_wait(f"round {vid}")
         if stop and stop():
-            raise InterruptedError("the dashboard is stopping")
+            raise InterruptedError("stopping")
         time.sleep(every)
 
 

@@ -47,8 +47,10 @@ class PromptCache:
         self.dir = None
         if files is not None:
             import hashlib
+            from importlib.metadata import version
 
-            how = json.dumps([files, m["backend"], m["dtype"], m["max_sequence_length"], m["text_encoder_out_layers"]])
+            libs = [version("diffusers"), version("transformers"), torch.__version__]  # encode_prompt's code
+            how = json.dumps([files, libs, m["backend"], m["dtype"], m["max_sequence_length"], m["text_encoder_out_layers"]])
             self.dir = state.cache / "prompts" / hashlib.sha256(how.encode()).hexdigest()[:16]
 
     def path(self, prompt: str) -> Path | None:
@@ -92,6 +94,10 @@ class PromptCache:
                 old.unlink(missing_ok=True)
         except OSError:
             pass  # a full or read-only disk costs the next cold sample its text encoder, nothing else
+
+
+class NoTextEncoder(LookupError):
+    """A sampler loaded without its text encoder (every prompt was on disk) met a prompt that is not."""
 
 
 class Sampler:
@@ -147,6 +153,8 @@ class Sampler:
                 if (f := self.prompt_cache.get(p)) is not None:
                     self._features[p] = f
                     missing.remove(p)
+        if missing and getattr(self.pipe, "text_encoder", None) is None:
+            raise NoTextEncoder(f"{len(missing)} prompt(s) not on disk and no text encoder loaded")
         if missing:
             self.place.use("encode")
             with torch.no_grad():
@@ -220,9 +228,13 @@ def draw(state: State, req: dict, sampler: Sampler | None = None) -> tuple[Image
         if sampler is None:
             cached = PromptCache(state).has([req["prompt"]]) and not state.readonly
             sampler = Sampler(state, encoders=not cached, prompt_cache=True)
+    n, seed = req["n"], req["seed"]
     with phases("sample"):
-        n, seed = req["n"], req["seed"]
-        imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
+        try:
+            imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
+        except NoTextEncoder:  # the prompt's features went from disk since we looked: load the encoder after all
+            sampler = Sampler(state, prompt_cache=True)
+            imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
     pil = [to_pil(x) for x in imgs]
     image = pil[0] if n == 1 else grid(pil)
     meta = {"prompt": req["prompt"], "seed": seed, "steps": req["steps"], "version": req["version"],

@@ -2,7 +2,8 @@
 
 The channel is a Unix socket in the state dir (`sample.sock`; owner-only like the dir, and every peer's uid
 checked against the daemon's); nothing listens on the network. Where the state dir's path is too long for a
-socket name, the socket lives in $XDG_RUNTIME_DIR (owner-only too); daemon.json names it either way.
+socket name, the socket lives in $XDG_RUNTIME_DIR (or /tmp/dopsd-UID: a folder of this account's alone, or
+none at all); daemon.json names it either way, and the client checks the daemon's uid as the daemon checks its.
 
 One request a connection, one JSON line: {"prompt", "version", "steps", "seed", "n", "no_wait"}. The daemon
 answers with JSON lines: {"waiting": "round v7, step 120/300"} while a round holds the model (never beside a
@@ -42,6 +43,17 @@ def socket_path(root: Path) -> Path:
     return run / f"dopsd-{hashlib.sha256(os.fsencode(path)).hexdigest()[:16]}.sock"
 
 
+def _own_private_dir(folder: Path) -> None:
+    """The socket's folder: created owner-only, or refused unless it is a real folder of ours that no one else
+    can enter (a folder in /tmp another account made first would let it stand in for the daemon)."""
+    import stat
+
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{folder} is not a folder of this account's alone: no sample socket there")
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -63,7 +75,7 @@ class SampleService:
             def handle(self):
                 service.handle(self.connection, self.rfile, self.wfile)
 
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _own_private_dir(self.path.parent)
         self.path.unlink(missing_ok=True)  # a socket a killed daemon left (the daemon lock says it is ours)
         old = os.umask(0o177)
         try:
@@ -95,14 +107,13 @@ class SampleService:
             pass  # the client went away (Ctrl-C): nothing to answer
         except Exception as e:  # one line back, the whole story in the log; the daemon goes on
             log.exception("sample request failed")
-            try:
-                send({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+            try:  # not the user's doing (out of memory, a bug): the CLI draws in its own process instead
+                send({"gone": str(e).splitlines()[0] if str(e) else type(e).__name__})
             except OSError:
                 pass
 
     def answer(self, req: dict, send) -> dict:
-        from .errors import UserError
-        from .rounds import render_turn, running_round
+        from .errors import ModelBusy, UserError
         from .sampling import draw, request
         from .store import open_state
 
@@ -112,19 +123,22 @@ class SampleService:
                 req = {**request(st, str(req.get("prompt", "")), req.get("version"), req.get("steps"),
                                  int(req.get("seed", 0)), int(req.get("n", 1))), "no_wait": bool(req.get("no_wait"))}
             except UserError as e:
-                return {"error": str(e)}
-            if req["no_wait"] and (running_round(st) or self.daemon.round_lock.locked()):
-                return {"busy": round_words(st)}
+                return {"error": str(e), "user": True}  # the user's to fix: the CLI says it and stops
             last = [None]
 
-            def waiting(_what: str) -> None:
-                words = round_words(st)
+            def waiting(what: str) -> None:
+                words = what if what == "another picture" else round_words(st)
                 if words != last[0]:
                     last[0] = words
                     send({"waiting": words})
 
-            with self.daemon.model_busy, render_turn(st, on_wait=waiting, stop=self.daemon.stop_event.is_set):
-                image, meta, phases = draw(st, req, self.daemon.warm_sampler(st))
+            try:
+                with self.daemon.model_turn(st, waiting, self.daemon.stop_event.is_set, req["no_wait"]) as sampler:
+                    image, meta, phases = draw(st, req, sampler)
+            except ModelBusy as e:
+                return {"busy": round_words(st) if str(e).startswith(("round", "a round")) else str(e)}
+            except InterruptedError:
+                return {"gone": "the daemon is stopping"}
             buf = io.BytesIO()
             image.save(buf, format="PNG")  # lossless: the client encodes the file as it would have
             return {"png": base64.b64encode(buf.getvalue()).decode(), "meta": meta, "phases": phases}
@@ -149,15 +163,18 @@ def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
     from .errors import UserError
     from .status import daemon_running, read_status_file
 
-    if not daemon_running(root):
-        return None
-    path = read_status_file(root).get("sample_socket")
+    try:
+        path = read_status_file(root).get("sample_socket") if daemon_running(root) else None
+    except OSError:  # a state we cannot lock-test (read-only): no daemon to ask
+        path = None
     if not path:
         return None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         s.connect(path)
+        if _peer_uid(s) != os.getuid():  # only our own daemon hears our prompts and writes our files
+            return None
         s.settimeout(None)  # the picture takes what it takes; a daemon that dies closes the socket
         s.sendall(json.dumps(req).encode() + b"\n")
         f = s.makefile("rb")
@@ -172,12 +189,14 @@ def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
                 continue
             if "busy" in msg:
                 return "busy", msg["busy"]
-            if "error" in msg:
+            if msg.get("user"):
                 raise UserError(msg["error"])
+            if "png" not in msg:  # stopping, out of memory, a bug: this process draws instead
+                return None
             image = Image.open(io.BytesIO(base64.b64decode(msg["png"])))
             image.load()
             return image, msg["meta"], msg["phases"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, Image.DecompressionBombError):
         return None
     finally:
         s.close()

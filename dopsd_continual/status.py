@@ -22,7 +22,7 @@ def daemon_running(root: Path) -> bool:
     path = _lock_path(root)
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only state is asked too
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

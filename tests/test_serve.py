@@ -60,7 +60,11 @@ def test_the_daemons_picture_is_the_in_process_one_byte_for_byte(served, version
     assert (tmp / f"d-{version}.png").read_bytes() == (tmp / f"p-{version}.png").read_bytes()
     again = json.loads(dopsd(tmp, "sample", PROMPT, "--version", version, "--seed", "3", "-n", "2", "--out",
                              tmp / f"g-{version}.jpg", "--json", "--state", state).stdout)
-    assert again["drawn_by"] == "daemon" and again["n"] == 2 and (tmp / f"g-{version}.jpg").stat().st_size > 0
+    assert again["drawn_by"] == "daemon" and again["n"] == 2
+    st = open_state(state)
+    sample(st, PROMPT, version, None, 3, 2, tmp / f"h-{version}.jpg")  # a grid, encoded as JPEG here and there
+    st.close()
+    assert (tmp / f"g-{version}.jpg").read_bytes() == (tmp / f"h-{version}.jpg").read_bytes()
 
 
 def test_the_socket_is_the_owners_alone(served):
@@ -152,6 +156,9 @@ def _round_delta(tmp_path, name: str, ask_during: bool) -> tuple[dict, list[str]
                                         tmp_path / f"{name}.png", "--json", "--state", state], env=_env(tmp_path),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 lines.append(cli.stderr.readline().strip())  # the daemon has said what the request waits for
+                now = dopsd(tmp_path, "sample", PROMPT, "--no-wait", "--out", tmp_path / f"{name}-now.png", "--json",
+                            "--state", state)  # will not wait: drawn in its own process, beside the round
+                assert json.loads(now.stdout)["drawn_by"] == "this process" and "busy" in now.stderr, now.stderr
         assert wait_for(lambda: count("select count(*) from versions where id='v1' and status in ('accepted','rejected')"), 900)
         if cli is not None:
             out, err = cli.communicate(timeout=600)
@@ -171,3 +178,39 @@ def test_a_request_during_a_round_waits_for_it_and_leaves_the_round_as_it_was(tm
     assert plain.keys() == asked.keys() and all(torch.equal(plain[k], asked[k]) for k in plain)  # bit for bit
     assert lines[0] == "waiting for round v1, step 0/3", lines
     assert (tmp_path / "b.png").exists()
+
+
+def test_the_socket_folder_outside_the_state_must_be_ours_alone(tmp_path):
+    from dopsd_continual.serve import _own_private_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(OSError, match="alone"):
+        _own_private_dir(shared)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    (tmp_path / "mine").mkdir(mode=0o700)
+    with pytest.raises(OSError, match="alone"):
+        _own_private_dir(tmp_path / "link")  # a planted symlink is no folder of ours
+    _own_private_dir(tmp_path / "new")
+    assert (os.stat(tmp_path / "new").st_mode & 0o777) == 0o700
+
+
+def test_a_read_only_state_that_once_ran_a_daemon_still_samples(tmp_path):
+    """A state on a read-only file system whose daemon.lock stayed behind: no daemon to ask, and no error."""
+    from test_disk import _mount_tmpfs
+
+    from dopsd_continual.serve import ask_daemon
+
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, "16m"):
+        pytest.skip("this machine does not let the test mount a file system (needs root)")
+    try:
+        (disk / "daemon.lock").write_text("")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+        with pytest.raises(OSError):
+            os.open(disk / "daemon.lock", os.O_RDWR)  # truly read-only, even for root
+        assert ask_daemon(disk, {"prompt": PROMPT}) is None
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -468,31 +468,36 @@ class Dashboard:
             from ..rounds import render_turn
             from ..sampling import Sampler
 
-            with self.warm.model_busy if self.warm else self.model_lock:
-                st = None
+            def waiting(what):
+                self.jobs[job].update(waiting_for=what)
+
+            if self.warm is not None:  # inside the daemon: its warm model, on the same turns as `dopsd sample`
+                st = self.state()
                 try:
-                    if self.warm is not None:  # the daemon's model, kept warm for the CLI's samples too
-                        st = self.state()
-                        sampler = self.warm.warm_sampler(st)
-                    else:
-                        if self._sampler is None:
-                            self._sampler_state = self.state()
-                            self._sampler = Sampler(self._sampler_state)
-                        st, sampler = self._sampler_state, self._sampler
-                    with render_turn(st, on_wait=lambda what: self.jobs[job].update(waiting_for=what),
-                                     stop=lambda: self.closing):
+                    with self.warm.model_turn(st, waiting, stop=lambda: self.closing) as sampler:
                         self.jobs[job]["status"] = "running"
-                        try:
-                            self.jobs[job]["png"] = run(sampler, st)
-                        finally:
-                            if self.warm is None:
-                                sampler.place.use("idle")
+                        self.jobs[job]["png"] = run(sampler, st)
                     self.jobs[job]["status"] = "done"
                 except Exception as e:  # the page says what failed; the server goes on
                     self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
                 finally:
-                    if self.warm is not None and st is not None:
-                        st.close()
+                    st.close()
+                return
+            with self.model_lock:
+                try:
+                    if self._sampler is None:
+                        self._sampler_state = self.state()
+                        self._sampler = Sampler(self._sampler_state)
+                    st, sampler = self._sampler_state, self._sampler
+                    with render_turn(st, on_wait=waiting, stop=lambda: self.closing):
+                        self.jobs[job]["status"] = "running"
+                        try:
+                            self.jobs[job]["png"] = run(sampler, st)
+                        finally:
+                            sampler.place.use("idle")
+                    self.jobs[job]["status"] = "done"
+                except Exception as e:  # the page says what failed; the server goes on
+                    self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
 
         threading.Thread(target=work, name=f"dopsd-ui-{job[:8]}", daemon=True).start()
 
