@@ -75,11 +75,13 @@ import sys, torch
 from dopsd_continual.families import family
 from dopsd_continual.models import resolve_source
 from dopsd_continual.recipe import load_recipe
-r = load_recipe(sys.argv[1]); m = r["model"]
-pipe = family(r).pipeline_class().from_pretrained(resolve_source(m["source"]), dtype=getattr(torch, m["dtype"]))
+r = load_recipe(sys.argv[1]); m = r["model"]; fam = family(r)
+pipe = fam.pipeline_class().from_pretrained(resolve_source(m["source"]), dtype=getattr(torch, m["dtype"]))
 pipe.set_progress_bar_config(disable=True)
-pipe(prompt=sys.argv[2], num_inference_steps=m["steps"], height=m["height"], width=m["width"],
-     guidance_scale=family(r).guidance, generator=torch.Generator("cpu").manual_seed(0))
+with torch.no_grad():  # the prompt as the recipe encodes it (its sequence length and layers), then one call
+    emb = fam.prompt_embeds(fam.encode_prompts(pipe, [sys.argv[2]], m), "cpu", pipe.transformer.dtype)
+    pipe(prompt_embeds=emb, num_inference_steps=m["steps"], height=m["height"], width=m["width"],
+         guidance_scale=fam.guidance, generator=torch.Generator("cpu").manual_seed(0))
 """
 
 
