@@ -9,7 +9,6 @@ named in `checks.JUDGES`; a judge outside the package is named `package.module:a
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,14 +47,9 @@ def names(gate: dict) -> list[str]:
 
 def resolve(name: str):
     """A judge's class, imported (a typo or a missing module is one line, before a round trains)."""
-    target = JUDGES.get(name, name)
-    if ":" not in target:
-        raise UserError(f"unknown gate judge {name!r}; known: {', '.join(JUDGES)} (or package.module:attribute)")
-    module, attr = target.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"gate judge {name!r}: cannot import it ({e})") from None
+    from .named import import_named
+
+    return import_named(name, JUDGES, "gate judge")
 
 
 def load(name: str, recipe: dict):

@@ -9,7 +9,6 @@ short guide to adding one.
 from __future__ import annotations
 
 import functools
-import importlib
 
 from ..errors import UserError
 
@@ -34,16 +33,10 @@ def known(name: str) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _load(name: str):
+    from ..named import import_named
     from .base import Family
 
-    target = SHIPPED.get(name, name)
-    if ":" not in target:
-        raise UserError(f"unknown model.backend {name!r}; known: {', '.join(SHIPPED)} (or package.module:attribute)")
-    module, attr = target.split(":", 1)
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"model.backend {name!r}: cannot import it ({e})") from None
+    obj = import_named(name, SHIPPED, "model.backend")
     obj = obj() if isinstance(obj, type) else obj
     if not isinstance(obj, Family):
         raise UserError(f"model.backend {name!r} is not a dopsd_continual.families.Family")
