@@ -137,6 +137,7 @@ class Daemon:
         self._sampler_used = 0.0
         self._warm_until = 0.0  # a sample request keeps the model loaded until then (daemon.sample_warm_seconds)
         self.service = None  # serve.SampleService: `dopsd sample` drawn by this daemon
+        self._drawer = None  # serve.Drawer: the process that holds the warm model for pictures
         self.model_busy = threading.Lock()  # one picture at a time on the warm model (CLI samples, dashboard renders)
         self.round_lock = threading.Lock()
         self.held: dict | None = None  # {"reason", "key"}: rounds held until the queue or the recipe changes
@@ -242,6 +243,8 @@ class Daemon:
             self.ui.stop()
         if self.service is not None:
             self.service.stop()
+        with self.model_busy:  # a picture in progress ends first; then the drawing process goes
+            self.release_drawer()
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
@@ -409,9 +412,8 @@ class Daemon:
                 self.hold("disk", f"rounds paused: {st.readonly_reason}. They resume by themselves when there is room")
                 return None
             with self.model_busy:  # a picture in progress finishes first; later ones wait for the round's end
-                if self.rounds_apart:  # the round's process loads its own: a model kept warm for samples goes
-                    self._warm_until = 0.0
-                    self.release_model()
+                self._warm_until = 0.0
+                self.release_drawer()  # the round loads its model: the one kept warm for pictures goes first
             try:
                 result = self.round_apart() if self.rounds_apart else self.round_here(st)
             except RoundBusy as e:
@@ -595,9 +597,10 @@ class Daemon:
         """The warm model for one picture (a `dopsd sample` request, a dashboard render): never beside a round of
         this daemon (from the moment it decides on one to its end) nor of another process, nor beside another
         picture. on_wait(what) says what it waits for; with no_wait a wait raises ModelBusy at once. The model
-        is loaded if none is (with prompt features on disk) and kept daemon.sample_warm_seconds after."""
+        is loaded if none is (with prompt features on disk) and kept daemon.sample_warm_seconds after. What it
+        gives is a serve.Drawer: the model lives in a process of its own, never in the daemon's."""
         from .rounds import render_turn
-        from .sampling import PromptCache
+        from .serve import Drawer
 
         while True:
             if stop is not None and stop():
@@ -606,11 +609,10 @@ class Daemon:
                 try:
                     if not self.round_lock.locked():
                         with render_turn(st, on_wait=None if no_wait else on_wait, stop=stop, busy=no_wait):
-                            s = self.sampler(st)
-                            if s.prompt_cache is None and not st.readonly:
-                                s.prompt_cache = PromptCache(st)
+                            if self._drawer is None or not self._drawer.alive():
+                                self._drawer = Drawer(self.root)
                             self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
-                            yield s
+                            yield self._drawer
                         return
                 finally:
                     self.model_busy.release()
@@ -623,7 +625,14 @@ class Daemon:
                 on_wait(what)
             time.sleep(0.5)
 
+    def release_drawer(self) -> None:
+        """The warm model for pictures goes (its process ends)."""
+        if self._drawer is not None:
+            drawer, self._drawer = self._drawer, None
+            drawer.close()
+
     def release_model(self) -> None:
+        self.release_drawer()
         if self._sampler is not None:
             self._sampler = None
             gc.collect()
@@ -648,7 +657,8 @@ class Daemon:
             self.heartbeat()
 
     def heartbeat(self) -> None:
-        if self._sampler is not None and not self.round_lock.locked() and self.model_busy.acquire(blocking=False):
+        warm = self._sampler is not None or self._drawer is not None
+        if warm and not self.round_lock.locked() and self.model_busy.acquire(blocking=False):
             try:  # never under a picture in progress
                 if time.time() > max(self._sampler_used + float(self.cfg["keep_warm_seconds"]), self._warm_until):
                     self.release_model()

@@ -250,3 +250,31 @@ def sample(state: State, prompt: str, version: str | None, steps: int | None, se
     image, meta, phases = draw(state, req, sampler)
     save_image(image, out, meta)
     return {"path": str(out), **req, "phases": phases}
+
+
+def render(state: State, sampler: Sampler, job: dict) -> dict:
+    """A picture asked of a loaded model, by the CLI through the daemon or by the dashboard: {"kind": "sample",
+    "req": request(...)} -> {"png", "meta", "phases"}; {"kind": "compare", "a", "b"} -> {"png", "prompts"} (both
+    versions on the gate's first held-out prompts and seed, a over b)."""
+    import io
+
+    from .errors import UserError
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")  # lossless: a client encodes the file as it would have
+        return buf.getvalue()
+
+    if job.get("kind") == "sample":
+        r = job["req"]
+        req = request(state, r["prompt"], r.get("version"), r.get("steps"), r.get("seed", 0), r.get("n", 1))
+        image, meta, phases = draw(state, req, sampler)
+        return {"png": png(image), "meta": meta, "phases": phases}
+    if job.get("kind") == "compare":
+        from .gate import held_out_prompts
+
+        prompts = held_out_prompts(state.recipe)[:6]
+        seeds = [int(s) for s in state.recipe["gate"]["seeds"]][:1] * len(prompts)
+        rows = [sampler.images(prompts, seeds, state.recipe["model"]["steps"], v) for v in (job["a"], job["b"])]
+        return {"png": png(grid([to_pil(x) for row in rows for x in row], cols=len(prompts))), "prompts": prompts}
+    raise UserError(f"unknown picture job {job.get('kind')!r}")

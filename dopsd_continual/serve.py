@@ -5,6 +5,9 @@ checked against the daemon's); nothing listens on the network. Where the state d
 socket name, the socket lives in $XDG_RUNTIME_DIR (or /tmp/dopsd-UID: a folder of this account's alone, or
 none at all); daemon.json names it either way, and the client checks the daemon's uid as the daemon checks its.
 
+The model itself lives in a process of the daemon's own (`Drawer`, spawned at the first picture, ended when the
+daemon releases the warm model), so the daemon never imports a model library and is small again after.
+
 One request a connection, one JSON line: {"prompt", "version", "steps", "seed", "n", "no_wait"}. The daemon
 answers with JSON lines: {"waiting": "round v7, step 120/300"} while a round holds the model (never beside a
 round, exactly as a dashboard render waits: rounds.render_turn), then {"png": base64, "meta": {...},
@@ -114,7 +117,7 @@ class SampleService:
 
     def answer(self, req: dict, send) -> dict:
         from .errors import ModelBusy, UserError
-        from .sampling import draw, request
+        from .pictures import request
         from .store import open_state
 
         st = open_state(self.root)
@@ -133,15 +136,91 @@ class SampleService:
                     send({"waiting": words})
 
             try:
-                with self.daemon.model_turn(st, waiting, self.daemon.stop_event.is_set, req["no_wait"]) as sampler:
-                    image, meta, phases = draw(st, req, sampler)
+                with self.daemon.model_turn(st, waiting, self.daemon.stop_event.is_set, req["no_wait"]) as drawer:
+                    res = drawer({"kind": "sample", "req": {k: req[k] for k in ("prompt", "version", "steps", "seed", "n")}})
             except ModelBusy as e:
                 return {"busy": round_words(st) if str(e).startswith(("round", "a round")) else str(e)}
-            except InterruptedError:
-                return {"gone": "the daemon is stopping"}
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")  # lossless: the client encodes the file as it would have
-            return {"png": base64.b64encode(buf.getvalue()).decode(), "meta": meta, "phases": phases}
+            except (InterruptedError, DrawerGone) as e:
+                return {"gone": str(e) or "the daemon is stopping"}
+            return {"png": base64.b64encode(res["png"]).decode(), "meta": res["meta"], "phases": res["phases"]}
+        finally:
+            st.close()
+
+
+class DrawerGone(Exception):
+    """The drawing process ended without an answer (killed, out of memory, a crash)."""
+
+
+class Drawer:
+    """The daemon's drawing process: holds the warm model and draws `sampling.render` jobs sent over a pipe."""
+
+    def __init__(self, root: Path):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the daemon's threads or locks
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_drawer_main, args=(str(root), child), name="dopsd-drawer", daemon=True)
+        self.proc.start()
+        child.close()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def __call__(self, job: dict) -> dict:
+        from .errors import UserError
+
+        try:
+            self.conn.send(job)
+            kind, body = self.conn.recv()
+        except (EOFError, OSError):
+            raise DrawerGone("the drawing process ended") from None
+        if kind == "user":
+            raise UserError(body)
+        if kind != "ok":
+            raise DrawerGone(body)
+        return body
+
+    def close(self, timeout: float = 30.0) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+def _drawer_main(root: str, conn) -> None:
+    """The drawing process: one warm model (loaded again when the recipe's [model] changes), one job at a time,
+    until the daemon says stop or goes away."""
+    import logging
+
+    from .errors import UserError
+    from .sampling import Sampler, render
+    from .store import open_state
+
+    sampler = None
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        st = open_state(Path(root))
+        try:
+            if sampler is None or sampler.recipe["model"] != st.recipe["model"]:
+                sampler = None
+                sampler = Sampler(st, prompt_cache=True)
+            sampler.state = st
+            conn.send(("ok", render(st, sampler, job)))
+        except UserError as e:
+            conn.send(("user", str(e)))
+        except Exception as e:  # the daemon's log has it; the CLI draws in its own process instead
+            logging.getLogger("dopsd").exception("drawing failed")
+            conn.send(("failed", str(e).splitlines()[0] if str(e) else type(e).__name__))
         finally:
             st.close()
 

@@ -73,6 +73,16 @@ def test_the_socket_is_the_owners_alone(served):
     assert Path(sock).parent == (tmp / "s").resolve() and (os.stat(sock).st_mode & 0o777) == 0o600
 
 
+def test_the_model_never_enters_the_daemons_own_process(served):
+    """It lives in the daemon's drawing process, which ends when the model is released: the daemon stays small."""
+    tmp, _ = served
+    out = json.loads(dopsd(tmp, "sample", PROMPT, "--out", tmp / "m.png", "--json", "--state", tmp / "s").stdout)
+    assert out["drawn_by"] == "daemon"
+    pid = json.loads((tmp / "s" / "daemon.json").read_text())["pid"]
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps and "torch/lib" not in maps
+
+
 def test_a_daemon_that_goes_away_mid_request_leaves_the_cli_drawing_itself(tmp_path):
     """A daemon lock held, a socket that reads the request and closes without a word: the CLI draws the same
     picture in its own process, with no alarm."""

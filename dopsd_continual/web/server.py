@@ -106,7 +106,7 @@ class Dashboard:
         self._jobs_lock = threading.Lock()
         self._sampler = None
         self._sampler_state = None
-        self.warm = warm  # inside the daemon: its warm model, the one `dopsd sample` uses (daemon.warm_sampler)
+        self.warm = warm  # inside the daemon: its warm model, the one `dopsd sample` uses (Daemon.model_turn)
         self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
         self.closing = False  # set when the server stops: open event streams end
         self.stopping = lambda: False  # the server's "shutting down" (a signal to uvicorn), set by Server
@@ -404,17 +404,8 @@ class Dashboard:
         self.jobs[job] = {"kind": "sample", "status": "waiting", "version": vid, "prompt": prompt, "seed": seed,
                           "steps": steps, "error": None}
 
-        def run(sampler, st):
-            from ..sampling import sample
-
-            out = self._tmp / f"{job}.png"
-            try:
-                sample(st, prompt, vid, steps, seed, 1, out, sampler=sampler)
-                return out.read_bytes()
-            finally:
-                out.unlink(missing_ok=True)
-
-        self._start(job, run)
+        req = {"prompt": prompt, "version": vid, "steps": steps, "seed": seed, "n": 1}
+        self._start(job, {"kind": "sample", "req": req})  # `dopsd sample`'s own request
         return f"/versions/{vid}#jobs"
 
     def _compare(self, form: dict) -> str:
@@ -430,19 +421,7 @@ class Dashboard:
         self._admit()
         self.jobs[job] = {"kind": "compare", "status": "waiting", "a": a, "b": b, "error": None}
 
-        def run(sampler, st):
-            from ..gate import held_out_prompts
-            from ..sampling import grid, to_pil
-
-            prompts = held_out_prompts(st.recipe)[:6]
-            seeds = [int(s) for s in st.recipe["gate"]["seeds"]][:1] * len(prompts)
-            steps = st.recipe["model"]["steps"]
-            rows = [sampler.images(prompts, seeds, steps, v) for v in (a, b)]
-            sheet = grid([to_pil(x) for row in rows for x in row], cols=len(prompts))
-            self.jobs[job]["prompts"] = prompts
-            return _png(sheet)
-
-        self._start(job, run)
+        self._start(job, {"kind": "compare", "a": a, "b": b})
         return f"/compare?a={a}&b={b}"
 
     def _admit(self) -> None:
@@ -454,7 +433,7 @@ class Dashboard:
             if len(self.renders) >= MAX_RENDERS:
                 raise HTTPException(429, f"{MAX_RENDERS} renders are already waiting or running; try again when one is done")
 
-    def _start(self, job: str, run) -> None:
+    def _start(self, job: str, spec: dict) -> None:
         """A render in a thread: one at a time on one loaded pipeline, never beside a round. It waits while a
         round runs, and holds the render lock while it draws; a round takes that lock after it starts, so it
         waits at most for the render in progress. The pipeline goes back to CPU memory after each render.
@@ -464,9 +443,14 @@ class Dashboard:
         with self._jobs_lock:
             self.renders.append(job)
 
+        def done(res: dict) -> None:
+            self.jobs[job]["png"] = res["png"]
+            if "prompts" in res:
+                self.jobs[job]["prompts"] = res["prompts"]
+
         def work():
             from ..rounds import render_turn
-            from ..sampling import Sampler
+            from ..sampling import Sampler, render
 
             def waiting(what):
                 self.jobs[job].update(waiting_for=what)
@@ -474,9 +458,9 @@ class Dashboard:
             if self.warm is not None:  # inside the daemon: its warm model, on the same turns as `dopsd sample`
                 st = self.state()
                 try:
-                    with self.warm.model_turn(st, waiting, stop=lambda: self.closing) as sampler:
+                    with self.warm.model_turn(st, waiting, stop=lambda: self.closing) as drawer:
                         self.jobs[job]["status"] = "running"
-                        self.jobs[job]["png"] = run(sampler, st)
+                        done(drawer(spec))
                     self.jobs[job]["status"] = "done"
                 except Exception as e:  # the page says what failed; the server goes on
                     self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -492,7 +476,7 @@ class Dashboard:
                     with render_turn(st, on_wait=waiting, stop=lambda: self.closing):
                         self.jobs[job]["status"] = "running"
                         try:
-                            self.jobs[job]["png"] = run(sampler, st)
+                            done(render(st, sampler, spec))
                         finally:
                             sampler.place.use("idle")
                     self.jobs[job]["status"] = "done"
