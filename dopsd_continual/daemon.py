@@ -11,6 +11,7 @@ running round at its next training step (its samples go back to the queue) and e
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -243,8 +244,13 @@ class Daemon:
             self.ui.stop()
         if self.service is not None:
             self.service.stop()
-        with self.model_busy:  # a picture in progress ends first; then the drawing process goes
-            self.release_drawer()
+        if self.model_busy.acquire(timeout=10):  # a picture in progress has a moment to end
+            try:
+                self.release_drawer()
+            finally:
+                self.model_busy.release()
+        elif self._drawer is not None:  # a long one is not waited for: its CLI draws it itself
+            self._drawer.kill()
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
@@ -609,9 +615,14 @@ class Daemon:
                 try:
                     if not self.round_lock.locked():
                         with render_turn(st, on_wait=None if no_wait else on_wait, stop=stop, busy=no_wait):
+                            self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
+                            if not self.rounds_apart:  # rounds run here on a warm model: pictures share it
+                                from .sampling import render
+
+                                yield functools.partial(render, st, self.sampler(st))
+                                return
                             if self._drawer is None or not self._drawer.alive():
                                 self._drawer = Drawer(self.root)
-                            self._warm_until = time.time() + float(self.cfg["sample_warm_seconds"])
                             yield self._drawer
                         return
                 finally:
@@ -632,7 +643,7 @@ class Daemon:
             drawer.close()
 
     def release_model(self) -> None:
-        self.release_drawer()
+        """The model the daemon's own rounds use (keep_warm_seconds > 0) goes; the drawing process is apart."""
         if self._sampler is not None:
             self._sampler = None
             gc.collect()
@@ -661,6 +672,7 @@ class Daemon:
         if warm and not self.round_lock.locked() and self.model_busy.acquire(blocking=False):
             try:  # never under a picture in progress
                 if time.time() > max(self._sampler_used + float(self.cfg["keep_warm_seconds"]), self._warm_until):
+                    self.release_drawer()
                     self.release_model()
             finally:
                 self.model_busy.release()

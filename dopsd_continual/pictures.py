@@ -27,11 +27,16 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def save_image(image: Image.Image, path: Path, meta: dict) -> None:
-    """Encoded by the suffix: PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP
-    as a JSON EXIF ImageDescription. Every format says what made it."""
+    """Encoded by the suffix (`encoded`), written with the user's usual file mode."""
+    data = encoded(image, OUTPUT_FORMATS[Path(path).suffix.lower()], meta)
+    atomic_write(Path(path), data, mode=user_file_mode())  # the user's picture: their usual mode
+
+
+def encoded(image: Image.Image, fmt: str, meta: dict) -> bytes:
+    """PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP as a JSON EXIF
+    ImageDescription. Every format says what made it."""
     import io
 
-    fmt = OUTPUT_FORMATS[Path(path).suffix.lower()]
     buf = io.BytesIO()
     if fmt == "PNG":
         info = PngInfo()
@@ -44,7 +49,7 @@ def save_image(image: Image.Image, path: Path, meta: dict) -> None:
         exif = Image.Exif()
         exif[0x010E] = json.dumps(meta)  # ImageDescription
         image.save(buf, format="WEBP", quality=95, exif=exif)
-    atomic_write(Path(path), buf.getvalue(), mode=user_file_mode())  # the user's picture: their usual mode
+    return buf.getvalue()
 
 
 def output_path(out: Path | None, version: str, seed: int) -> Path:

@@ -266,10 +266,12 @@ def render(state: State, sampler: Sampler, job: dict) -> dict:
         return buf.getvalue()
 
     if job.get("kind") == "sample":
+        from .pictures import encoded
+
         r = job["req"]
         req = request(state, r["prompt"], r.get("version"), r.get("steps"), r.get("seed", 0), r.get("n", 1))
         image, meta, phases = draw(state, req, sampler)
-        return {"png": png(image), "meta": meta, "phases": phases}
+        return {"png": encoded(image, "PNG", meta), "meta": meta, "phases": phases}  # lossless, fields inside
     if job.get("kind") == "compare":
         from .gate import held_out_prompts
 

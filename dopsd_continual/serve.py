@@ -171,6 +171,9 @@ class Drawer:
 
         try:
             self.conn.send(job)
+            while not self.conn.poll(1.0):  # a killed process is noticed, not waited for
+                if not self.proc.is_alive():
+                    raise EOFError
             kind, body = self.conn.recv()
         except (EOFError, OSError):
             raise DrawerGone("the drawing process ended") from None
@@ -179,6 +182,11 @@ class Drawer:
         if kind != "ok":
             raise DrawerGone(body)
         return body
+
+    def kill(self) -> None:
+        """Ended at once (a picture in progress is answered "gone": its CLI draws it itself)."""
+        self.proc.kill()
+        self.proc.join(5)
 
     def close(self, timeout: float = 30.0) -> None:
         try:
@@ -196,11 +204,22 @@ def _drawer_main(root: str, conn) -> None:
     """The drawing process: one warm model (loaded again when the recipe's [model] changes), one job at a time,
     until the daemon says stop or goes away."""
     import logging
+    import signal
 
     from .errors import UserError
     from .sampling import Sampler, render
     from .store import open_state
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's to act on: it ends this process when it goes
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log = logging.getLogger("dopsd")
+    log.setLevel(logging.INFO)
+    try:  # the daemon's log (appended to: each line whole)
+        handler = logging.FileHandler(Path(root) / "logs" / "daemon.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s drawing: %(message)s"))
+        log.addHandler(handler)
+    except OSError:
+        pass
     sampler = None
     while True:
         try:
@@ -219,7 +238,7 @@ def _drawer_main(root: str, conn) -> None:
         except UserError as e:
             conn.send(("user", str(e)))
         except Exception as e:  # the daemon's log has it; the CLI draws in its own process instead
-            logging.getLogger("dopsd").exception("drawing failed")
+            log.exception("drawing failed")
             conn.send(("failed", str(e).splitlines()[0] if str(e) else type(e).__name__))
         finally:
             st.close()

@@ -224,3 +224,26 @@ def test_a_read_only_state_that_once_ran_a_daemon_still_samples(tmp_path):
         assert ask_daemon(disk, {"prompt": PROMPT}) is None
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_the_drawing_process_draws_the_dashboards_pictures_as_this_process_does(tmp_path):
+    """The dashboard inside the daemon renders through Daemon.model_turn: a comparison sheet from the daemon's
+    drawing process equals the one drawn here, and releasing the warm model ends that process."""
+    from dopsd_continual.daemon import Daemon
+    from dopsd_continual.sampling import Sampler, render
+
+    st = init_state(tmp_path / "s", None, [])
+    d = Daemon(st.root, install_signals=False, rounds_apart=True)
+    job = {"kind": "compare", "a": "v0", "b": "v0"}
+    try:
+        with d.model_turn(st) as drawer:
+            theirs = drawer(job)
+        proc = d._drawer.proc
+        assert proc.is_alive() and proc.pid != os.getpid()
+        ours = render(st, Sampler(st), job)
+        assert theirs["png"] == ours["png"] and theirs["prompts"] == ours["prompts"]
+    finally:
+        d.release_drawer()
+        d.state.close()
+    assert d._drawer is None and not proc.is_alive()
+    st.close()

@@ -29,8 +29,6 @@ import io
 import ipaddress
 import json
 import secrets
-import shutil
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -107,7 +105,6 @@ class Dashboard:
         self._sampler = None
         self._sampler_state = None
         self.warm = warm  # inside the daemon: its warm model, the one `dopsd sample` uses (Daemon.model_turn)
-        self._tmp = Path(tempfile.mkdtemp(prefix="dopsd-ui-"))
         self.closing = False  # set when the server stops: open event streams end
         self.stopping = lambda: False  # the server's "shutting down" (a signal to uvicorn), set by Server
         self.app = self._build()
@@ -449,8 +446,6 @@ class Dashboard:
                 self.jobs[job]["prompts"] = res["prompts"]
 
         def work():
-            from ..rounds import render_turn
-            from ..sampling import Sampler, render
 
             def waiting(what):
                 self.jobs[job].update(waiting_for=what)
@@ -467,6 +462,9 @@ class Dashboard:
                 finally:
                     st.close()
                 return
+            from ..rounds import render_turn  # a dashboard of its own (`dopsd ui`) holds its own model
+            from ..sampling import Sampler, render
+
             with self.model_lock:
                 try:
                     if self._sampler is None:
@@ -486,9 +484,8 @@ class Dashboard:
         threading.Thread(target=work, name=f"dopsd-ui-{job[:8]}", daemon=True).start()
 
     def close(self) -> None:
-        """Stop: open event streams end, waiting renders give up, temporary files go."""
+        """Stop: open event streams end, waiting renders give up."""
         self.closing = True
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class _Guard:
