@@ -260,7 +260,7 @@ class Gate:
 
     def report(self, vid: str, parent: str, m: dict, reasons: list[str], round_samples: list[dict]) -> Path:
         """reports/<vid>.json and reports/<vid>.png (rows: parent, candidate; held-out then concept prompts)."""
-        from .sampling import to_pil
+        from .pictures import to_pil
 
         verdict = "rejected" if reasons else "accepted"
         body = {"version": vid, "parent": parent, "verdict": verdict, "reasons": reasons, "metrics": m,

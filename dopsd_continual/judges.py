@@ -88,7 +88,7 @@ class DinoJudge:
             return {}
         import torch
 
-        from .sampling import image_tensor
+        from .pictures import image_tensor
 
         caps = [s["caption"] for s in e.round_samples]
         seeds = [1000 + i for i in range(len(caps))]

@@ -13,6 +13,21 @@ from PIL.PngImagePlugin import PngInfo
 from .store import State, atomic_write, user_file_mode
 
 
+def image_tensor(im: Image.Image):
+    """(3, H, W) float32 in [0, 1]: a picture as the models and the gate's judges take it."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def to_pil(img) -> Image.Image:
+    """A (3, H, W) tensor in [0, 1] as an 8-bit picture."""
+    import numpy as np
+
+    return Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
 def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
     cols = cols or min(len(images), 8)
     rows = (len(images) + cols - 1) // cols

@@ -18,13 +18,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .families import family
 from .models import load_pipeline
-from .pictures import OUTPUT_FORMATS, grid, output_path, request, save_image  # noqa: F401 (sampling's own words)
+from .pictures import OUTPUT_FORMATS, grid, image_tensor, output_path, request, save_image, to_pil  # noqa: F401 (sampling's own words)
 from .placement import PhaseLog, Placement, compute_device
 from .stack import WeightSwitcher, get_version
 from .store import State
@@ -210,14 +209,6 @@ class Sampler:
             img = vae.decode(lat, return_dict=False)[0]
             out.append(self.pipe.image_processor.postprocess(img, output_type="pt").float().cpu())
         return torch.cat(out)
-
-
-def image_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
-
-
-def to_pil(img: torch.Tensor) -> Image.Image:
-    return Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 def draw(state: State, req: dict, sampler: Sampler | None = None) -> tuple[Image.Image, dict, dict]:
