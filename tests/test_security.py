@@ -112,7 +112,6 @@ def test_renders_are_bounded_and_a_round_starts_while_they_wait(root):
         done.wait(0.1)
     assert done.is_set() and all(j["status"] == "done" for j in d.jobs.values()), d.jobs
     d.close()
-    assert not d._tmp.exists()  # temporary files go with the dashboard
 
 
 def test_a_render_waits_for_a_running_round_and_a_round_for_at_most_the_render_in_progress(root):
