@@ -315,8 +315,6 @@ class Daemon:
             st = open_state(self.root)
             try:
                 if st.readonly_reason:  # a full disk: the state opened for reading only
-                    from .errors import DiskFull
-
                     raise DiskFull(st.readonly_reason)
                 rep = ingest_paths(st)
             finally:

@@ -247,18 +247,10 @@ def render(state: State, sampler: Sampler, job: dict) -> dict:
     """A picture asked of a loaded model, by the CLI through the daemon or by the dashboard: {"kind": "sample",
     "req": request(...)} -> {"png", "meta", "phases"}; {"kind": "compare", "a", "b"} -> {"png", "prompts"} (both
     versions on the gate's first held-out prompts and seed, a over b)."""
-    import io
-
     from .errors import UserError
-
-    def png(im: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")  # lossless: a client encodes the file as it would have
-        return buf.getvalue()
+    from .pictures import encoded  # PNG: lossless, so a client encodes its file as it would have
 
     if job.get("kind") == "sample":
-        from .pictures import encoded
-
         r = job["req"]
         req = request(state, r["prompt"], r.get("version"), r.get("steps"), r.get("seed", 0), r.get("n", 1))
         image, meta, phases = draw(state, req, sampler)
@@ -269,5 +261,6 @@ def render(state: State, sampler: Sampler, job: dict) -> dict:
         prompts = held_out_prompts(state.recipe)[:6]
         seeds = [int(s) for s in state.recipe["gate"]["seeds"]][:1] * len(prompts)
         rows = [sampler.images(prompts, seeds, state.recipe["model"]["steps"], v) for v in (job["a"], job["b"])]
-        return {"png": png(grid([to_pil(x) for row in rows for x in row], cols=len(prompts))), "prompts": prompts}
+        sheet = grid([to_pil(x) for row in rows for x in row], cols=len(prompts))
+        return {"png": encoded(sheet, "PNG", {}), "prompts": prompts}
     raise UserError(f"unknown picture job {job.get('kind')!r}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
 import ipaddress
 import json
 import secrets
@@ -291,7 +290,9 @@ class Dashboard:
         finally:
             st.close()
         im.thumbnail((256, 256), Image.LANCZOS)
-        return Response(_png(im), media_type="image/png")
+        from ..pictures import encoded
+
+        return Response(encoded(im, "PNG", {}), media_type="image/png")
 
     def sheet(self, request):
         from starlette.exceptions import HTTPException
@@ -629,12 +630,6 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     if not lo <= n <= hi:
         raise UserError(f"{name} must be in {lo}..{hi}")
     return n
-
-
-def _png(im) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # -------------------------------------------------------------------------------------------- serving
