@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from benchinfo import machine
 from PIL import Image
+from smalldisk import fill, mount_tmpfs, unmount
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -99,27 +100,6 @@ def browse(state: Path, stop: threading.Event, seen: dict) -> None:
             except Exception as e:  # counted, not fatal: the soak measures the daemon
                 seen["errors"] = seen.get("errors", 0) + 1
                 seen["last_error"] = str(e)[:200]
-
-
-def mount_tmpfs(where: Path, mb: int) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0700", "tmpfs", str(where)], capture_output=True).returncode == 0
-
-
-def fill(folder: Path) -> Path:
-    f = folder / "filler"
-    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for chunk in (1 << 20, 1 << 12):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return f
 
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), DOPSD_STABILITY_SECONDS="0")
@@ -229,7 +209,7 @@ def main() -> None:
                                  for k in ("rss_mb", "fds", "threads", "disk_total_mb")}
         save()
         if mounted:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+            unmount(disk)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def queue_list(
     from .store import shown_status
 
     st = _open(state)
-    shown = shown_status(st.conn)  # what a round that ended without a word left 'training' is: queued
+    shown = shown_status(st)  # what a round that ended without a word left 'training' is: queued
     rows = [
         {"id": r["id"], "status": shown(r["status"]), "sha256": r["sha256"], "caption": r["caption"],
          "source_path": r["source_path"], "rounds": json.loads(r["rounds"])}

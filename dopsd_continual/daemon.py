@@ -369,6 +369,11 @@ class Daemon:
                       "themselves when there is room (`dopsd gc` shows what the state can give back)")
         self.scan_disk_full = True
 
+    def pause_rounds(self, why: str) -> None:
+        """No room for a round: said once (daemon status, the dashboard, the log); room_for_a_round ends it."""
+        self.hold("disk", f"rounds paused: {why}. They resume by themselves when there is room (`dopsd gc` shows "
+                  "what the state can give back)")
+
     def room_for_a_round(self) -> bool:
         """False while the state's disk has less room than the last round said it needs (rounds paused,
         daemon status says so); the pause ends by itself when the room is there."""
@@ -380,9 +385,7 @@ class Daemon:
         except (OSError, ValueError):
             return True
         if free < need:
-            self.hold("disk", f"rounds paused: {self.root} has {free / 2**20:.0f} MB free, a round needs about "
-                      f"{need / 2**20:.0f} MB. They resume by themselves when there is room (`dopsd gc` shows "
-                      "what the state can give back)")
+            self.pause_rounds(f"{self.root} has {free / 2**20:.0f} MB free, a round needs about {need / 2**20:.0f} MB")
             return False
         if self.held is not None and self.held["key"] == "disk":
             log.info("there is room again (%.0f MB free): rounds resume", free / 2**20)
@@ -413,7 +416,7 @@ class Daemon:
             if st.readonly_reason:  # a full disk: no round can write
                 st.close()
                 self.set_starting(None)
-                self.hold("disk", f"rounds paused: {st.readonly_reason}. They resume by themselves when there is room")
+                self.pause_rounds(st.readonly_reason)
                 return None
             with self.model_busy:  # a picture in progress finishes first; later ones wait for the round's end
                 self._warm_until = 0.0
@@ -424,7 +427,7 @@ class Daemon:
                 log.info("%s", e)
                 return None
             except DiskFull as e:
-                self.hold("disk", f"rounds paused: {e}. They resume by themselves when there is room")
+                self.pause_rounds(str(e))
                 return None
             except DoesNotFit as e:
                 self.hold(key, f"rounds held: {e}")
@@ -462,8 +465,7 @@ class Daemon:
                     from .rounds import abandon_quietly
 
                     abandon_quietly(st, "the disk is full")
-                    self.hold("disk", f"rounds paused: {disk_words(e, self.root)}. They resume by themselves when "
-                              "there is room (`dopsd gc` shows what the state can give back)")
+                    self.pause_rounds(disk_words(e, self.root))
                     return None
                 if not isinstance(e, RoundFailed):
                     log.exception("round failed")  # a bug: the whole traceback, once

@@ -55,6 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "schedule": ((str, list), "pipeline"),
         "batch": (int, 1),
         "replay_ratio": ((int, float), 0.25),
+        "replay_pool": (int, 64),  # samples replayed at most (stack.replay_pool); 0: every one on the chain
         "views_per_sample": (int, 2),  # a round takes the new samples its steps can draw this many times each
         "ema_decay": ((int, float), 0.9999),
         "mixed_precision": (str, "no"),
@@ -180,6 +181,8 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
     for k in ("rank", "steps", "K", "batch", "processes", "views_per_sample"):
         if out["train"][k] < 1:
             raise UserError(f"{where}: train.{k} must be >= 1")
+    if out["train"]["replay_pool"] < 0:
+        raise UserError(f"{where}: train.replay_pool must be >= 0 (0: no limit)")
     if not 0 <= out["train"]["replay_ratio"] < 1:
         raise UserError(f"{where}: train.replay_ratio must be in [0, 1)")
     if not 0 <= out["train"]["ema_decay"] <= 1:

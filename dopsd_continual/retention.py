@@ -11,8 +11,11 @@ reports. Given back, by the recipe's [retention] table:
     quarantine_days  files a crashed round left, moved to quarantine/ by the recovery
     disk_budget_gb   when the state uses more than this (0: no budget), the day limits above are not waited for
 
-Also given back at once: prompt and image features of samples no round can draw any more (dropped, or
-captioned anew), and features of another model (after `dopsd init --force`).
+Also given back at once: prompt and image features of every sample the next round cannot draw: dropped, set
+aside, captioned anew, used but outside the active chain's replay pool (train.replay_pool, stack.replay_pool:
+a fixed-size uniform subset of the history, so what the features take stays bounded), and features of another
+model (after `dopsd init --force`). Features are recomputed from the originals if a sample is ever drawn again
+(a retry, a rollback).
 """
 
 from __future__ import annotations
@@ -22,11 +25,10 @@ import shutil
 import time
 from pathlib import Path
 
-from .stack import chain, pruned_versions
+from .stack import chain, pruned_versions, replay_pool
 from .store import State, feature_key, now, round_lock
 
 DAY = 86400.0
-KEPT_STATUSES = ("queued", "training", "used", "set_aside")  # samples a round may still draw (replay included)
 
 
 def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
@@ -102,12 +104,14 @@ def plan(state: State, at: float | None = None) -> list[dict]:
             offer(f.stat().st_mtime, r["gate_days"], {"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
                   "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
     live = {feature_key(sha, cap) for sha, cap in state.conn.execute(
-        f"select sha256, caption from samples where status in ({', '.join('?' * len(KEPT_STATUSES))})", KEPT_STATUSES)}
+        "select sha256, caption from samples where status in ('queued', 'training')")}
+    live |= {feature_key(r["sha256"], r["caption"]) for r in replay_pool(state, state.recipe["train"]["replay_pool"])}
     feats = state.cache / "features"
     for f in sorted(feats.rglob("*")) if feats.exists() else []:
         if f.is_file() and (f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp")):  # a failed write's leftover too
             offer(0, 0, {"path": f, "bytes": f.stat().st_size, "kind": "features",
-                         "why": "features of a sample no round can draw (dropped, or captioned anew), or a leftover"})
+                         "why": "features of a sample the next round cannot draw (dropped, set aside, captioned anew, "
+                                "outside the replay pool), or a leftover"})
     q = state.root / "quarantine"
     for f in sorted(q.iterdir()) if q.exists() else []:
         offer(f.stat().st_mtime, r["quarantine_days"], {"path": f, "bytes": _size(f), "kind": "quarantine",

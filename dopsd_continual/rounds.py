@@ -14,7 +14,7 @@ from .errors import UserError
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
 from .stack import get_version, next_version_id, write_version
-from .store import State, disk_words, is_disk_full, now, round_lock  # noqa: F401 (round_lock: the round's, kept here)
+from .store import State, disk_words, is_disk_full, now, round_lock, round_running  # noqa: F401 (round_lock: the round's, kept here)
 
 
 @contextmanager
@@ -33,11 +33,11 @@ def render_lock(state: State):
 
 
 def running_round(state: State) -> str | None:
-    """The version of a round in progress in any process (its row says running and its process lives)."""
-    from .store import pid_alive
+    """The version of a round in progress in any process (store.round_alive)."""
+    from .store import round_alive
 
     row = state.conn.execute("select version, pid from rounds where status='running' order by id desc limit 1").fetchone()
-    return row[0] if row and pid_alive(row[1]) else None
+    return row[0] if row and round_alive(state.root, row[1]) else None
 
 
 @contextmanager
@@ -181,18 +181,15 @@ def _interrupt(state: State, r: dict, message: str) -> str:
     return vid
 
 
-def select_samples(state: State, max_new: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Queued samples, and replay candidates: samples used by the versions on the active chain."""
-    from .stack import chain
+def select_samples(state: State, max_new: int | None = None, pool: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Queued samples (the oldest first), and the replay pool of the active chain (stack.replay_pool; its size
+    defaults to the recipe's train.replay_pool)."""
+    from .stack import replay_pool
 
     new = [dict(r) for r in state.db["samples"].rows_where("status = 'queued'", order_by="id")]
     if max_new:
         new = new[:max_new]
-    used = set()
-    for v in chain(state, state.active_version):
-        used |= set(json.loads(get_version(state, v)["samples"] or "[]"))
-    replay = [dict(r) for r in state.db["samples"].rows_where("status = 'used'", order_by="id") if r["id"] in used]
-    return new, replay
+    return new, replay_pool(state, state.recipe["train"]["replay_pool"] if pool is None else pool)
 
 
 @dataclass
@@ -262,6 +259,7 @@ def run_round(
         for name in judge_names(state.recipe):
             resolve(name)
     with round_lock(state, wait=wait_for_lock), ExitStack() as held:
+        held.enter_context(round_running(state))  # readers tell this round from a row a failed clean-up left
         rnd = begin(state, train, device, progress)
         held.enter_context(render_lock(state))  # a dashboard's render in progress finishes first; no new one starts
         try:  # from the row on, any failure (a load error, no GPU memory, an interrupt) ends as 'interrupted'
@@ -300,7 +298,7 @@ def begin(state: State, train: dict, device, progress) -> Round:
     from .training import new_per_round
 
     recover(state)
-    new, replay = select_samples(state)
+    new, replay = select_samples(state, pool=int(train["replay_pool"]))
     if not new:
         raise UserError("no queued samples: drop image + caption pairs into a watched folder and run `dopsd ingest`")
     new = new[: new_per_round(train, bool(replay))]  # the oldest first; the rest wait for the next rounds

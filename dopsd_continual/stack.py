@@ -116,6 +116,25 @@ def chain(state: State, vid: str) -> list[str]:
     return list(reversed(out))
 
 
+def replay_pool(state: State, size: int, vid: str | None = None) -> list[dict]:
+    """The samples a round on top of `vid` (default: the active version) replays: those used by the versions
+    on its chain, and of them, when there are more than `size` (0: no limit), the `size` with the smallest
+    hash of id and content. The hash is fixed per sample, so the pool is a uniform random subset of the
+    chain's history that changes only where a newer sample's hash displaces one: a sample enters the pool in
+    the round that trained it (its features just computed), and the one it displaces no round needs until a
+    rollback brings it back. Disk and feature work stay bounded however long the history grows. By id."""
+    used: set[int] = set()
+    for v in chain(state, vid or state.active_version):
+        used |= set(json.loads(get_version(state, v)["samples"] or "[]"))
+    rows = [dict(r) for r in state.db["samples"].rows_where("status = 'used'", order_by="id") if r["id"] in used]
+    if size and len(rows) > size:
+        def rank(r: dict) -> str:
+            return hashlib.sha256(f"{r['id']}:{r['sha256']}".encode()).hexdigest()
+
+        rows = sorted(sorted(rows, key=rank)[:size], key=lambda r: r["id"])
+    return rows
+
+
 def chain_deltas(state: State, vid: str) -> list[Delta]:
     get_version(state, vid)
     ids = chain(state, vid)

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .store import State, pid_alive, shown_status
+from .store import State, round_alive, shown_status
 
 
 def _lock_path(root: Path) -> Path:
@@ -46,12 +46,12 @@ def read_status_file(root: Path) -> dict:
 def status(state: State) -> dict:
     running = daemon_running(state.root)
     info = read_status_file(state.root) if running else {}
-    shown, queue = shown_status(state.conn), {}
+    shown, queue = shown_status(state), {}
     for status_, n in state.conn.execute("select status, count(*) from samples group by status"):
         queue[shown(status_)] = queue.get(shown(status_), 0) + n
     rnd = None
     row = state.conn.execute("select version, progress, pid from rounds where status='running' order by id desc limit 1").fetchone()
-    if row and pid_alive(row[2]):  # the daemon's round, or one `dopsd train` runs, in a live process
+    if row and round_alive(state.root, row[2]):  # the daemon's round, or one `dopsd train` runs, in a live process
         rnd = {"id": row[0], "progress": row[1]}
     elif info.get("starting"):  # the daemon decided on a round and loads what it needs; no version yet
         rnd = {"id": None, "progress": 0.0, "starting": info["starting"]}

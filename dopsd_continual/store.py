@@ -143,10 +143,40 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-def shown_status(conn: sqlite3.Connection):
-    """Sample statuses as every reader shows them: 'training' with no round running in a live process is
+def round_alive(root: Path, pid: int | None) -> bool:
+    """A round's row that says running belongs to a round in progress: its process lives and a round holds
+    round.running (store.round_running). The pid alone is not enough: a round in the daemon's own process
+    whose clean-up could not write (a full disk) leaves its row running under a live pid."""
+    if not pid_alive(pid):
+        return False
+    try:
+        fd = os.open(Path(root) / "round.running", os.O_RDONLY)
+    except OSError:
+        return False  # no round has run since this file was introduced
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: held for microseconds, a round waits for it
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def round_running(state: State):
+    """Held by a round from before its row is written until its verdict or its clean-up is (round_alive)."""
+    fd = os.open(state.root / "round.running", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def shown_status(state: State):
+    """Sample statuses as every reader shows them: 'training' with no round in progress (round_alive) is
     'queued' (its round ended before it could say so, a full disk say; the next round's recovery writes it)."""
-    if any(pid_alive(pid) for (pid,) in conn.execute("select pid from rounds where status = 'running'")):
+    if any(round_alive(state.root, pid) for (pid,) in state.conn.execute("select pid from rounds where status = 'running'")):
         return lambda s: s
     return lambda s: "queued" if s == "training" else s
 

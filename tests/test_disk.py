@@ -2,7 +2,6 @@
 disk at each phase of a round and of a scan (a real small file system where this machine lets a test mount
 one)."""
 
-import errno
 import json
 import os
 import subprocess
@@ -21,6 +20,9 @@ from dopsd_continual.stack import set_active
 from dopsd_continual.toy.packs import write_pack
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from smalldisk import fill, mount_tmpfs, unmount  # noqa: E402
+
 PROMPT = "a large red heart on the left, black background"
 
 
@@ -87,30 +89,6 @@ def test_gc_gives_back_what_no_round_needs_and_every_accepted_version_still_work
     assert "state disk use" in run("doctor", "--state", s).output
 
 
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
-def fill(folder: Path) -> Path:
-    """Write until the file system says no: the disk is full from here on."""
-    f = folder / "filler"
-    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return f
-
-
 CHILD = """
 import sys
 from pathlib import Path
@@ -119,13 +97,13 @@ import dopsd_continual.placement as placement
 from dopsd_continual.cli import app
 
 at, disk = sys.argv[1], Path(sys.argv[2])
+sys.path.insert(0, sys.argv[3])  # bench/: smalldisk
 real = placement.PhaseLog.__call__
 
 
 def call(self, name):
     if name == at:
-        sys.path.insert(0, sys.argv[3])
-        from test_disk import fill
+        from smalldisk import fill
 
         fill(disk)
     return real(self, name)
@@ -140,10 +118,10 @@ app()
 @pytest.fixture
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "160m"):
+    if not mount_tmpfs(disk, 160):
         pytest.skip("this machine does not let the test mount a small file system (needs root)")
     yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    unmount(disk)
 
 
 def test_a_full_disk_at_each_phase_is_one_line_loses_nothing_and_the_next_round_trains_the_same_samples(small_disk, tmp_path):
@@ -162,7 +140,7 @@ def test_a_full_disk_at_each_phase_is_one_line_loses_nothing_and_the_next_round_
     ids = sorted(r["id"] for r in json.loads(run("queue", "list", "--json", "--state", s).stdout))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     for phase in ("load", "features", "train", "gate"):
-        p = subprocess.run([sys.executable, "-c", CHILD, phase, str(disk), str(ROOT / "tests")], capture_output=True,
+        p = subprocess.run([sys.executable, "-c", CHILD, phase, str(disk), str(ROOT / "bench")], capture_output=True,
                            text=True, env=env, timeout=600)
         out = p.stdout + p.stderr
         assert p.returncode == 1 and "Traceback" not in out, (phase, out[-3000:])
@@ -195,3 +173,80 @@ def test_caches_keep_a_bf16_models_values_in_half_the_bytes_and_give_them_back_b
     back = load_compact(tmp_path / "f.safetensors")
     assert torch.equal(back["a"], from_bf16) and back["a"].dtype == torch.float32
     assert torch.equal(back["b"], full) and back["c"].dtype == torch.bfloat16
+
+
+def test_the_replay_pool_is_a_fixed_size_subset_that_new_samples_change_one_at_a_time_and_gc_keeps_only_its_features(tmp_path):
+    """train.replay_pool bounds what replay keeps: of the chain's used samples, the `size` with the smallest
+    fixed hash. A new version on the chain changes the pool by at most one sample per new sample, a sample
+    enters it only in the round that trained it, and gc gives back the features of the rest."""
+    from dopsd_continual.retention import plan
+    from dopsd_continual.rounds import select_samples
+    from dopsd_continual.stack import replay_pool
+    from dopsd_continual.store import feature_key, init_state
+
+    write_pack("heart", tmp_path / "a")
+    write_pack("logo", tmp_path / "b")
+    st = init_state(tmp_path / "s", None, [tmp_path / "a", tmp_path / "b"])
+    ingest_paths(st)
+    ids = [r["id"] for r in st.db["samples"].rows_where(order_by="id")]
+    assert len(ids) >= 10
+    feats = st.cache / "features" / "enc"
+    feats.mkdir(parents=True)
+    for r in st.db["samples"].rows:  # a feature file per sample, as rounds leave them
+        (feats / f"{feature_key(r['sha256'], r['caption'])}.safetensors").write_bytes(b"x" * 100)
+
+    def version(vid, parent, samples):
+        st.db["versions"].insert({"id": vid, "parent": parent, "status": "accepted", "created_at": 0.0,
+                                  "samples": json.dumps(samples), "metrics": "{}", "reasons": "[]"})
+        for i in samples:
+            st.db["samples"].update(i, {"status": "used"})
+        st.conn.execute("update meta set value = ? where key = 'active_version'", [vid])
+        st.conn.commit()
+
+    version("v1", "v0", ids[:6])
+    version("v2", "v1", ids[6:8])
+    assert st.active_version == "v2"
+    everything = replay_pool(st, 0)
+    assert [r["id"] for r in everything] == ids[:8]
+    pool = replay_pool(st, 4)
+    assert len(pool) == 4 and {r["id"] for r in pool} < set(ids[:8])
+    assert [r["id"] for r in pool] == sorted(r["id"] for r in pool)  # by id, as the whole pool was
+    assert select_samples(st, pool=4)[1] == pool
+    assert select_samples(st)[1] == everything  # the recipe's default pool (64) holds the whole history
+
+    before = {r["id"] for r in pool}
+    version("v3", "v2", [ids[8]])
+    after = {r["id"] for r in replay_pool(st, 4)}
+    assert len(after) == 4 and after <= before | {ids[8]} and len(before - after) <= 1
+    assert replay_pool(st, 4, "v2") == pool  # another chain, another pool: the one it had
+
+    st.recipe["train"]["replay_pool"] = 4
+    gone = {Path(i["path"]).name.split(".")[0] for i in plan(st) if i["kind"] == "features"}
+    rows = {r["id"]: r for r in st.db["samples"].rows}
+    key = {i: feature_key(rows[i]["sha256"], rows[i]["caption"]) for i in rows}
+    kept = after | {i for i in rows if rows[i]["status"] == "queued"}
+    assert gone == {key[i] for i in rows} - {key[i] for i in kept}  # the rest of the history's go
+    assert {key[i] for i in ids[9:]} <= {key[i] for i in kept}  # the queue's stay
+
+
+def test_a_running_row_a_failed_clean_up_left_in_a_live_process_is_not_a_round_in_progress(tmp_path):
+    """A round in the daemon's own process (keep_warm_seconds > 0) whose clean-up cannot write leaves its row
+    'running' under the daemon's live pid: readers must show its samples as queued, and renders must not wait
+    for it; while a round really holds round.running, they see it."""
+    from dopsd_continual.rounds import running_round
+    from dopsd_continual.status import status
+    from dopsd_continual.store import init_state, round_running, shown_status
+
+    write_pack("heart", tmp_path / "drop")
+    st = init_state(tmp_path / "s", None, [tmp_path / "drop"])
+    ingest_paths(st)
+    sid = next(st.db["samples"].rows)["id"]
+    st.db["samples"].update(sid, {"status": "training"})
+    st.db["rounds"].insert({"version": "v1", "status": "running", "pid": os.getpid(), "started_at": 0.0,
+                            "progress": 0.0, "samples": json.dumps([sid])})
+    with round_running(st):  # a round in progress, here or in another process
+        assert shown_status(st)("training") == "training" and running_round(st) == "v1"
+        assert status(st)["round"]["id"] == "v1"
+    assert shown_status(st)("training") == "queued" and running_round(st) is None  # what the failed one left
+    assert status(st)["round"] is None and status(st)["queue"].get("training") is None
+    assert json.loads(run("queue", "list", "--json", "--state", tmp_path / "s").stdout)[0]["status"] == "queued"

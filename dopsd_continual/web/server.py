@@ -207,7 +207,7 @@ class Dashboard:
             raise HTTPException(404, f"no status {wanted!r}")
         st = self.state()
         try:
-            shown = shown_status(st.conn)  # a round that ended without a word left its samples 'training': queued
+            shown = shown_status(st)  # a round that ended without a word left its samples 'training': queued
             stored = [s for s in SAMPLE_STATUSES if shown(s) == wanted]
             where, args = (f"where status in ({', '.join('?' * len(stored))})", stored) if stored else ("where 0", [])
             where, args = (where, args) if wanted else ("", [])
