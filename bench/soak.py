@@ -198,6 +198,12 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             daemon.kill()
         result["exit_code_after_sigterm"] = daemon.returncode
+        result["pairs_dropped"] = bursts * a.burst
+        c = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            result["samples_by_status"] = dict(c.execute("select status, count(*) from samples group by status"))
+        finally:
+            c.close()
         rows = result["rows"]
         if len(rows) >= 20:
             first, last = rows[5:15], rows[-10:]
@@ -207,6 +213,13 @@ def main() -> None:
 
             result["summary"] = {k: {"rounds_6_to_15": mean(first, k), "last_10": mean(last, k)}
                                  for k in ("rss_mb", "fds", "threads", "disk_total_mb")}
+            kinds = sorted({k for r in rows for k in r["disk_bytes"]})
+
+            def mb(rs, k):
+                return round(sum(r["disk_bytes"].get(k, 0) for r in rs) / len(rs) / 2**20, 2)
+
+            result["summary"]["disk_mb_by_kind"] = {k: {"rounds_6_to_15": mb(first, k), "last_10": mb(last, k)}
+                                                    for k in kinds}
         save()
         if mounted:
             unmount(disk)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import ModelBusy, UserError
 from .status import _lock_path, daemon_running, read_status_file
-from .store import State, atomic_write, now, open_state, user_file_mode
+from .store import State, atomic_write, disk_words, is_disk_full, now, open_state, user_file_mode
 
 log = logging.getLogger("dopsd.daemon")
 
@@ -51,6 +51,7 @@ def setup_logging(state: State, foreground: bool) -> None:
         root.addHandler(RichHandler(show_path=False))
 
 
+STATUS_BYTES = 16384  # daemon.json is written padded to this, so that a full disk can still take the status in place
 STOP_GRACE_SECONDS = 30  # a round asked to stop that has not within this is ended (inside shutdown's 60 s)
 
 
@@ -99,7 +100,6 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
     except BaseException as e:
         oom = type(e).__name__ == "OutOfMemoryError"
         from .errors import DiskFull
-        from .store import disk_words, is_disk_full
 
         if is_disk_full(e):
             e = DiskFull(disk_words(e, Path(root)))
@@ -326,8 +326,6 @@ class Daemon:
             log.error("scan: %s", e)
             return
         except Exception as e:  # anything else is a bug, logged whole; it never stops the daemon
-            from .store import disk_words, is_disk_full
-
             if is_disk_full(e):  # said once; the next scan that can write takes the files
                 self.pause_scans(disk_words(e, self.root))
                 return
@@ -459,8 +457,6 @@ class Daemon:
                 self.hold(key, f"rounds held: {e}. `dopsd daemon retry` tries again")
                 return None
             except Exception as e:
-                from .store import disk_words, is_disk_full
-
                 if is_disk_full(e):  # a write failed on the way: the same pause, the round's samples queued again
                     from .rounds import abandon_quietly
 
@@ -524,8 +520,11 @@ class Daemon:
                         log.info("gc: %d item(s), %.1f MB given back (recipe [retention])", n, freed / 2**20)
             finally:
                 st.close()
-        except Exception:  # never the round's verdict's concern
-            log.exception("gc after the round failed")
+        except Exception as e:  # never the round's verdict's concern
+            if is_disk_full(e):
+                log.warning("gc after the round could not finish: %s", disk_words(e, self.root))
+            else:
+                log.exception("gc after the round failed")
 
     def round_here(self, st: State) -> dict:
         """The round in this process, on the model the daemon holds (loaded now if it is not)."""
@@ -690,7 +689,18 @@ class Daemon:
                 "ui": self._ui_url(), "held": self.held["reason"] if self.held else None,
                 "starting": self.starting, "sample_socket": str(self.service.path) if self.service else None}
         self._started = info["started_at"]
-        atomic_write(self.root / "daemon.json", json.dumps(info).encode())
+        data = json.dumps(info).encode()
+        data += b" " * max(0, STATUS_BYTES - len(data))  # a fixed size: rewritten in place on a full disk
+        try:
+            atomic_write(self.root / "daemon.json", data)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            fd = os.open(self.root / "daemon.json", os.O_WRONLY)  # its pages exist already: no new space needed
+            try:
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)
 
 
 def start_background(root: Path, timeout: float = 180.0) -> int:

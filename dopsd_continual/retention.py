@@ -128,7 +128,9 @@ def plan(state: State, at: float | None = None) -> list[dict]:
 
 
 def collect(state: State, items: list[dict]) -> int:
-    """Remove what plan() listed; a version's delta is recorded as pruned first (its row stays). Bytes freed."""
+    """Remove what plan() listed; a version's delta is recorded as pruned first (its row stays). Bytes freed.
+    What needs no record goes first: on a full disk that makes the room the record needs."""
+    freed = _remove([i for i in items if not i.get("version")])
     versions = {i["version"]: i["why"] for i in items if i.get("version")}
     if versions:  # recorded before anything goes, and checked again in the same transaction: a version the
         with state.conn:  # user promoted or made active since the plan is kept
@@ -140,7 +142,10 @@ def collect(state: State, items: list[dict]) -> int:
             day = time.strftime("%Y-%m-%d", time.localtime(now()))
             pruned.update({v: f"removed by `dopsd gc` on {day} ({why})" for v, why in versions.items()})
             state.conn.execute("insert or replace into meta (key, value) values ('pruned_versions', ?)", [json.dumps(pruned)])
-    items = [i for i in items if not i.get("version") or i["version"] in versions]
+    return freed + _remove([i for i in items if i.get("version") in versions])
+
+
+def _remove(items: list[dict]) -> int:
     freed = 0
     for i in items:
         p = Path(i["path"])
@@ -163,6 +168,19 @@ def summary(items: list[dict]) -> dict[str, dict]:
         k["bytes"] += i["bytes"]
     return out
 
+
+
+def disk_report(state: State) -> dict:
+    """What the dashboard shows: use by kind, what gc would give back now by kind, the budget, free space."""
+    use, items = disk_use(state), plan(state)
+    try:
+        free = shutil.disk_usage(state.root).free
+    except OSError:
+        free = None
+    kinds = summary(items)
+    return {"use": use, "total": sum(use.values()), "prunable": kinds,
+            "prunable_total": sum(k["bytes"] for k in kinds.values()), "free": free,
+            "budget_gb": state.recipe["retention"]["disk_budget_gb"]}
 
 
 def gc_now(state: State) -> tuple[int, int]:

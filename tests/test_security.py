@@ -115,7 +115,10 @@ def test_renders_are_bounded_and_a_round_starts_while_they_wait(root):
 
 
 def test_a_render_waits_for_a_running_round_and_a_round_for_at_most_the_render_in_progress(root):
+    from contextlib import ExitStack
+
     from dopsd_continual.rounds import render_lock, render_turn
+    from dopsd_continual.store import round_running
 
     st = open_state(root)
     try:
@@ -123,6 +126,8 @@ def test_a_render_waits_for_a_running_round_and_a_round_for_at_most_the_render_i
         with st.conn:
             st.conn.execute("insert into rounds (version, status, pid, started_at, progress, samples) "
                             "values ('v9', 'running', ?, 0, 0, '[]')", [os.getpid()])
+        held = ExitStack()
+        held.enter_context(round_running(st))  # a round in progress holds it from before its row to its end
         stop = threading.Event()
         def render():
             with pytest.raises(InterruptedError):  # it never got its turn: the round still ran when it stopped
@@ -140,6 +145,7 @@ def test_a_render_waits_for_a_running_round_and_a_round_for_at_most_the_render_i
         t.join(10)
         with st.conn:
             st.conn.execute("update rounds set status = 'done' where version = 'v9'")
+        held.close()
         with render_turn(st):
             got = threading.Event()
             th = threading.Thread(target=lambda: [render_lock(st).__enter__(), got.set()], daemon=True)

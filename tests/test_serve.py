@@ -208,13 +208,13 @@ def test_the_socket_folder_outside_the_state_must_be_ours_alone(tmp_path):
 
 def test_a_read_only_state_that_once_ran_a_daemon_still_samples(tmp_path):
     """A state on a read-only file system whose daemon.lock stayed behind: no daemon to ask, and no error."""
-    from test_disk import _mount_tmpfs
+    from smalldisk import mount_tmpfs, unmount
 
     from dopsd_continual.serve import ask_daemon
 
     disk = tmp_path / "ro"
     disk.mkdir()
-    if not _mount_tmpfs(disk, "16m"):
+    if not mount_tmpfs(disk, 16):
         pytest.skip("this machine does not let the test mount a file system (needs root)")
     try:
         (disk / "daemon.lock").write_text("")
@@ -223,7 +223,7 @@ def test_a_read_only_state_that_once_ran_a_daemon_still_samples(tmp_path):
             os.open(disk / "daemon.lock", os.O_RDWR)  # truly read-only, even for root
         assert ask_daemon(disk, {"prompt": PROMPT}) is None
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        unmount(disk)
 
 
 def test_the_drawing_process_draws_the_dashboards_pictures_as_this_process_does(tmp_path):

@@ -255,3 +255,25 @@ def test_a_round_run_by_the_cli_shows_its_progress_and_a_dead_one_does_not(tmp_p
         proc.wait()
     assert status(st)["round"] is None  # its row still says running; its process is gone
     st.close()
+
+
+def test_the_overview_shows_the_states_disk_use_by_kind_and_what_the_policy_gives_back(root):
+    from dopsd_continual.store import feature_key, set_settings
+
+    st = open_state(root)
+    row = next(st.db["samples"].rows)
+    st.db["samples"].update(row["id"], {"status": "dropped"})
+    st.conn.commit()
+    feats = root / "cache" / "features" / "enc"
+    feats.mkdir(parents=True)
+    (feats / f"{feature_key(row['sha256'], row['caption'])}.safetensors").write_bytes(b"x" * (3 << 20))
+    st.close()
+    set_settings(root, {"retention.disk_budget_gb": 2})
+    html = client(root).get("/").text
+    disk = html[html.index('<section id="disk">'):]
+    disk = disk[: disk.index("</section>")]
+    assert "of a 2 GB budget" in disk and "free on its file system" in disk
+    cells = dict(re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">([^<]+)</td>", disk))
+    assert cells["features"] == "3.0 MB" and cells["originals"].endswith(" KB") and cells["database"]
+    assert '<td>features</td><td class="num">3.0 MB</td><td class="num">3.0 MB (1)</td>' in disk
+    assert "3.0 MB can go under the retention policy" in disk

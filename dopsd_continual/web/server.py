@@ -98,6 +98,7 @@ class Dashboard:
         self.renders: list[str] = []  # job ids waiting or running, oldest first
         self.assets = {name: (HERE / "static" / name).read_bytes() for name in ASSETS}
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.env.filters["size"] = size_words
         self.jobs: dict[str, dict] = {}  # sample and compare renders: id -> {kind, status, error, png, ...}
         self.model_lock = threading.Lock()  # one model job at a time, on one loaded pipeline
         self._jobs_lock = threading.Lock()
@@ -143,6 +144,7 @@ class Dashboard:
     # ------------------------------------------------------------------------------------------- pages
 
     def overview(self, request):
+        from ..retention import disk_report
         from ..stack import list_versions
         from ..status import status
 
@@ -150,7 +152,7 @@ class Dashboard:
         try:
             versions = list_versions(st)
             return self.render(request, "overview.html", st=st, status=status(st), tree=_tree(versions),
-                               versions=versions, page="overview")
+                               versions=versions, disk=disk_report(st), page="overview")
         finally:
             st.close()
 
@@ -596,6 +598,11 @@ def _parse_form(body: bytes, content_type: str) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def size_words(n: int) -> str:
+    """Bytes as the disk table shows them: 12 B, 3.4 KB, 5.6 MB, 7.8 GB."""
+    return next((f"{n / 2**e:.1f} {u}" for e, u in ((30, "GB"), (20, "MB"), (10, "KB")) if n >= 2**e), f"{n} B")
 
 
 def _tree(versions: list[dict]) -> list[dict]:
