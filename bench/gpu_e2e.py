@@ -251,6 +251,10 @@ def run_model(name: str, a, row: dict, save) -> None:
     if a.short_gate:
         changes["gate"] = {"prompts": PROMPTS}
     recipe = write_recipe(MODELS[name], work / "recipe.toml", changes)
+    row["recipe"] = str(recipe)
+    if a.prepare_only:  # the weights and the recipe for another benchmark (bench/gpu_sample.sh): kept
+        save()
+        return
     make_pairs(work / "drop", px)
     state = work / "state"
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -327,6 +331,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per command")
     ap.add_argument("--work", default=None, help="default: a folder on the disk with the most free space")
     ap.add_argument("--keep", action="store_true", help="keep the written weights")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the weights and the recipe (its path in the JSON's models.NAME.recipe), run nothing")
     ap.add_argument("--no-uncapped-retry", dest="uncapped_retry", action="store_false",
                     help="after an out-of-memory, do not run the command again without the cap")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_e2e.json"))

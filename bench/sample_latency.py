@@ -31,15 +31,16 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "a large red circle in the center, blue background"
 
 
-def make_chain(st, depth: int, rank: int = 4, modules: int = 6, seed: int = 0) -> str:
-    """`depth` accepted versions, each a small random delta on the last (no training): a chain to switch to."""
+def make_chain(st, depth: int, rank: int = 4, modules: int = 6, seed: int = 0, tr=None) -> str:
+    """`depth` accepted versions, each a small random delta on the last (no training): a chain to switch to.
+    tr: the recipe's transformer, if loaded already (only its layers' shapes are read)."""
     import torch
 
     from dopsd_continual.lora import Delta, resolve_targets
     from dopsd_continual.models import load_pipeline
     from dopsd_continual.stack import write_version
 
-    tr = load_pipeline(st.recipe, "cpu", encoders=False).transformer
+    tr = tr if tr is not None else load_pipeline(st.recipe, "cpu", encoders=False).transformer
     names = resolve_targets(tr, st.recipe["train"]["targets"])[:modules]
     mods = dict(tr.named_modules())
     g = torch.Generator().manual_seed(seed)
@@ -76,10 +77,11 @@ from dopsd_continual.families import family
 from dopsd_continual.models import resolve_source
 from dopsd_continual.recipe import load_recipe
 r = load_recipe(sys.argv[1]); m = r["model"]; fam = family(r)
-pipe = fam.pipeline_class().from_pretrained(resolve_source(m["source"]), dtype=getattr(torch, m["dtype"]))
+dev = "cuda" if torch.cuda.is_available() else "cpu"  # what a script does: the whole pipeline on the card
+pipe = fam.pipeline_class().from_pretrained(resolve_source(m["source"]), dtype=getattr(torch, m["dtype"])).to(dev)
 pipe.set_progress_bar_config(disable=True)
 with torch.no_grad():  # the prompt as the recipe encodes it (its sequence length and layers), then one call
-    emb = fam.prompt_embeds(fam.encode_prompts(pipe, [sys.argv[2]], m), "cpu", pipe.transformer.dtype)
+    emb = fam.prompt_embeds(fam.encode_prompts(pipe, [sys.argv[2]], m), dev, pipe.transformer.dtype)
     pipe(prompt_embeds=emb, num_inference_steps=m["steps"], height=m["height"], width=m["width"],
          guidance_scale=fam.guidance, generator=torch.Generator("cpu").manual_seed(0))
 """
@@ -101,11 +103,19 @@ def main() -> None:
         state = tmp / "s"
         st = init_state(state, a.recipe, [])
         depths = {0: "v0"}
+        from dopsd_continual.models import load_pipeline
+
+        tr = load_pipeline(st.recipe, "cpu", encoders=False).transformer
         for d in (1, 5, 20):
-            depths[d] = make_chain(st, d - max(k for k in depths if k < d))
+            depths[d] = make_chain(st, d - max(k for k in depths if k < d), seed=d, tr=tr)
+        del tr
+        model = st.recipe["model"]
         st.close()
         sample = [*dopsd, "sample", "--json", "--state", str(state)]
+        import torch
+
         res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "recipe": Path(a.recipe).name,
+                     "model": model["name"], "px": [model["height"], model["width"]], "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "runs": runs, "seconds": {}}
         s = res["seconds"]
         s["plain from_pretrained + call"] = statistics.median(

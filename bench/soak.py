@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -54,6 +55,10 @@ def finished_rounds(db: Path) -> list[tuple]:
         return c.execute("select id, version, status, message from rounds where status != 'running' order by id").fetchall()
     finally:
         c.close()
+
+
+def finished_rounds_by_version(db: Path) -> list[tuple]:
+    return [(r[1], r[2]) for r in finished_rounds(db)]
 
 
 def drop_burst(folder: Path, n: int, rng: np.random.Generator) -> None:
@@ -113,6 +118,7 @@ def main() -> None:
     ap.add_argument("--disk-mb", type=int, default=400)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the daemon and the mount go too
     tmp = Path(tempfile.mkdtemp(prefix="dopsd-soak-"))
     disk = tmp / "disk"
     mounted = mount_tmpfs(disk, a.disk_mb)
@@ -157,13 +163,13 @@ def main() -> None:
                 drop_burst(drop / f"burst{bursts}", a.burst, rng)
                 bursts += 1
                 t = time.time()
-                while time.time() - t < 600 and not (daemon_status(state).get("round") or {}).get("id"):
-                    time.sleep(0.5)
-                time.sleep(3)  # well inside the round
-                os.kill(daemon.pid, signal.SIGKILL)
+                while time.time() - t < 600 and not (killed := (daemon_status(state).get("round") or {}).get("id")):
+                    time.sleep(0.2)
+                os.kill(daemon.pid, signal.SIGKILL)  # the round has its row: it is in progress, whatever its phase
                 daemon.wait()
                 daemon = start_daemon(state, log)
-                result["events"].append({"event": "kill -9", "after_round": done, "restarted": daemon_status(state).get("running")})
+                result["events"].append({"event": "kill -9", "after_round": done, "killed_round": killed,
+                                         "restarted": daemon_status(state).get("running")})
                 save()
             else:
                 drop_burst(drop / f"burst{bursts}", a.burst, rng)
@@ -199,6 +205,9 @@ def main() -> None:
             daemon.kill()
         result["exit_code_after_sigterm"] = daemon.returncode
         result["pairs_dropped"] = bursts * a.burst
+        result["tracebacks_in_logs"] = sum(f.read_text(errors="replace").count("Traceback")
+                                           for f in (log, state / "logs" / "daemon.log") if f.exists())
+        result["round_statuses"] = dict(finished_rounds_by_version(db))
         c = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             result["samples_by_status"] = dict(c.execute("select status, count(*) from samples group by status"))
@@ -223,6 +232,7 @@ def main() -> None:
         save()
         if mounted:
             unmount(disk)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

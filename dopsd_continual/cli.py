@@ -857,7 +857,8 @@ def gc(yes: bool = typer.Option(False, "--yes", help="remove them (without it, o
     freed = 0
     try:
         use = disk_use(st)
-        if yes and st.readonly_reason:  # a full disk: first what needs no record in the database, then the rest
+        if yes and st.readonly_reason:  # a full disk opened the state read-only: first what needs no record in the
+            # database (room for the writable open), then the rest
             first = [i for i in plan(st) if not i.get("version")]
             freed = collect(st, first)
             st.close()

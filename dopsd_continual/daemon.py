@@ -10,6 +10,7 @@ running round at its next training step (its samples go back to the queue) and e
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import gc
@@ -686,7 +687,7 @@ class Daemon:
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
-                "ui": self._ui_url(), "held": self.held["reason"] if self.held else None,
+                "ui": self._ui_url(), "held": self.held["reason"][:2000] if self.held else None,
                 "starting": self.starting, "sample_socket": str(self.service.path) if self.service else None}
         self._started = info["started_at"]
         data = json.dumps(info).encode()
@@ -696,9 +697,11 @@ class Daemon:
         except OSError as e:
             if not is_disk_full(e):
                 raise
-            fd = os.open(self.root / "daemon.json", os.O_WRONLY)  # its pages exist already: no new space needed
-            try:
-                os.pwrite(fd, data, 0)
+            fd = os.open(self.root / "daemon.json", os.O_WRONLY)  # its blocks exist already (on a file system
+            try:  # that writes in place: not a copy-on-write one, where this fails too and the last status stays)
+                if os.pwrite(fd, data, 0) != len(data):
+                    raise OSError(errno.ENOSPC, "short write", str(self.root / "daemon.json"))
+                os.ftruncate(fd, len(data))  # a longer status before this one leaves nothing behind
             finally:
                 os.close(fd)
 

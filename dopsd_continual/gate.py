@@ -33,6 +33,8 @@ from .checks import ALWAYS, checks
 from .families import family
 from .store import State, atomic_write, load_compact, save_compact
 
+REPORT_CELL_PX = 256  # the side a report's pictures are shown at, at most: reports are kept for ever
+
 # -------------------------------------------------------------------------------------------- metrics
 
 
@@ -259,7 +261,8 @@ class Gate:
         return [c["reason"] for c in checks(m, self.g) if not c["passed"]]
 
     def report(self, vid: str, parent: str, m: dict, reasons: list[str], round_samples: list[dict]) -> Path:
-        """reports/<vid>.json and reports/<vid>.png (rows: parent, candidate; held-out then concept prompts)."""
+        """reports/<vid>.json and reports/<vid>.png (rows: parent, candidate; held-out then concept prompts; each
+        picture at most REPORT_CELL_PX on a side)."""
         from .pictures import to_pil
 
         verdict = "rejected" if reasons else "accepted"
@@ -273,8 +276,15 @@ class Gate:
             seeds = [1000 + i for i in range(len(caps))]
             cols[0] = torch.cat([cols[0], self._cached(parent, "concept", caps, seeds, self.steps)[:6]])
             cols[1] = torch.cat([cols[1], self._cached(vid, "concept", caps, seeds, self.steps)[:6]])
-        rows = [np.concatenate([np.asarray(to_pil(x)) for x in c], axis=1) for c in cols]
         from PIL import Image
+
+        def cell(x) -> np.ndarray:  # kept for ever, so small: 36 pictures at 1024 px would be 38 megapixels
+            pic = to_pil(x)
+            if max(pic.size) > REPORT_CELL_PX:
+                pic.thumbnail((REPORT_CELL_PX, REPORT_CELL_PX), Image.LANCZOS)
+            return np.asarray(pic)
+
+        rows = [np.concatenate([cell(x) for x in c], axis=1) for c in cols]
 
         sheet = Image.fromarray(np.concatenate(rows, axis=0))
         if sheet.height < 256:

@@ -338,6 +338,7 @@ class Plan:
     batches: dict[str, int] = field(default_factory=dict)
     per_item_gib: dict[str, float] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
+    keep_all: bool = False  # planned with every component resident at once (Accountant.plan)
 
     @property
     def phases(self) -> dict[str, float]:
@@ -368,7 +369,7 @@ class Plan:
         return {"model": self.model, "budget_gib": self.budget_gib, "fits": self.fits, "peak_gib": self.peak_gib,
                 "peak_phase": self.peak_phase, "phases": self.phases, "resident_gib": self.resident_gib,
                 "activation_gib": self.activation_gib, "batches": self.batches, "per_item_gib": self.per_item_gib,
-                "advice": self.advice}
+                "advice": self.advice, "keep_all": self.keep_all}
 
 
 class Accountant:
@@ -485,27 +486,35 @@ class Accountant:
         base = int8 + widest if train.get("base_weights") == "int8" else self.sizes["transformer"]
         return base + lora * 4 * 5 / GIB, act  # adapters: student + teacher + grad + AdamW's two moments, float32
 
-    def plan(self, budget_gib: float | None = None) -> Plan:
+    def plan(self, budget_gib: float | None = None, keep_all: bool = False) -> Plan:
+        """keep_all: every component of every phase on the card at once (placement.Placement's keep_all: nothing
+        moves between phases), each phase's activations beside all of them."""
         with _LOCK:
-            return self._plan(budget_gib)
+            return self._plan(budget_gib, keep_all)
 
-    def _plan(self, budget_gib: float | None) -> Plan:
+    def _plan(self, budget_gib: float | None, keep_all: bool = False) -> Plan:
         r = self.recipe
         budget = float(r["model"]["memory_budget_gib"] if budget_gib is None else budget_gib)
         usable = budget * HEADROOM if budget > 0 else math.inf
         s = self.sizes
         p = Plan(r["model"]["name"], budget)
+        p.keep_all = keep_all
+        chain = self.chain_term_gib()
+
+        def others(*held: str) -> float:  # the resident components a phase does not compute with, when all stay
+            return sum(s[k] for k in ("transformer", "vae", "text_encoder") if k not in held) if keep_all else 0.0
+
         # sampling: transformer + VAE resident (+ a version's unmerged chain term on a bf16 base); the
         # transformer's call and the decode run one after the other
-        chain = self.chain_term_gib()
-        sample_res = s["transformer"] + s["vae"] + chain
+        sample_res = s["transformer"] + s["vae"] + chain + others("transformer", "vae")
         sf, sp = self.linear("sample", lambda b: sample_bytes(r, self.parts, b))
         df, dp = self.linear("decode", lambda b: decode_bytes(r, self.parts, b))
         ef, ep = self.linear("encode", lambda b: encode_bytes(r, self.parts, b))
         p.per_item_gib = {"sample": sp, "decode": dp, "encode": ep}
         p.batches["sample"] = _fit_batch(usable - sample_res - sf, sp, MAX_SAMPLE_BATCH)
         p.batches["decode"] = _fit_batch(usable - sample_res - df, dp, MAX_DECODE_BATCH)
-        p.batches["encode"] = _fit_batch(usable - s["text_encoder"] - ef, ep, MAX_ENCODE_BATCH)
+        encode_res = s["text_encoder"] + (others("text_encoder") + chain if keep_all else 0.0)
+        p.batches["encode"] = _fit_batch(usable - encode_res - ef, ep, MAX_ENCODE_BATCH)
         decode_act = df + dp * max(1, p.batches["decode"])
         if p.batches["decode"] == 0:  # one picture does not fit: the VAE decodes it in tiles
             tiled = self._count(("decode_tile", 1), lambda: decode_bytes(r, self.parts, 1, TILE_PX)) * CALIBRATION["decode"]
@@ -516,17 +525,17 @@ class Accountant:
             sample_act = max(sample_act, self._count(("reference", 1), lambda: sample_bytes(r, self.parts, 1, True))
                              * CALIBRATION["sample"])
         p.resident_gib["sample"], p.activation_gib["sample"] = sample_res, sample_act
-        p.resident_gib["encode"], p.activation_gib["encode"] = s["text_encoder"], ef + ep * max(1, p.batches["encode"])
+        p.resident_gib["encode"], p.activation_gib["encode"] = encode_res, ef + ep * max(1, p.batches["encode"])
         # features: the text encoder and the VAE (and a teacher encoder, Z-Image's: its vision tower and the same
         # language model)
         feat_res = s["text_encoder"] + s["vae"]
         if "teacher_encoder" in s:
             shared = s["text_encoder"] if self.family.teacher_shares_text_encoder else 0.0
             feat_res += s["teacher_encoder"] - shared  # one copy of a shared language model
-        p.resident_gib["features"] = feat_res
+        p.resident_gib["features"] = feat_res + (others("text_encoder", "vae") + chain if keep_all else 0.0)
         p.activation_gib["features"] = self.features_gib()
         res, act = self.train_gib(r["train"])
-        p.resident_gib["train"], p.activation_gib["train"] = res + chain, act  # a round trains on top of its parent
+        p.resident_gib["train"], p.activation_gib["train"] = res + chain + others("transformer"), act  # on its parent
         if not p.fits:
             p.advice = self.advice(p, budget)
         return p
@@ -580,8 +589,8 @@ def accountant(recipe: dict) -> Accountant:
     return _accountant(json.dumps(recipe, sort_keys=True, default=str))
 
 
-def plan(recipe: dict, budget_gib: float | None = None) -> Plan:
-    return accountant(recipe).plan(budget_gib)
+def plan(recipe: dict, budget_gib: float | None = None, keep_all: bool = False) -> Plan:
+    return accountant(recipe).plan(budget_gib, keep_all)
 
 
 def budget_gib(recipe: dict, device) -> float:
@@ -597,11 +606,21 @@ def budget_gib(recipe: dict, device) -> float:
     return min(cap, room) if cap > 0 else room
 
 
-def device_plan(recipe: dict, device) -> Plan | None:
+def device_plan(recipe: dict, device, keep_all: bool = False) -> Plan | None:
     """The plan for this process's card (None off a GPU: host memory is not planned)."""
     if torch.device(device).type != "cuda":
         return None
-    return plan(recipe, budget_gib(recipe, device))
+    return plan(recipe, budget_gib(recipe, device), keep_all)
+
+
+def placement_plan(recipe: dict, device) -> Plan | None:
+    """What a process on this card runs with: every component kept on the card at once where the free memory
+    holds them all with each phase's activations (nothing moves between phases: an H200, a 48 GB card), else
+    the phase table's plan (placement.PHASES: each phase holds only what it computes with)."""
+    everything = device_plan(recipe, device, keep_all=True)
+    if everything is not None and everything.fits and everything.batches["sample"] >= 1:
+        return everything
+    return device_plan(recipe, device)
 
 
 def check_fits(recipe: dict, device) -> Plan | None:

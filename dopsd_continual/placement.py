@@ -10,8 +10,12 @@ the GPU when a phase needs it and back when the next one does not.
     sample     transformer and VAE (the gate, `dopsd sample`)
     idle       nothing (the daemon between rounds with keep_warm_seconds > 0)
 
-On a CPU-only box every phase is a no-op. `PhaseLog` records each named step's seconds and, on a GPU, its
-peak allocated memory; rounds and `dopsd sample` report them.
+Where the card's free memory holds every component with each phase's activations (memory.placement_plan: an
+H200, a 48 GB card), `keep_all` keeps each component on the card from its first phase on: nothing moves
+again. A process that draws once and exits (`one_shot`: an in-process `dopsd sample`) frees a component
+leaving the card instead of copying it back to CPU memory. On a CPU-only box every phase is a no-op.
+`PhaseLog` records each named step's seconds and, on a GPU, its peak allocated memory; rounds and `dopsd
+sample` report them.
 """
 
 from __future__ import annotations
@@ -41,12 +45,17 @@ def compute_device(device: str | torch.device | None = None) -> torch.device:
 class Placement:
     """Moves a pipeline's components so that each phase holds only what it computes with."""
 
-    def __init__(self, pipe, device: str | torch.device):
+    def __init__(self, pipe, device: str | torch.device, keep_all: bool = False, one_shot: bool = False):
         self.pipe, self.device = pipe, torch.device(device)
+        self.keep_all, self.one_shot = keep_all, one_shot
         self.phase: str | None = None
 
     def components(self) -> dict[str, torch.nn.Module]:
         return {name: m for name, m in self.pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+    def on_device(self, module: torch.nn.Module) -> bool:
+        p = next(module.parameters(), None)
+        return p is not None and p.device.type == self.device.type
 
     def use(self, phase: str) -> None:
         if phase not in PHASES:
@@ -57,9 +66,15 @@ class Placement:
         wanted = PHASES[phase]
         parts = self.components()
         for name, module in parts.items():  # leave first, so the arrivals find the room
-            if name not in wanted:
+            if name in wanted or self.keep_all or not self.on_device(module):
+                continue
+            if self.one_shot:  # this process will not need it again: freed, not copied back
+                setattr(self.pipe, name, None)
+            else:
                 module.to("cpu")
+        del parts
         torch.cuda.empty_cache()
+        parts = self.components()
         for name in wanted:
             if name in parts:
                 parts[name].to(self.device)

@@ -76,9 +76,20 @@ def disk_use(state: State) -> dict[str, int]:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of a file or a folder's files; what goes while it is counted (a round's, gc's) counts 0."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(_size(f) for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()  # gone, or going: not offered as old
 
 
 def plan(state: State, at: float | None = None) -> list[dict]:
@@ -101,20 +112,24 @@ def plan(state: State, at: float | None = None) -> list[dict]:
     gate = state.cache / "gate"
     for f in sorted(gate.glob("*.safetensors")) if gate.exists() else []:
         if f.name.split("-", 1)[0] != active:
-            offer(f.stat().st_mtime, r["gate_days"], {"path": f, "bytes": f.stat().st_size, "kind": "gate pictures",
+            offer(_mtime(f), r["gate_days"], {"path": f, "bytes": _size(f), "kind": "gate pictures",
                   "why": f"pictures of a version other than the active one, older than {r['gate_days']} days"})
     live = {feature_key(sha, cap) for sha, cap in state.conn.execute(
         "select sha256, caption from samples where status in ('queued', 'training')")}
-    live |= {feature_key(r["sha256"], r["caption"]) for r in replay_pool(state, state.recipe["train"]["replay_pool"])}
+    try:
+        pool = replay_pool(state, state.recipe["train"]["replay_pool"])
+    except Exception:  # a chain with a missing row: every used sample's features are kept
+        pool = [dict(r) for r in state.db["samples"].rows_where("status = 'used'")]
+    live |= {feature_key(r["sha256"], r["caption"]) for r in pool}
     feats = state.cache / "features"
     for f in sorted(feats.rglob("*")) if feats.exists() else []:
         if f.is_file() and (f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp")):  # a failed write's leftover too
-            offer(0, 0, {"path": f, "bytes": f.stat().st_size, "kind": "features",
+            offer(0, 0, {"path": f, "bytes": _size(f), "kind": "features",
                          "why": "features of a sample the next round cannot draw (dropped, set aside, captioned anew, "
                                 "outside the replay pool), or a leftover"})
     q = state.root / "quarantine"
     for f in sorted(q.iterdir()) if q.exists() else []:
-        offer(f.stat().st_mtime, r["quarantine_days"], {"path": f, "bytes": _size(f), "kind": "quarantine",
+        offer(_mtime(f), r["quarantine_days"], {"path": f, "bytes": _size(f), "kind": "quarantine",
               "why": f"left by a crashed round, older than {r['quarantine_days']} days"})
     out = [i for _, i in due]
     if r["disk_budget_gb"] > 0 and later:  # only then is the whole state walked
@@ -132,7 +147,7 @@ def collect(state: State, items: list[dict]) -> int:
     What needs no record goes first: on a full disk that makes the room the record needs."""
     freed = _remove([i for i in items if not i.get("version")])
     versions = {i["version"]: i["why"] for i in items if i.get("version")}
-    if versions:  # recorded before anything goes, and checked again in the same transaction: a version the
+    if versions:  # recorded before its delta goes, and checked again in the same transaction: a version the
         with state.conn:  # user promoted or made active since the plan is kept
             state.conn.execute("BEGIN IMMEDIATE")
             keep = kept_versions(state)
@@ -172,7 +187,13 @@ def summary(items: list[dict]) -> dict[str, dict]:
 
 def disk_report(state: State) -> dict:
     """What the dashboard shows: use by kind, what gc would give back now by kind, the budget, free space."""
-    use, items = disk_use(state), plan(state)
+    for attempt in range(3):  # a folder a round or gc removes during the walk: walked again
+        try:
+            use, items = disk_use(state), plan(state)
+            break
+        except OSError:
+            if attempt == 2:
+                raise
     try:
         free = shutil.disk_usage(state.root).free
     except OSError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from .errors import UserError
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
 from .stack import get_version, next_version_id, write_version
-from .store import State, disk_words, is_disk_full, now, round_lock, round_running  # noqa: F401 (round_lock: the round's, kept here)
+from .store import State, disk_words, flock_held, is_disk_full, now, round_lock, round_running  # noqa: F401 (round_lock: the round's, kept here)
 
 
 @contextmanager
@@ -24,12 +23,8 @@ def render_lock(state: State):
     if state.readonly:
         yield
         return
-    fd = os.open(state.root / "render.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock_held(state.root / "render.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def running_round(state: State) -> str | None:

@@ -102,18 +102,23 @@ class NoTextEncoder(LookupError):
 class Sampler:
     """A loaded pipeline that can be switched between versions (merge kept per version in memory)."""
 
-    def __init__(self, state: State, device: str | None = None, encoders: bool = True, prompt_cache: bool = False):
+    def __init__(self, state: State, device: str | None = None, encoders: bool = True,
+                 prompt_cache: bool | PromptCache = False, one_shot: bool = False):
+        """prompt_cache: prompt features on disk (True: this state's PromptCache, or one already made);
+        one_shot: this process draws once and exits (placement.Placement's one_shot)."""
         self.state = state
-        self.prompt_cache = PromptCache(state) if prompt_cache and not state.readonly else None
+        if isinstance(prompt_cache, bool):
+            prompt_cache = PromptCache(state) if prompt_cache else None
+        self.prompt_cache = None if state.readonly else prompt_cache
         self.recipe = state.recipe
         self.family = family(state.recipe)
         self.device = compute_device(device)
         self.pipe = load_pipeline(state.recipe, self.device, encoders)
-        self.place = Placement(self.pipe, self.device)
         self.switch = WeightSwitcher(self.pipe.transformer)
         self._features: dict[str, object] = {}  # prompt -> text features in CPU memory (this process)
         m = self.recipe["model"]
         self.batches = self.plan_batches()
+        self.place = Placement(self.pipe, self.device, keep_all=bool(self.batches.get("keep_all")), one_shot=one_shot)
         tiled = m["height"] * m["width"] > TILE_ABOVE_PIXELS or self.batches.get("decode_tiled")
         if tiled and hasattr(self.pipe.vae, "enable_tiling"):
             self.pipe.vae.enable_tiling()
@@ -127,7 +132,7 @@ class Sampler:
         fixed = {"sample": memory.MAX_SAMPLE_BATCH, "decode": max(1, DECODE_PIXELS // (m["height"] * m["width"])),
                  "encode": memory.MAX_ENCODE_BATCH}
         try:
-            plan = memory.device_plan(self.recipe, self.device)
+            plan = memory.placement_plan(self.recipe, self.device)
         except Exception as e:  # a plan that cannot be made (no config files, say) costs speed, never the picture
             import logging
 
@@ -136,7 +141,8 @@ class Sampler:
         if plan is None:
             return fixed
         return {"sample": max(1, plan.batches["sample"]), "decode": max(1, plan.batches["decode"]),
-                "encode": max(1, plan.batches["encode"]), "decode_tiled": plan.batches.get("decode_tiled", 0)}
+                "encode": max(1, plan.batches["encode"]), "decode_tiled": plan.batches.get("decode_tiled", 0),
+                "keep_all": int(plan.keep_all)}
 
     def call_kwargs(self, steps: int) -> dict:
         m = self.recipe["model"]
@@ -217,8 +223,9 @@ def draw(state: State, req: dict, sampler: Sampler | None = None) -> tuple[Image
     phases = PhaseLog(sampler.device if sampler else compute_device())
     with phases("load"):
         if sampler is None:
-            cached = PromptCache(state).has([req["prompt"]]) and not state.readonly
-            sampler = Sampler(state, encoders=not cached, prompt_cache=True)
+            prompts = PromptCache(state)
+            cached = prompts.has([req["prompt"]]) and not state.readonly
+            sampler = Sampler(state, encoders=not cached, prompt_cache=prompts, one_shot=True)
     n, seed = req["n"], req["seed"]
     with phases("sample"):
         try:

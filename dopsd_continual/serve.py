@@ -246,7 +246,10 @@ def _drawer_main(root: str, conn) -> None:
 
 def round_words(st) -> str:
     """"round v7, step 120/300" for the round in progress (or "a round" before it has a row)."""
-    row = st.conn.execute("select version, progress from rounds where status='running' order by id desc limit 1").fetchone()
+    from .rounds import running_round
+
+    vid = running_round(st)
+    row = st.conn.execute("select version, progress from rounds where version = ? and status = 'running'", [vid]).fetchone()
     if row is None:
         return "a round"
     steps = int(st.recipe["train"]["steps"])

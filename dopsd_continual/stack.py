@@ -120,9 +120,10 @@ def replay_pool(state: State, size: int, vid: str | None = None) -> list[dict]:
     """The samples a round on top of `vid` (default: the active version) replays: those used by the versions
     on its chain, and of them, when there are more than `size` (0: no limit), the `size` with the smallest
     hash of id and content. The hash is fixed per sample, so the pool is a uniform random subset of the
-    chain's history that changes only where a newer sample's hash displaces one: a sample enters the pool in
-    the round that trained it (its features just computed), and the one it displaces no round needs until a
-    rollback brings it back. Disk and feature work stay bounded however long the history grows. By id."""
+    chain's history; while the chain grows by accepted rounds it changes only where a newer sample's hash
+    displaces one, so a sample enters the pool in the round that trained it (its features just computed).
+    A rollback, a retried sample or another size changes it more (those features are computed again). Disk
+    and feature work stay bounded however long the history grows. By id."""
     used: set[int] = set()
     for v in chain(state, vid or state.active_version):
         used |= set(json.loads(get_version(state, v)["samples"] or "[]"))

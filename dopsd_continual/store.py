@@ -152,7 +152,7 @@ def round_alive(root: Path, pid: int | None) -> bool:
     try:
         fd = os.open(Path(root) / "round.running", os.O_RDONLY)
     except OSError:
-        return False  # no round has run since this file was introduced
+        return True  # no round here has made the file: one started by an older version, alive by its pid
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe: held for microseconds, a round waits for it
         return False
@@ -163,14 +163,19 @@ def round_alive(root: Path, pid: int | None) -> bool:
 
 
 @contextmanager
-def round_running(state: State):
-    """Held by a round from before its row is written until its verdict or its clean-up is (round_alive)."""
-    fd = os.open(state.root / "round.running", os.O_RDWR | os.O_CREAT, 0o600)
+def flock_held(path: Path):
+    """An exclusive flock on `path` (made owner-only if absent) for the block; waits for its holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases it, also when the process dies
+
+
+def round_running(state: State):
+    """Held by a round from before its row is written until its verdict or its clean-up is (round_alive)."""
+    return flock_held(state.root / "round.running")
 
 
 def shown_status(state: State):

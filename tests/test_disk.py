@@ -2,6 +2,7 @@
 disk at each phase of a round and of a scan (a real small file system where this machine lets a test mount
 one)."""
 
+import errno
 import json
 import os
 import subprocess
@@ -250,3 +251,32 @@ def test_a_running_row_a_failed_clean_up_left_in_a_live_process_is_not_a_round_i
     assert shown_status(st)("training") == "queued" and running_round(st) is None  # what the failed one left
     assert status(st)["round"] is None and status(st)["queue"].get("training") is None
     assert json.loads(run("queue", "list", "--json", "--state", tmp_path / "s").stdout)[0]["status"] == "queued"
+
+
+def test_the_daemons_status_is_written_in_place_when_the_disk_takes_no_new_file(tmp_path, monkeypatch):
+    """On a full disk the status file cannot be replaced by a new one; it is rewritten in its own blocks, so
+    `daemon status` still says why rounds paused, and nothing of a longer status before it stays behind."""
+    import dopsd_continual.daemon as daemon_mod
+    from dopsd_continual.daemon import Daemon
+    from dopsd_continual.status import read_status_file
+    from dopsd_continual.store import init_state
+
+    st = init_state(tmp_path / "s", None, [])
+    d = Daemon(st.root, install_signals=False)
+    d.held = {"key": "x", "reason": "a long reason " * 100}
+    d._write_status(None)
+    before = (st.root / "daemon.json").stat().st_size
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(daemon_mod, "atomic_write", full)
+    d.pause_rounds("the disk is full: here (0 MB free)")
+    d._write_status(None)  # the heartbeat's write (the scheduler's, in a running daemon)
+    info = read_status_file(st.root)
+    assert info["held"].startswith("rounds paused: the disk is full: here (0 MB free)")
+    assert (st.root / "daemon.json").stat().st_size <= before
+    d.held = {"key": "x", "reason": "short"}
+    d._write_status(None)
+    assert read_status_file(st.root)["held"] == "short"
+    st.close()

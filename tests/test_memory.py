@@ -59,6 +59,76 @@ def test_default_recipes_plan_within_their_cards_at_the_default_gate(name, card)
     assert bigger.batches["sample"] >= plan.batches["sample"]
 
 
+def test_every_component_stays_on_a_card_that_holds_them_all_and_only_there():
+    """memory.placement_plan keeps every component on the card where all of them fit beside each phase's
+    activations (klein-4B on a 48 GB card), and plans the phase table where they do not (a 16 or 24 GB card);
+    kept all, each phase plans with all the weights resident."""
+    recipe = load_recipe(RECIPES_DIR / "flux2-klein-4b.toml")
+    s = memory.accountant(recipe).sizes
+    weights = s["transformer"] + s["vae"] + s["text_encoder"]
+    big = memory.plan(recipe, 46.0, keep_all=True)
+    assert big.fits and big.keep_all and big.batches["sample"] >= 1
+    assert all(r >= weights - 1e-6 for r in big.resident_gib.values()), big.resident_gib
+    table = memory.plan(recipe, 46.0)
+    assert big.batches["sample"] <= table.batches["sample"] and big.peak_gib > table.peak_gib
+    for card in (14.5, 22.0):
+        assert not memory.plan(recipe, card, keep_all=True).fits and memory.plan(recipe, card).fits
+
+
+def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_leaves(monkeypatch):
+    """placement.Placement on a stand-in pipeline and a stand-in card (the `meta` device: a move is visible as
+    the parameters' device): the table moves each component in and out by phase; keep_all moves each in once;
+    one_shot frees a component leaving the card, and never one that waits in CPU memory."""
+    from dopsd_continual.placement import Placement
+
+    class Pipe:  # what Placement uses of a diffusers pipeline: its components, as attributes and as a dict
+        def __init__(self):
+            for n in ("text_encoder", "transformer", "vae"):
+                setattr(self, n, torch.nn.Linear(2, 2))
+
+        @property
+        def components(self):
+            return {n: getattr(self, n) for n in ("text_encoder", "transformer", "vae")}
+
+    pipe = Pipe
+
+    def where(p):
+        return {n: (m.weight.device.type if m is not None else None) for n, m in
+                ((n, getattr(p, n)) for n in ("text_encoder", "transformer", "vae"))}
+
+    moves = []
+    real_to = torch.nn.Module.to
+    def to(self, device, *a, **k):  # every move recorded; a stand-in "card" has no data to copy back
+        moves.append(str(device))
+        if str(device) == "cpu" and self.weight.is_meta:
+            return self.to_empty(device="cpu")
+        return real_to(self, device, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    table = pipe()
+    place = Placement(table, "meta")
+    place.use("encode")
+    assert where(table) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"}
+    place.use("sample")
+    assert where(table) == {"text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
+    assert moves.count("cpu") == 1  # the text encoder, copied back
+
+    moves.clear()
+    kept = pipe()
+    place = Placement(kept, "meta", keep_all=True)
+    for phase in ("features", "train", "sample", "encode", "sample", "idle"):
+        place.use(phase)
+    assert where(kept) == {"text_encoder": "meta", "transformer": "meta", "vae": "meta"}
+    assert "cpu" not in moves  # nothing went back
+
+    moves.clear()
+    once = pipe()
+    place = Placement(once, "meta", one_shot=True)
+    place.use("encode")
+    place.use("sample")
+    assert where(once) == {"text_encoder": None, "transformer": "meta", "vae": "meta"} and "cpu" not in moves
+
+
 def test_plans_within_15_percent_of_every_peak_measured_on_the_card():
     sys.path.insert(0, str(ROOT / "bench"))
     import memory_plan
@@ -100,9 +170,9 @@ def test_sampler_batches_come_from_the_plan_and_do_not_change_the_pictures(state
     prompts = ["a small red circle", "a large blue square", "two green triangles"]
     ref = full.images(prompts, [0, 1, 2], 2, "v0")
     plan = memory.Plan("toy-shapes", 1.0, batches={"sample": 2, "decode": 1, "encode": 2})
-    monkeypatch.setattr(memory, "device_plan", lambda recipe, device: plan)
+    monkeypatch.setattr(memory, "placement_plan", lambda recipe, device: plan)
     small = Sampler(state)
-    assert small.batches == {"sample": 2, "decode": 1, "encode": 2, "decode_tiled": 0}
+    assert small.batches == {"sample": 2, "decode": 1, "encode": 2, "decode_tiled": 0, "keep_all": 0}
     out = small.images(prompts, [0, 1, 2], 2, "v0")
     assert (out - ref).abs().max() < 1e-4  # the same pictures, up to the rounding of batched kernels
 

@@ -270,6 +270,8 @@ def test_the_overview_shows_the_states_disk_use_by_kind_and_what_the_policy_give
     st.close()
     set_settings(root, {"retention.disk_budget_gb": 2})
     html = client(root).get("/").text
+    assert "<" not in html[html.index("<title>") + 7 : html.index("</title>")]  # the section is on the page, not in its title
+    html = html[html.index("<main"):]
     disk = html[html.index('<section id="disk">'):]
     disk = disk[: disk.index("</section>")]
     assert "of a 2 GB budget" in disk and "free on its file system" in disk

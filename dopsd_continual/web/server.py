@@ -29,6 +29,7 @@ import ipaddress
 import json
 import secrets
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +42,7 @@ SQLITE_MAX_ID = 2**63 - 1
 QUEUE_ROWS = 300  # the queue page shows the newest samples (`dopsd queue list` has them all)
 KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
+DISK_REPORT_SECONDS = 30.0  # the overview's disk section (a walk of the state) is this old at most
 
 
 class ReadOnlyState(UserError):
@@ -104,6 +106,7 @@ class Dashboard:
         self._jobs_lock = threading.Lock()
         self._sampler = None
         self._sampler_state = None
+        self._disk: tuple[float, dict] | None = None  # (when, retention.disk_report) for the overview
         self.warm = warm  # inside the daemon: its warm model, the one `dopsd sample` uses (Daemon.model_turn)
         self.closing = False  # set when the server stops: open event streams end
         self.stopping = lambda: False  # the server's "shutting down" (a signal to uvicorn), set by Server
@@ -151,8 +154,10 @@ class Dashboard:
         st = self.state()
         try:
             versions = list_versions(st)
+            if self._disk is None or time.monotonic() - self._disk[0] > DISK_REPORT_SECONDS:
+                self._disk = (time.monotonic(), disk_report(st))  # a walk of the state: not at every live refresh
             return self.render(request, "overview.html", st=st, status=status(st), tree=_tree(versions),
-                               versions=versions, disk=disk_report(st), page="overview")
+                               versions=versions, disk=self._disk[1], page="overview")
         finally:
             st.close()
 
