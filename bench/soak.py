@@ -205,8 +205,10 @@ def main() -> None:
             daemon.kill()
         result["exit_code_after_sigterm"] = daemon.returncode
         result["pairs_dropped"] = bursts * a.burst
-        result["tracebacks_in_logs"] = sum(f.read_text(errors="replace").count("Traceback")
-                                           for f in (log, state / "logs" / "daemon.log") if f.exists())
+        logs = [f.read_text(errors="replace") for f in (log, state / "logs" / "daemon.log") if f.exists()]
+        result["tracebacks_in_logs"] = sum(t.count("Traceback") for t in logs)
+        result["traceback_excerpts"] = [t[max(0, i - 300): i + 3000] for t in logs for i in
+                                        [j for j in range(len(t)) if t.startswith("Traceback", j)][:3]]
         result["round_statuses"] = dict(finished_rounds_by_version(db))
         c = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
         try:

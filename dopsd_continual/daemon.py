@@ -89,6 +89,12 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
             pass
         stop.set()
 
+    def tell(answer: tuple) -> None:
+        try:
+            conn.send(answer)
+        except OSError:  # the daemon is gone (killed): the round's row and samples already say what happened
+            pass
+
     threading.Thread(target=listen, daemon=True, name="dopsd-round-stop").start()
     st = open_state(Path(root))
     setup_logging(st, foreground)  # the same log (and terminal, in the foreground) as the daemon
@@ -97,7 +103,7 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
         from .placement import compute_device
 
         check_fits(st.recipe, compute_device())  # before the model loads
-        conn.send(("ok", run_round(st, should_stop=stop.is_set), ""))
+        tell(("ok", run_round(st, should_stop=stop.is_set), ""))
     except BaseException as e:
         oom = type(e).__name__ == "OutOfMemoryError"
         from .errors import DiskFull
@@ -110,7 +116,7 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
         if kind != "busy":
             abandon_quietly(st, {"oom": "the round ran out of GPU memory", "stopped": "the daemon was stopped",
                                  "bug": "the round failed; see logs/daemon.log"}.get(kind, f"the round failed: {e}"))
-        conn.send((kind, str(e), traceback.format_exc() if kind == "bug" else ""))
+        tell((kind, str(e), traceback.format_exc() if kind == "bug" else ""))
     finally:
         st.close()
         conn.close()
@@ -168,6 +174,9 @@ class Daemon:
 
         from .rounds import recover, round_lock
 
+        if self.install_signals:  # first: a stop while it starts ends it as any stop does (run_forever's)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         self.acquire()
         setup_logging(self.state, self.foreground)
         from .store import tighten_state
@@ -189,9 +198,6 @@ class Daemon:
         self.scheduler.start()
         self.observers = self._start_observers()
         self.ui = self._start_ui() if self.cfg["ui"] else None
-        if self.install_signals:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
         log.info("daemon started (pid %d), watching %d folder(s)", os.getpid(), len(self.state.watch_dirs))
 
     def _start_ui(self):
