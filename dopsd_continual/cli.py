@@ -561,15 +561,15 @@ def sample(
     got = ask_daemon(st.root, {**req, "no_wait": no_wait},
                      on_wait=lambda what: err_console.print(f"waiting for {esc(what)}", highlight=False))
     if got is not None and got[0] != "busy":
-        image, meta, phases = got
-        save_image(image, path, meta)
-        res = {"path": str(path), **req, "phases": phases, "drawn_by": "daemon"}
+        (image, meta, phases), by = got, "daemon"
     else:
-        from .sampling import sample as do_sample
+        from .sampling import draw
 
         if got is not None:
             err_console.print(f"the daemon's model is busy ({esc(got[1])}): drawing here", highlight=False)
-        res = {**do_sample(st, prompt, req["version"], req["steps"], seed, n, path), "drawn_by": "this process"}
+        (image, meta, phases), by = draw(st, req), "this process"
+    save_image(image, path, meta)  # the same file whoever drew it
+    res = {"path": str(path), **req, "phases": phases, "drawn_by": by}
     st.close()
     emit_json(res) if as_json else console.print(f"wrote {esc(str(res['path']))} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
 

@@ -501,8 +501,13 @@ class Accountant:
         p.keep_all = keep_all
         chain = self.chain_term_gib()
 
-        def others(*held: str) -> float:  # the resident components a phase does not compute with, when all stay
-            return sum(s[k] for k in ("transformer", "vae", "text_encoder") if k not in held) if keep_all else 0.0
+        def others(*held: str) -> float:
+            """When all stay: the resident components a phase does not compute with (the transformer with the
+            version's chain term)."""
+            if not keep_all:
+                return 0.0
+            return sum(s[k] for k in ("transformer", "vae", "text_encoder") if k not in held) + (
+                chain if "transformer" not in held else 0.0)
 
         # sampling: transformer + VAE resident (+ a version's unmerged chain term on a bf16 base); the
         # transformer's call and the decode run one after the other
@@ -513,7 +518,7 @@ class Accountant:
         p.per_item_gib = {"sample": sp, "decode": dp, "encode": ep}
         p.batches["sample"] = _fit_batch(usable - sample_res - sf, sp, MAX_SAMPLE_BATCH)
         p.batches["decode"] = _fit_batch(usable - sample_res - df, dp, MAX_DECODE_BATCH)
-        encode_res = s["text_encoder"] + (others("text_encoder") + chain if keep_all else 0.0)
+        encode_res = s["text_encoder"] + others("text_encoder")
         p.batches["encode"] = _fit_batch(usable - encode_res - ef, ep, MAX_ENCODE_BATCH)
         decode_act = df + dp * max(1, p.batches["decode"])
         if p.batches["decode"] == 0:  # one picture does not fit: the VAE decodes it in tiles
@@ -532,7 +537,7 @@ class Accountant:
         if "teacher_encoder" in s:
             shared = s["text_encoder"] if self.family.teacher_shares_text_encoder else 0.0
             feat_res += s["teacher_encoder"] - shared  # one copy of a shared language model
-        p.resident_gib["features"] = feat_res + (others("text_encoder", "vae") + chain if keep_all else 0.0)
+        p.resident_gib["features"] = feat_res + others("text_encoder", "vae")
         p.activation_gib["features"] = self.features_gib()
         res, act = self.train_gib(r["train"])
         p.resident_gib["train"], p.activation_gib["train"] = res + chain + others("transformer"), act  # on its parent

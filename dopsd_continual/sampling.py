@@ -227,12 +227,13 @@ def draw(state: State, req: dict, sampler: Sampler | None = None) -> tuple[Image
             cached = prompts.has([req["prompt"]]) and not state.readonly
             sampler = Sampler(state, encoders=not cached, prompt_cache=prompts, one_shot=True)
     n, seed = req["n"], req["seed"]
+    job = ([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
     with phases("sample"):
         try:
-            imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
+            imgs = sampler.images(*job)
         except NoTextEncoder:  # the prompt's features went from disk since we looked: load the encoder after all
             sampler = Sampler(state, prompt_cache=True)
-            imgs = sampler.images([req["prompt"]] * n, [seed + i for i in range(n)], req["steps"], req["version"])
+            imgs = sampler.images(*job)
     pil = [to_pil(x) for x in imgs]
     image = pil[0] if n == 1 else grid(pil)
     meta = {"prompt": req["prompt"], "seed": seed, "steps": req["steps"], "version": req["version"],
