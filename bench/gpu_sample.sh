@@ -3,7 +3,9 @@
 # at 1024 px (MODEL=flux2-klein-4b, the default, or MODEL=z-image-turbo), RUNS runs each (default 3): a plain
 # `from_pretrained` plus pipeline call, a cold `dopsd sample` (new prompt; prompt seen before), and `dopsd
 # sample` through a warm daemon at version depth 0, 1, 5 and 20. The weights are written first by
-# bench/gpu_e2e.py --prepare-only. JSON and log under $OUT. Needs wheels/ as bench/gpu_defaults.sh says.
+# bench/gpu_e2e.py --prepare-only. Then bench/placement_moves.py on the same weights: a phase switch as a 16 or
+# 24 GB card pays it (Module.to both ways, CPU copies kept, kept pinned). JSON and log under $OUT. Needs
+# wheels/ as bench/gpu_defaults.sh says.
 set -u
 OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-flux2-klein-4b}
@@ -16,4 +18,5 @@ RECIPE=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['models
   "$OUT/gpu_sample_prepare_$MODEL.json" "$MODEL")
 RUNS=${RUNS:-3} timeout "${SAMPLE_TIMEOUT:-480}" python3 bench/sample_latency.py --recipe "$RECIPE" \
   --out "$OUT/sample_latency_$MODEL.json"
+timeout 120 python3 bench/placement_moves.py --recipe "$RECIPE" --out "$OUT/placement_moves_$MODEL.json"
 } 2>&1 | grep --line-buffered -v -i -e warn -e "kept in float32" | tee "$OUT/sample_latency_$MODEL.log"

@@ -628,6 +628,21 @@ def placement_plan(recipe: dict, device) -> Plan | None:
     return device_plan(recipe, device)
 
 
+def room_beside(recipe: dict, device) -> bool:
+    """Whether a model kept warm for pictures may stay on the card between them: only where a round of this
+    recipe started beside it (`dopsd train`, another state's daemon) would plan exactly as on a card of its own
+    (at the recipe's cap, else the whole card), in what is free with the warm model there. Otherwise it waits
+    in pinned CPU memory (placement.Placement.park): on an H200 it stays, on a 24 or 48 GB card it goes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    cap = float(recipe["model"]["memory_budget_gib"])
+    alone = plan(recipe, cap if cap > 0 else total / GIB)
+    return alone.peak_gib <= free / GIB * HEADROOM
+
+
 def check_fits(recipe: dict, device) -> Plan | None:
     """Refuse, before anything loads, a round that the card cannot hold (one line: what and what to change)."""
     import logging

@@ -14,6 +14,13 @@ Where the card's free memory holds every component with each phase's activations
 H200, a 48 GB card), `keep_all` keeps each component on the card from its first phase on: nothing moves
 again. A process that draws once and exits (`one_shot`: an in-process `dopsd sample`) frees a component
 leaving the card instead of copying it back to CPU memory. On a CPU-only box every phase is a no-op.
+
+Where components do come and go (a 16 or 24 GB card), each keeps its CPU copy while it is on the card, in
+pinned (page-locked) memory while the pinned total stays within PIN_SHARE of the machine's memory: a pinned
+copy crosses to the card about twice as fast as pageable memory, asynchronously, and a component whose
+weights the card never changes (every one but the transformer: text encoders, the VAE) leaves by taking its
+CPU copy back, with no copy at all. The transformer's weights do change there (a version merged in, a round's
+adapters, the chain's terms), so it is copied back into its pinned copy when it leaves.
 `PhaseLog` records each named step's seconds and, on a GPU, its peak allocated memory; rounds and `dopsd
 sample` report them.
 """
@@ -42,6 +49,10 @@ def compute_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+WRITTEN = ("transformer",)  # the components whose weights a process changes on the card
+PIN_SHARE = 0.5  # of the machine's memory, at most, page-locked for CPU copies
+
+
 class Placement:
     """Moves a pipeline's components so that each phase holds only what it computes with."""
 
@@ -49,6 +60,9 @@ class Placement:
         self.pipe, self.device = pipe, torch.device(device)
         self.keep_all, self.one_shot = keep_all, one_shot
         self.phase: str | None = None
+        self.host: dict[str, dict[str, torch.Tensor]] = {}  # component -> its tensors' CPU copies, by name
+        self.pin = self.device.type == "cuda"
+        self.pinned_bytes = 0
 
     def components(self) -> dict[str, torch.nn.Module]:
         return {name: m for name, m in self.pipe.components.items() if isinstance(m, torch.nn.Module)}
@@ -64,21 +78,121 @@ class Placement:
             self.phase = phase
             return
         wanted = PHASES[phase]
-        parts = self.components()
-        for name, module in parts.items():  # leave first, so the arrivals find the room
-            if name in wanted or self.keep_all or not self.on_device(module):
-                continue
-            if self.one_shot:  # this process will not need it again: freed, not copied back
-                setattr(self.pipe, name, None)
-            else:
-                module.to("cpu")
-        del parts
-        torch.cuda.empty_cache()
+        self._clear(lambda name: name not in wanted and not self.keep_all)  # first, so the arrivals find the room
         parts = self.components()
         for name in wanted:
             if name in parts:
-                parts[name].to(self.device)
+                self._arrive(name, parts[name])
         self.phase = phase
+
+    def park(self) -> None:
+        """Every component off the card onto its CPU copy, keep_all's too (the card free for another process
+        between pictures, sampling.Sampler.rest); the next phase brings back what it computes with."""
+        if self.device.type != "cpu":
+            self._clear(lambda name: True)
+        self.phase = "idle"
+
+    def _clear(self, leaves) -> None:
+        left = False
+        for name, module in self.components().items():
+            if not leaves(name) or not self.on_device(module):
+                continue
+            if self.one_shot:  # this process will not need it again: freed, not copied back
+                setattr(self.pipe, name, None)
+                self.host.pop(name, None)
+            else:
+                self._leave(name, module)
+                left = True
+        if left and self.device.type == "cuda":
+            torch.cuda.synchronize()  # the copies back are complete before anything reads them
+        torch.cuda.empty_cache()
+
+    def _arrive(self, name: str, module: torch.nn.Module) -> None:
+        """To the card; a component that will leave again keeps its CPU copy (pinned where there is room)."""
+        if not (self.keep_all or self.one_shot):
+            kept = self.host.setdefault(name, {})
+            for key, owners, t in _tensors(module):
+                if t.device.type == "cpu" and key not in kept:
+                    kept[key] = self._pinned(t)
+                    _rebind(owners, kept[key])  # the pageable original is freed here, tensor by tensor
+        module.to(self.device, non_blocking=self.pin)
+
+    def _leave(self, name: str, module: torch.nn.Module) -> None:
+        """Back to CPU memory: onto the copy it kept (written back first where the card may have changed it)."""
+        kept = self.host.setdefault(name, {})
+        seen = set()
+        for key, owners, t in _tensors(module):
+            seen.add(key)
+            if t.device.type == "cpu":
+                continue
+            host = kept.get(key)
+            if host is None or host.shape != t.shape or host.dtype != t.dtype:  # made on the card (an adapter)
+                if host is not None:
+                    self._unpin(host)
+                host = kept[key] = self._pinned(torch.empty(t.shape, dtype=t.dtype), fresh=True)
+                self._copy_back(host, t)
+            elif name in WRITTEN:
+                self._copy_back(host, t)
+            grad = t.grad if isinstance(t, torch.nn.Parameter) else None
+            for owner, slot in _rebind(owners, host):
+                if grad is not None:  # as Module.to does: the gradient goes along (copied once, shared by ties)
+                    grad = grad if grad.device.type == "cpu" else self._copy_back(torch.empty(grad.shape, dtype=grad.dtype), grad)
+                    owner._parameters[slot[1]].grad = grad
+        for key in set(kept) - seen:  # gone on the card (an adapter removed)
+            self._unpin(kept.pop(key))
+
+    def _copy_back(self, host: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return host.copy_(t.detach(), non_blocking=self.pin and host.is_pinned())
+
+    def _pinned(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        size = t.numel() * t.element_size()
+        if not self.pin or self.pinned_bytes + size > PIN_SHARE * _machine_bytes():
+            return t
+        self.pinned_bytes += size
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if fresh else t.detach().pin_memory()
+
+    def _unpin(self, t: torch.Tensor) -> None:
+        if t.is_pinned():
+            self.pinned_bytes -= t.numel() * t.element_size()
+
+
+def _tensors(module: torch.nn.Module) -> list[tuple[str, list, torch.Tensor]]:
+    """(name, [(owning module, ('param' or 'buffer', key))], tensor) for every parameter and buffer of a module,
+    each once: a tensor tied between modules (a shared embedding) is one entry with all its owners."""
+    found: dict[int, tuple[str, list, torch.Tensor]] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for kind, table in (("param", sub._parameters), ("buffer", sub._buffers)):
+            for key, t in table.items():
+                if t is not None:
+                    entry = found.setdefault(id(t), (f"{prefix}.{key}" if prefix else key, [], t))
+                    if (sub, (kind, key)) not in entry[1]:
+                        entry[1].append((sub, (kind, key)))
+    return list(found.values())
+
+
+def _rebind(owners: list, t: torch.Tensor) -> list:
+    """Every owner's slot onto t (Module.to's way: the same Parameter object where the types allow, so an
+    optimiser's reference stays good); the owners, for what follows."""
+    made = None
+    for owner, (kind, key) in owners:
+        if kind == "buffer":
+            owner._buffers[key] = t
+            continue
+        param = owner._parameters[key]
+        if made is not None:
+            owner._parameters[key] = made
+        elif torch._has_compatible_shallow_copy_type(param, t):
+            param.data = t
+        else:
+            owner._parameters[key] = made = torch.nn.Parameter(t, requires_grad=param.requires_grad)
+    return owners
+
+
+def _machine_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 class PhaseLog:

@@ -123,6 +123,23 @@ class Sampler:
         if tiled and hasattr(self.pipe.vae, "enable_tiling"):
             self.pipe.vae.enable_tiling()
 
+    def rest(self) -> None:
+        """Between pictures (the daemon's drawing process, a dashboard's renders): the model stays on the card
+        where a round beside it would still have its room (memory.room_beside), else waits in pinned CPU
+        memory, from where the next picture brings it back."""
+        from . import memory
+
+        try:
+            stays = memory.room_beside(self.recipe, self.device)
+        except Exception as e:  # no plan (no config files, say): the card is left to others
+            import logging
+
+            logging.getLogger("dopsd").warning("memory plan unavailable (%s): the model waits in CPU memory",
+                                               str(e).splitlines()[0])
+            stays = False
+        if not stays:
+            self.place.park()
+
     def plan_batches(self) -> dict[str, int]:
         """Pictures per pipeline call, latents per VAE decode and prompts per encoder call: from the memory
         accountant on a GPU (what the card's budget holds), fixed sizes on a CPU."""

@@ -237,11 +237,18 @@ def _drawer_main(root: str, conn) -> None:
             conn.send(("ok", render(st, sampler, job)))
         except UserError as e:
             conn.send(("user", str(e)))
+            continue
         except Exception as e:  # the daemon's log has it; the CLI draws in its own process instead
             log.exception("drawing failed")
             conn.send(("failed", str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
         finally:
             st.close()
+        try:  # after the answer, so the picture does not wait for it
+            sampler.rest()
+        except Exception:
+            log.exception("moving the warm model off the card failed")
+            sampler = None  # loaded again for the next picture
 
 
 def round_words(st) -> str:

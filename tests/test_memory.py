@@ -77,8 +77,9 @@ def test_every_component_stays_on_a_card_that_holds_them_all_and_only_there():
 
 def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_leaves(monkeypatch):
     """placement.Placement on a stand-in pipeline and a stand-in card (the `meta` device: a move is visible as
-    the parameters' device): the table moves each component in and out by phase; keep_all moves each in once;
-    one_shot frees a component leaving the card, and never one that waits in CPU memory."""
+    the parameters' device): the table moves each component in and out by phase, each leaving onto the CPU
+    copy it kept, copied back only where the card may have changed it (the transformer); keep_all moves each
+    in once; one_shot frees a component leaving the card, and never one that waits in CPU memory."""
     from dopsd_continual.placement import Placement
 
     class Pipe:  # what Placement uses of a diffusers pipeline: its components, as attributes and as a dict
@@ -105,13 +106,29 @@ def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_le
         return real_to(self, device, *a, **k)
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
+    copied = []  # a stand-in card's tensors have no data: a copy back is recorded, not made
+    monkeypatch.setattr(Placement, "_copy_back", lambda self, host, t: copied.append(tuple(t.shape)) or host)
     table = pipe()
+    encoder_weight, transformer_weight = table.text_encoder.weight.data_ptr(), table.transformer.weight.data_ptr()
     place = Placement(table, "meta")
     place.use("encode")
     assert where(table) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"}
     place.use("sample")
     assert where(table) == {"text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
-    assert moves.count("cpu") == 1  # the text encoder, copied back
+    assert "cpu" not in moves and copied == []  # the text encoder left onto the CPU copy it kept: no copy at all
+    assert table.text_encoder.weight.data_ptr() == encoder_weight
+    table.transformer.register_buffer("chain_A", torch.empty(3, 2, device="meta"))  # made on the card
+    table.transformer.weight.grad = torch.zeros(2, 2, device="meta")  # a round's last gradient: copied along
+    place.use("encode")  # the transformer, whose weights the card may change, is copied back, into its own copy
+    assert where(table) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"}
+    assert sorted(copied) == [(2,), (2, 2), (2, 2), (3, 2)] and table.transformer.weight.data_ptr() == transformer_weight
+    assert table.transformer.chain_A.device.type == "cpu" and table.transformer.weight.grad.device.type == "cpu"
+    assert "cpu" not in moves
+    table.transformer.weight.grad = None
+    del table.transformer._buffers["chain_A"]  # gone while in CPU memory: its copy goes at the next departure
+    place.use("sample")
+    place.use("encode")
+    assert set(place.host["transformer"]) == {"weight", "bias"}
 
     moves.clear()
     kept = pipe()
@@ -127,6 +144,70 @@ def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_le
     place.use("encode")
     place.use("sample")
     assert where(once) == {"text_encoder": None, "transformer": "meta", "vae": "meta"} and "cpu" not in moves
+
+
+def test_the_warm_model_stays_on_a_card_only_where_a_round_beside_it_keeps_its_room(monkeypatch):
+    """memory.room_beside on a stand-in card (its free and total memory given): the warm klein-4B (its
+    transformer and VAE on the card, 7.4 GiB) stays on an H200 and on a 48 GB card (a round alone plans a 27
+    GiB peak there), and goes to CPU memory on a 24 GB card, where a `dopsd train` beside it would have to
+    plan smaller; a recipe capped at 14.5 GiB plans the same beside it there, so it stays."""
+    recipe = load_recipe(RECIPES_DIR / "flux2-klein-4b.toml")
+    s = memory.accountant(recipe).sizes
+    warm = (s["transformer"] + s["vae"]) * memory.GIB
+
+    def card(total_gib):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (int(total_gib * memory.GIB - warm), int(total_gib * memory.GIB)))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    card(139.8)
+    assert memory.room_beside(recipe, "cuda")
+    card(24.0)
+    assert not memory.room_beside(recipe, "cuda")
+    capped = {**recipe, "model": {**recipe["model"], "memory_budget_gib": 14.5}}
+    assert memory.room_beside(capped, "cuda")
+    card(48.0)
+    assert memory.room_beside(recipe, "cuda") and memory.room_beside(recipe, "cpu")
+
+
+def test_a_parked_model_leaves_the_card_whole_and_comes_back_by_phase(monkeypatch):
+    """placement.Placement.park on the stand-in card: every component leaves, keep_all's too, onto CPU
+    copies it keeps; the next phase brings back only what it computes with, and a second park copies back
+    only the transformer (the text encoder and the VAE leave onto the copies they kept)."""
+    from dopsd_continual.placement import Placement
+
+    pipe = torch.nn.Module()
+    for n in ("text_encoder", "transformer", "vae"):
+        setattr(pipe, n, torch.nn.Linear(2, 2))
+    pipe.components = {n: getattr(pipe, n) for n in ("text_encoder", "transformer", "vae")}
+    copied = []
+    monkeypatch.setattr(Placement, "_copy_back", lambda self, host, t: copied.append(t) or host)
+    place = Placement(pipe, "meta", keep_all=True)
+    place.use("encode")
+    place.use("sample")
+    assert {n: m.weight.device.type for n, m in pipe.components.items()} == dict.fromkeys(pipe.components, "meta")
+    place.park()
+    assert {n: m.weight.device.type for n, m in pipe.components.items()} == dict.fromkeys(pipe.components, "cpu")
+    assert len(copied) == 6  # no copy kept yet (keep_all): each weight and bias copied back once
+    copied.clear()
+    place.use("sample")
+    assert {n: m.weight.device.type for n, m in pipe.components.items()} == {
+        "text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
+    place.park()
+    assert len(copied) == 2 and place.phase == "idle"  # the transformer's weight and bias only
+
+
+def test_a_tied_weight_is_kept_once_and_stays_tied():
+    """A tensor two modules share (a tied embedding) has one CPU copy, and going onto it keeps the tie."""
+    from dopsd_continual.placement import _rebind, _tensors
+
+    enc = torch.nn.Linear(2, 2)
+    enc.twin = torch.nn.Linear(2, 2)
+    enc.twin.weight = enc.weight
+    entries = {key: owners for key, owners, _ in _tensors(enc)}
+    assert sorted(entries) == ["bias", "twin.bias", "weight"] and len(entries["weight"]) == 2
+    copy = torch.ones(2, 2)
+    _rebind(entries["weight"], copy)
+    assert enc.twin.weight is enc.weight and enc.weight.data_ptr() == copy.data_ptr()
 
 
 def test_plans_within_15_percent_of_every_peak_measured_on_the_card():

@@ -484,7 +484,7 @@ class Dashboard:
                         try:
                             done(render(st, sampler, spec))
                         finally:
-                            sampler.place.use("idle")
+                            sampler.rest()
                     self.jobs[job]["status"] = "done"
                 except Exception as e:  # the page says what failed; the server goes on
                     self.jobs[job].update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
