@@ -23,33 +23,14 @@ import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from .errors import ModelBusy, UserError
+from .logs import setup_logging
 from .status import _lock_path, daemon_running, read_status_file
 from .store import State, atomic_write, disk_words, is_disk_full, now, open_state, user_file_mode
 
 log = logging.getLogger("dopsd.daemon")
-
-
-def setup_logging(state: State, foreground: bool) -> None:
-    logging.raiseExceptions = False  # a log line that cannot be written (a full disk) is dropped, not a traceback
-    state.logs.mkdir(exist_ok=True, mode=0o700)
-    log_file = state.logs / "daemon.log"
-    if not log_file.exists():  # the log names the user's files: owner-only from its first line
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT, 0o600))
-    root = logging.getLogger("dopsd")
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    fh = RotatingFileHandler(state.logs / "daemon.log", maxBytes=5_000_000, backupCount=3)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(fh)
-    if foreground:
-        from rich.logging import RichHandler
-
-        root.addHandler(RichHandler(show_path=False))
 
 
 STATUS_BYTES = 16384  # daemon.json is written padded to this, so that a full disk can still take the status in place
@@ -97,7 +78,7 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
 
     threading.Thread(target=listen, daemon=True, name="dopsd-round-stop").start()
     st = open_state(Path(root))
-    setup_logging(st, foreground)  # the same log (and terminal, in the foreground) as the daemon
+    setup_logging(st.logs, foreground, who="")  # the daemon's log (and terminal, in the foreground)
     try:
         from .memory import check_fits
         from .placement import compute_device
@@ -178,7 +159,7 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self.acquire()
-        setup_logging(self.state, self.foreground)
+        setup_logging(self.state.logs, self.foreground)
         from .store import tighten_state
 
         if tighten_state(self.root):

@@ -207,19 +207,14 @@ def _drawer_main(root: str, conn) -> None:
     import signal
 
     from .errors import UserError
+    from .logs import setup_logging
     from .sampling import Sampler, render
     from .store import open_state
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's to act on: it ends this process when it goes
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging(Path(root) / "logs", who="drawing")
     log = logging.getLogger("dopsd")
-    log.setLevel(logging.INFO)
-    try:  # the daemon's log (appended to: each line whole)
-        handler = logging.FileHandler(Path(root) / "logs" / "daemon.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s drawing: %(message)s"))
-        log.addHandler(handler)
-    except OSError:
-        pass
     sampler = None
     while True:
         try:
@@ -231,7 +226,7 @@ def _drawer_main(root: str, conn) -> None:
         st = open_state(Path(root))
         try:
             if sampler is None or sampler.recipe["model"] != st.recipe["model"]:
-                sampler = None
+                sampler = None  # the old model goes before the new one loads
                 sampler = Sampler(st, prompt_cache=True)
             sampler.state = st
             conn.send(("ok", render(st, sampler, job)))

@@ -302,3 +302,34 @@ def test_ctrl_c_on_train_says_what_became_of_the_round(tmp_path):
     assert count(st.root, "rounds where status='interrupted'") == 1
     assert count(st.root, "samples where status='queued'") == 8
     st.close()
+
+
+def test_the_processes_apart_follow_the_log_the_daemon_rotates(tmp_path):
+    """A round's or the drawing process's lines land in the daemon's current log after the daemon rotates it
+    (not in a rotated file, nor in one deleted later), and only the daemon rotates."""
+    import logging
+    from logging.handlers import RotatingFileHandler
+
+    from dopsd_continual.logs import setup_logging
+
+    logger = logging.getLogger("dopsd")
+    saved = list(logger.handlers)
+    try:
+        setup_logging(tmp_path, who="drawing")
+        assert not any(isinstance(h, RotatingFileHandler) for h in logger.handlers)
+        logger.info("before the rotation")
+        daemon = RotatingFileHandler(tmp_path / "daemon.log", maxBytes=64, backupCount=3)  # the daemon's own
+        daemon.emit(logging.makeLogRecord({"msg": "x" * 100}))
+        daemon.emit(logging.makeLogRecord({"msg": "the daemon, after its rotation"}))
+        daemon.close()
+        logger.info("after the rotation")
+        current = (tmp_path / "daemon.log").read_text()
+        assert "drawing: after the rotation" in current and "the daemon, after its rotation" in current
+        rotated = "".join(f.read_text() for f in tmp_path.glob("daemon.log.*"))
+        assert "drawing: before the rotation" in rotated and "after" not in rotated
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            h.close()
+        for h in saved:
+            logger.addHandler(h)
