@@ -1,16 +1,17 @@
 """A sample request and the file it becomes: checked before any model loads, written the same way whether this
-process drew the picture or the daemon did. Imports no model library (a `dopsd sample` that the daemon
-answers stays a light process)."""
+process drew the picture or the daemon did. Imports no model library, and PIL only when a picture is made (a
+`dopsd sample` that the daemon answers stays a light process: client.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from typing import TYPE_CHECKING
 
 from .store import State, atomic_write, user_file_mode
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def image_tensor(im: Image.Image):
@@ -24,11 +25,14 @@ def image_tensor(im: Image.Image):
 def to_pil(img) -> Image.Image:
     """A (3, H, W) tensor in [0, 1] as an 8-bit picture."""
     import numpy as np
+    from PIL import Image
 
     return Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    from PIL import Image
+
     cols = cols or min(len(images), 8)
     rows = (len(images) + cols - 1) // cols
     w, h = images[0].size
@@ -51,6 +55,9 @@ def encoded(image: Image.Image, fmt: str, meta: dict) -> bytes:
     """PNG with one text chunk per field; JPEG with the fields as a JSON comment; WebP as a JSON EXIF
     ImageDescription. Every format says what made it."""
     import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     buf = io.BytesIO()
     if fmt == "PNG":

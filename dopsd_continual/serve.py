@@ -142,7 +142,8 @@ class SampleService:
                 return {"busy": round_words(st) if str(e).startswith(("round", "a round")) else str(e)}
             except (InterruptedError, DrawerGone) as e:
                 return {"gone": str(e) or "the daemon is stopping"}
-            return {"png": base64.b64encode(res["png"]).decode(), "meta": res["meta"], "phases": res["phases"]}
+            return {"png": base64.b64encode(res["png"]).decode(), "meta": res["meta"], "phases": res["phases"],
+                    "req": {k: req[k] for k in ("prompt", "version", "steps", "seed", "n")}}
         finally:
             st.close()
 
@@ -258,12 +259,14 @@ def round_words(st) -> str:
     return f"round {row[0]}, step {round((row[1] or 0) * steps)}/{steps}"
 
 
-def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
-    """The daemon's picture for a request: (PIL image, meta, phases); ("busy", words) with no_wait while a
-    round runs; None when no daemon answers (none running, or it went away): draw in this process then."""
-    from PIL import Image
+ANSWERED: list[dict | None] = []  # what the daemon answered a light `dopsd sample` (client.py) in this process
 
-    from .errors import UserError
+
+def ask_daemon_raw(root: Path, req: dict, on_wait=None, timeout: float = 5.0) -> dict | None:
+    """The daemon's last answer to a request, as it sent it ({"png", "meta", "phases", "req"}, {"busy"},
+    {"error", "user"}, {"gone"}); None when no daemon answers (none running, another account's, or it went
+    away mid-request). on_wait(words) hears each "waiting" line. Imports nothing beyond the standard library
+    (client.py's light `dopsd sample`)."""
     from .status import daemon_running, read_status_file
 
     try:
@@ -286,20 +289,35 @@ def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
             if not line:
                 return None  # the daemon went away mid-request
             msg = json.loads(line)
-            if "waiting" in msg:
-                if on_wait:
-                    on_wait(msg["waiting"])
-                continue
-            if "busy" in msg:
-                return "busy", msg["busy"]
-            if msg.get("user"):
-                raise UserError(msg["error"])
-            if "png" not in msg:  # stopping, out of memory, a bug: this process draws instead
-                return None
-            image = Image.open(io.BytesIO(base64.b64decode(msg["png"])))
-            image.load()
-            return image, msg["meta"], msg["phases"]
-    except (OSError, ValueError, KeyError, Image.DecompressionBombError):
+            if "waiting" not in msg:
+                return msg
+            if on_wait:
+                on_wait(msg["waiting"])
+    except (OSError, ValueError):
         return None
     finally:
         s.close()
+
+
+def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
+    """The daemon's picture for a request: (PIL image, meta, phases); ("busy", words) with no_wait while a
+    round runs; None when no daemon answers (none running, or it went away): draw in this process then."""
+    from PIL import Image
+
+    from .errors import UserError
+
+    msg = ANSWERED.pop() if ANSWERED else ask_daemon_raw(root, req, on_wait, timeout)
+    if msg is None:
+        return None
+    if "busy" in msg:
+        return "busy", msg["busy"]
+    if msg.get("user"):
+        raise UserError(msg["error"])
+    if "png" not in msg:  # stopping, out of memory, a bug: this process draws instead
+        return None
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(msg["png"])))
+        image.load()
+        return image, msg["meta"], msg["phases"]
+    except (OSError, ValueError, KeyError, Image.DecompressionBombError):
+        return None

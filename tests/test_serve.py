@@ -83,6 +83,48 @@ def test_the_model_never_enters_the_daemons_own_process(served):
     assert "libtorch" not in maps and "torch/lib" not in maps
 
 
+def test_a_light_process_writes_what_the_daemon_drew_and_leaves_the_rest_to_the_full_command(served):
+    """`dopsd sample` answered by the daemon loads neither the CLI's libraries nor PIL nor torch (client.py);
+    its file and output are the full command's (byte for byte above); a refusal is said by the full command,
+    in one line, with no second request."""
+    tmp, _ = served
+    state = tmp / "s"
+    probe = ("import json, sys; from dopsd_continual.cli_entry import main; main(); "
+             "sys.stderr.write(json.dumps(sorted(m for m in ('typer', 'rich', 'torch', 'PIL', 'numpy') if m in sys.modules)))")
+    for folder in (False, True):
+        out = tmp / "light" if folder else tmp / "light.png"
+        if folder:
+            out.mkdir()
+        r = subprocess.run([sys.executable, "-c", probe, "sample", PROMPT, "--seed=4", "--json", "--out", str(out),
+                            "--state", str(state)], capture_output=True, text=True, env=_env(tmp), timeout=600)
+        assert r.returncode == 0 and json.loads(r.stderr.splitlines()[-1]) == [], r.stderr
+        res = json.loads(r.stdout)
+        assert res["drawn_by"] == "daemon" and res["seed"] == 4 and res["version"] == "v5"
+        assert Path(res["path"]) == (out / "sample-v5-s4.png" if folder else out) and Path(res["path"]).exists()
+    for words in ([], ["--json"]):  # the light process's output is the full command's (asked through the daemon too)
+        args = ["sample", PROMPT, "--seed", "4", "--out", str(tmp / "same.png"), *words, "--state", str(state)]
+        light = dopsd(tmp, *args).stdout
+        full = subprocess.run([sys.executable, "-c", "from dopsd_continual.cli import app; app()", *args],
+                              capture_output=True, text=True, env=_env(tmp), timeout=600).stdout
+        if words:  # the same fields, timings apart
+            light, full = ({k: (sorted(v) if k == "phases" else v) for k, v in json.loads(o).items()} for o in (light, full))
+        assert light == full, (light, full)
+    r = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "sample", PROMPT, "--version", "v99",
+                        "--state", str(state)], capture_output=True, text=True, env=_env(tmp), timeout=600)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "v99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_light_reader_takes_what_the_full_command_takes_or_leaves_it():
+    from dopsd_continual.client import parse
+
+    a = parse(["a red circle", "--version", "v2", "--steps=8", "-n", "3", "--seed", "5", "--json", "--no-wait"])
+    assert (a["prompt"], a["version"], a["steps"], a["n"], a["seed"], a["as_json"], a["no_wait"]) == (
+        "a red circle", "v2", 8, 3, 5, True, True)
+    for argv in (["--help"], [], ["p", "q"], ["p", "--steps", "0"], ["p", "-n", "65"], ["p", "--seed", "x"],
+                 ["p", "--out"], ["p", "--frobnicate"], ["p", "-n3"], ["--", "p"]):
+        assert parse(argv) is None, argv
+
+
 def test_a_daemon_that_goes_away_mid_request_leaves_the_cli_drawing_itself(tmp_path):
     """A daemon lock held, a socket that reads the request and closes without a word: the CLI draws the same
     picture in its own process, with no alarm."""

@@ -1,0 +1,105 @@
+"""`dopsd sample` answered by a running daemon, in a light process.
+
+The command's options are read here without the CLI's libraries (typer and rich take most of a cold
+command's start), the request goes over the daemon's socket (serve.ask_daemon_raw), and the PNG file is the
+daemon's own lossless bytes, which are the bytes an in-process `dopsd sample` writes (pictures.encoded of the
+same picture and fields; another format is encoded from that picture as the full command encodes it).
+Anything else goes to the full command, with the same files and output either way: --help, an option or a
+value this reader does not take, a path the full command refuses, and every answer but a picture (no daemon,
+a busy or departed one, a refusal), which the full command is handed (serve.ANSWERED) instead of asking
+again: it says a refusal in its own words or draws in its own process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+OPTIONS = {"--version": "version", "--steps": "steps", "--seed": "seed", "-n": "n", "--out": "out", "--state": "state"}
+FLAGS = {"--json": "as_json", "--no-wait": "no_wait"}
+RANGES = {"steps": (1, 1000), "seed": (0, None), "n": (1, 64)}  # as the full command's options allow
+
+
+def parse(argv: list[str]) -> dict | None:
+    """`dopsd sample`'s arguments (after the word sample) as the full command reads them, or None for
+    anything this reader leaves to it."""
+    a = {"prompt": None, "version": None, "steps": None, "seed": 0, "n": 1, "out": None, "state": None,
+         "as_json": False, "no_wait": False}
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if arg in FLAGS:
+            a[FLAGS[arg]] = True
+        elif name in OPTIONS and name.startswith("--") and eq:
+            a[OPTIONS[name]] = value
+        elif arg in OPTIONS:
+            a[OPTIONS[arg]] = next(it, None)
+            if a[OPTIONS[arg]] is None:
+                return None
+        elif arg.startswith("-") or a["prompt"] is not None:
+            return None  # --help, an unknown option, a second argument, "--": the full command's to answer
+        else:
+            a["prompt"] = arg
+    if a["prompt"] is None:
+        return None
+    for key, (low, high) in RANGES.items():
+        if a[key] is None:
+            continue
+        try:
+            a[key] = int(a[key])
+        except ValueError:
+            return None
+        if a[key] < low or (high is not None and a[key] > high):
+            return None
+    return a
+
+
+def sample(argv: list[str]) -> bool:
+    """True when the daemon drew the picture and its file and output are written; False: run the full command
+    (told what the daemon answered, when it was asked, so that it does not ask again)."""
+    from . import serve
+    from .pictures import OUTPUT_FORMATS as formats
+    from .store import atomic_write, state_dir, user_file_mode
+
+    a = parse(argv)
+    if a is None:
+        return False
+    try:
+        root = state_dir(a["state"])
+    except Exception:
+        return False
+    out = Path(a["out"]) if a["out"] is not None else None
+    if out is not None and not out.is_dir() and (out.suffix.lower() not in formats or not out.parent.is_dir()):
+        return False  # the full command refuses it in its own words
+    req = {"prompt": a["prompt"], "version": a["version"], "steps": a["steps"], "seed": a["seed"], "n": a["n"],
+           "no_wait": a["no_wait"]}
+
+    def waiting(what: str) -> None:
+        sys.stderr.write(f"waiting for {what}\n")
+        sys.stderr.flush()
+
+    msg = serve.ask_daemon_raw(root, req, on_wait=waiting)
+    if not isinstance(msg, dict) or "png" not in msg or "req" not in msg:
+        serve.ANSWERED.append(msg)  # no daemon, a busy or departed one, a refusal: the full command takes it from here
+        return False
+    done = msg["req"]
+    default = f"sample-{done['version']}-s{done['seed']}.png"
+    path = out / default if out is not None and out.is_dir() else out if out is not None else Path(default)
+    png = base64.b64decode(msg["png"])
+    if formats[path.suffix.lower()] != "PNG":  # encoded from the same picture, as the full command does
+        import io
+
+        from PIL import Image
+
+        from .pictures import encoded
+
+        png = encoded(Image.open(io.BytesIO(png)), formats[path.suffix.lower()], msg["meta"])
+    atomic_write(path, png, mode=user_file_mode())
+    res = {"path": str(path), **done, "phases": msg["phases"], "drawn_by": "daemon"}
+    if a["as_json"]:
+        sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(f"wrote {res['path']} ({res['version']}, {res['steps']} steps, seed {res['seed']})\n")
+    return True
