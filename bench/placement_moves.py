@@ -1,16 +1,15 @@
 """What a phase switch costs where the card cannot hold every component at once (a 16 or 24 GB card): the
 switch from the text encoder's phase to sampling's (transformer and VAE arrive, the text encoder leaves) and
-back, on a recipe's real-size pipeline, three ways in one run:
+back, on a recipe's real-size pipeline, two ways in one run:
 
 - to:      each component copied back with Module.to("cpu") when it leaves and to the card when it comes
            (how components moved before);
-- kept:    placement.Placement with its CPU copies in pageable memory (PIN_SHARE = 0): a text encoder or VAE
-           leaves onto its copy with no copy at all, the transformer is copied back into its own;
-- pinned:  placement.Placement as it runs: the same, with the copies page-locked (asynchronous, about twice
-           the bandwidth); its first switch, which pins, is reported apart.
+- pinned:  placement.Placement as it runs: a component's copy is made in pinned slabs the first time it
+           leaves (its first switch back, reported apart), then each leaves onto it with no copy at all (nothing
+           changed on the card) and comes back from pinned memory, asynchronously.
 
-Medians of --cycles switches each way, seconds, and the bytes that cross. Needs a GPU: on a CPU nothing moves
-and the result says so. `python bench/placement_moves.py --recipe PATH [--cycles 5] [--out FILE]`
+Medians of --cycles switches each way, seconds, and the bytes that cross; the result file is written after each
+way. Needs a GPU: on a CPU nothing moves and the result says so. `python bench/placement_moves.py --recipe PATH [--cycles 5] [--out FILE]`
 """
 
 from __future__ import annotations
@@ -35,13 +34,12 @@ def nbytes(module) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True)
-    ap.add_argument("--cycles", type=int, default=5)
+    ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "placement_moves.json"))
     a = ap.parse_args()
 
     import torch
 
-    from dopsd_continual import placement
     from dopsd_continual.models import load_pipeline
     from dopsd_continual.placement import PHASES, Placement, compute_device
     from dopsd_continual.recipe import load_recipe
@@ -92,22 +90,16 @@ def main() -> None:
             out[f"to_{phase}_gb_per_s_arriving"] = round(crossing[phase] / 1e9 / med, 1)
         return out
 
+    result["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()}
     old_use("idle")
     result["to"] = run(old_use)
     print("to", result["to"], flush=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
     old_use("idle")
-    placement.PIN_SHARE = 0.0
-    kept = Placement(pipe, device)
-    result["kept"] = run(kept.use)
-    print("kept", result["kept"], flush=True)
-    kept.use("idle")
-    del kept
-    placement.PIN_SHARE = 0.5
     pinned = Placement(pipe, device)
     result["pinned"] = run(pinned.use)
     result["pinned"]["pinned_gib"] = round(pinned.pinned_bytes / 2**30, 3)
     print("pinned", result["pinned"], flush=True)
-    result["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()}
     Path(a.out).write_text(json.dumps(result, indent=2))
 
 

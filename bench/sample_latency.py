@@ -6,7 +6,9 @@
           before (its features on disk: no text encoder);
 - daemon: `dopsd sample` answered by a running daemon that keeps the model warm (its first answer, which loads
           the model, is reported apart), at version depth 0, 1, 5 and 20 (each depth's first answer merges the
-          chain; the median is of the repeats).
+          chain; the median is of the repeats);
+- in-process: inside one process with the model loaded, a call that draws the picture and writes its file
+          (what the daemon's answer is compared with: the floor for any process).
 
 On the toy model on a CPU by default; `--recipe PATH` measures another (a real-size random-weight recipe from
 bench/gpu_e2e.py on a GPU). Writes bench/results/sample_latency.json.
@@ -87,6 +89,25 @@ with torch.no_grad():  # the prompt as the recipe encodes it (its sequence lengt
 """
 
 
+WARM = """
+import json, statistics, sys, time
+from pathlib import Path
+from dopsd_continual.sampling import Sampler, draw
+from dopsd_continual.pictures import request, save_image
+from dopsd_continual.store import open_state
+st = open_state(Path(sys.argv[1])); runs = int(sys.argv[4])
+sampler = Sampler(st, prompt_cache=True)
+req = request(st, sys.argv[2], sys.argv[3], None, 0, 1)
+times = []
+for i in range(runs + 1):  # the first call warms the kernels and encodes the prompt; the rest are timed
+    t = time.perf_counter()
+    image, meta, _ = draw(st, req, sampler)
+    save_image(image, Path(sys.argv[5]), meta)
+    times.append(time.perf_counter() - t)
+print(json.dumps(statistics.median(times[1:])))
+"""
+
+
 def main() -> None:
     from dopsd_continual.recipe import RECIPES_DIR
     from dopsd_continual.store import init_state
@@ -136,6 +157,9 @@ def main() -> None:
                 s[f"daemon, depth {d}"] = statistics.median(rest)
         finally:
             subprocess.run([*dopsd, "daemon", "stop", "--state", str(state)], env=env, capture_output=True)
+        warm = subprocess.run([sys.executable, "-c", WARM, str(state), PROMPT, "v0", str(runs), str(tmp / "i.png")],
+                              capture_output=True, text=True, env=env, check=True)
+        s["in-process, model loaded: one call (draw and write the file)"] = json.loads(warm.stdout.splitlines()[-1])
         s["python -c pass"] = statistics.median(timed([sys.executable, "-c", "pass"], env)[0] for _ in range(runs))
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for k, v in res["seconds"].items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,13 +45,14 @@ def parse(argv: list[str]) -> dict | None:
             a["prompt"] = arg
     if a["prompt"] is None:
         return None
+    if a["state"] == "":
+        return None  # the full command reads an empty path as the current folder
     for key, (low, high) in RANGES.items():
         if a[key] is None:
             continue
-        try:
-            a[key] = int(a[key])
-        except ValueError:
+        if not re.fullmatch(r"[+-]?[0-9]+", str(a[key])):  # ASCII digits only, as the full command takes them
             return None
+        a[key] = int(a[key])
         if a[key] < low or (high is not None and a[key] > high):
             return None
     return a
@@ -58,21 +60,30 @@ def parse(argv: list[str]) -> dict | None:
 
 def sample(argv: list[str]) -> bool:
     """True when the daemon drew the picture and its file and output are written; False: run the full command
-    (told what the daemon answered, when it was asked, so that it does not ask again)."""
+    (handed what the daemon answered, when it was asked, so that it does not ask again)."""
     from . import serve
-    from .pictures import OUTPUT_FORMATS as formats
-    from .store import atomic_write, state_dir, user_file_mode
 
     a = parse(argv)
     if a is None:
         return False
     try:
+        return _sample(a, serve)
+    except KeyboardInterrupt:  # Ctrl-C while it waits for a round: as the full command ends it
+        sys.stderr.write("\nAborted!\n")
+        raise SystemExit(1) from None
+
+
+def _sample(a: dict, serve) -> bool:
+    from .pictures import OUTPUT_FORMATS as formats
+    from .store import atomic_write, state_dir, user_file_mode
+
+    try:
         root = state_dir(a["state"])
-    except Exception:
+        out = Path(a["out"]) if a["out"] is not None else None
+        if out is not None and not out.is_dir() and (out.suffix.lower() not in formats or not out.parent.is_dir()):
+            return False  # the full command refuses it in its own words
+    except Exception:  # a state path that is a file, a folder we may not read: the full command says so
         return False
-    out = Path(a["out"]) if a["out"] is not None else None
-    if out is not None and not out.is_dir() and (out.suffix.lower() not in formats or not out.parent.is_dir()):
-        return False  # the full command refuses it in its own words
     req = {"prompt": a["prompt"], "version": a["version"], "steps": a["steps"], "seed": a["seed"], "n": a["n"],
            "no_wait": a["no_wait"]}
 
@@ -81,23 +92,24 @@ def sample(argv: list[str]) -> bool:
         sys.stderr.flush()
 
     msg = serve.ask_daemon_raw(root, req, on_wait=waiting)
-    if not isinstance(msg, dict) or "png" not in msg or "req" not in msg:
-        serve.ANSWERED.append(msg)  # no daemon, a busy or departed one, a refusal: the full command takes it from here
+    try:
+        done = msg["req"]
+        default = f"sample-{done['version']}-s{done['seed']}.png"
+        path = out / default if out is not None and out.is_dir() else out if out is not None else Path(default)
+        data = base64.b64decode(msg["png"], validate=True)
+        if formats[path.suffix.lower()] != "PNG":  # encoded from the same picture, as the full command does
+            import io
+
+            from PIL import Image
+
+            from .pictures import encoded
+
+            data = encoded(Image.open(io.BytesIO(data)), formats[path.suffix.lower()], msg["meta"])
+        atomic_write(path, data, mode=user_file_mode())
+        res = {"path": str(path), **done, "phases": msg["phases"], "drawn_by": "daemon"}
+    except Exception:  # no picture (no daemon, a busy or departed one, a refusal), or a file it could not write:
+        serve.ANSWERED.append(msg)  # the full command takes it from here and says what happened in its own words
         return False
-    done = msg["req"]
-    default = f"sample-{done['version']}-s{done['seed']}.png"
-    path = out / default if out is not None and out.is_dir() else out if out is not None else Path(default)
-    png = base64.b64decode(msg["png"])
-    if formats[path.suffix.lower()] != "PNG":  # encoded from the same picture, as the full command does
-        import io
-
-        from PIL import Image
-
-        from .pictures import encoded
-
-        png = encoded(Image.open(io.BytesIO(png)), formats[path.suffix.lower()], msg["meta"])
-    atomic_write(path, png, mode=user_file_mode())
-    res = {"path": str(path), **done, "phases": msg["phases"], "drawn_by": "daemon"}
     if a["as_json"]:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
     else:

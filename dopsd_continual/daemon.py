@@ -78,7 +78,7 @@ def _round_apart(root: str, conn, foreground: bool = False) -> None:
 
     threading.Thread(target=listen, daemon=True, name="dopsd-round-stop").start()
     st = open_state(Path(root))
-    setup_logging(st.logs, foreground, who="")  # the daemon's log (and terminal, in the foreground)
+    setup_logging(st.logs, foreground, rotate=False)  # the daemon's log (and terminal, in the foreground)
     try:
         from .memory import check_fits
         from .placement import compute_device
@@ -474,7 +474,7 @@ class Daemon:
             if float(self.cfg["keep_warm_seconds"]) <= 0:
                 self.release_model()
             elif self._sampler is not None:
-                self._sampler.place.use("idle")  # kept loaded in CPU memory; the GPU holds nothing between rounds
+                self._sampler.place.park()  # kept loaded in CPU memory; the GPU holds nothing between rounds
             self.round_lock.release()
 
     def round_key(self) -> str:
@@ -606,7 +606,11 @@ class Daemon:
                             if not self.rounds_apart:  # rounds run here on a warm model: pictures share it
                                 from .sampling import render
 
-                                yield functools.partial(render, st, self.sampler(st))
+                                sampler = self.sampler(st)
+                                try:
+                                    yield functools.partial(render, st, sampler)
+                                finally:
+                                    sampler.rest()  # as the drawing process does between pictures
                                 return
                             if self._drawer is None or not self._drawer.alive():
                                 self._drawer = Drawer(self.root)
@@ -644,7 +648,10 @@ class Daemon:
                 import torch
 
                 if torch.cuda.is_available():
+                    from .placement import empty_host_cache
+
                     torch.cuda.empty_cache()
+                    empty_host_cache()  # the CPU copies' pinned slabs
             except Exception:
                 pass
 

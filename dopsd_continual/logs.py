@@ -16,23 +16,35 @@ from pathlib import Path
 LOG_BYTES, LOG_BACKUPS = 5_000_000, 3
 
 
-def setup_logging(logs: Path, foreground: bool = False, who: str | None = None) -> None:
-    """The `dopsd` logger to logs/daemon.log (and the terminal in the foreground). who: a process apart from
-    the daemon ("drawing"; a round's process passes "" to write as the daemon does), which follows the file."""
+class _Private:
+    """A log file (the first, a rotated one's successor, one reopened after a rotation) made owner-only: it
+    names the user's files."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+class _Rotating(_Private, RotatingFileHandler):
+    pass
+
+
+class _Following(_Private, WatchedFileHandler):
+    pass
+
+
+def setup_logging(logs: Path, foreground: bool = False, rotate: bool = True, who: str = "") -> None:
+    """The `dopsd` logger to logs/daemon.log (and the terminal in the foreground). The daemon rotates it; a
+    process apart from it (rotate=False: a round's, the drawing one, `who` naming it in each line) follows it."""
     logging.raiseExceptions = False  # a log line that cannot be written (a full disk) is dropped, not a traceback
     root = logging.getLogger("dopsd")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    path = logs / "daemon.log"
     try:
         logs.mkdir(exist_ok=True, mode=0o700)
-        if not path.exists():  # the log names the user's files: owner-only from its first line
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        if who is None:
-            fh = RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS)
-        else:
-            fh = WatchedFileHandler(path)
+        path = logs / "daemon.log"
+        fh = _Rotating(path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS) if rotate else _Following(path)
     except OSError:  # a full or read-only disk: the terminal (in the foreground) is all there is
         fh = None
     if fh is not None:

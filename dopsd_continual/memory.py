@@ -604,7 +604,7 @@ def budget_gib(recipe: dict, device) -> float:
     device = torch.device(device)
     if device.type != "cuda":
         return cap
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     free, _ = torch.cuda.mem_get_info(index)  # after the CUDA context, a desktop and other processes
     mine = torch.cuda.memory_reserved(index)  # what this process holds already is its to plan with
     room = (free + mine) / GIB
@@ -631,16 +631,21 @@ def placement_plan(recipe: dict, device) -> Plan | None:
 def room_beside(recipe: dict, device) -> bool:
     """Whether a model kept warm for pictures may stay on the card between them: only where a round of this
     recipe started beside it (`dopsd train`, another state's daemon) would plan exactly as on a card of its own
-    (at the recipe's cap, else the whole card), in what is free with the warm model there. Otherwise it waits
-    in pinned CPU memory (placement.Placement.park): on an H200 it stays, on a 24 or 48 GB card it goes."""
+    (at the recipe's cap, else the whole card), in what is free with the warm model there (this process's
+    cached activations handed back first). Otherwise it waits in CPU memory (placement.Placement.park)."""
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
+    torch.cuda.empty_cache()  # what the last picture's activations left cached is not the model's to keep
     free, total = torch.cuda.mem_get_info(index)
     cap = float(recipe["model"]["memory_budget_gib"])
     alone = plan(recipe, cap if cap > 0 else total / GIB)
     return alone.peak_gib <= free / GIB * HEADROOM
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def check_fits(recipe: dict, device) -> Plan | None:

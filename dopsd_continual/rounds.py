@@ -355,7 +355,7 @@ def train_candidate(rnd: Round, should_stop) -> None:
     state, sampler, cache, train = rnd.state, rnd.sampler, rnd.cache, rnd.train
     with rnd.phases("train"):
         if int(train["processes"]) > 1:  # the ranks load their own transformer: this one waits in CPU memory
-            sampler.place.use("idle")
+            sampler.place.park()
             job = {"state": str(state.root), "parent": rnd.parent, "train": train,
                    "new": [str(cache.path(s["sha256"], s["caption"])) for s in rnd.new],
                    "replay": [str(cache.path(s["sha256"], s["caption"])) for s in rnd.replay]}

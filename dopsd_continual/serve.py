@@ -11,8 +11,8 @@ daemon releases the warm model), so the daemon never imports a model library and
 One request a connection, one JSON line: {"prompt", "version", "steps", "seed", "n", "no_wait"}. The daemon
 answers with JSON lines: {"waiting": "round v7, step 120/300"} while a round holds the model (never beside a
 round, exactly as a dashboard render waits: rounds.render_turn), then {"png": base64, "meta": {...},
-"phases": {...}} or {"error": "one line"}; with no_wait, a round in progress is answered {"busy": ...} at
-once. The client writes the file itself, with the same fields an in-process `dopsd sample` writes: the same
+"phases": {...}, "req": the request as checked (its version filled in)} or {"error": "one line"}; with no_wait,
+a round in progress is answered {"busy": ...} at once. The client writes the file itself, with the same fields an in-process `dopsd sample` writes: the same
 picture, the same file. A client that gets no answer (no daemon, a daemon killed mid-request) draws in its
 own process.
 """
@@ -209,12 +209,13 @@ def _drawer_main(root: str, conn) -> None:
 
     from .errors import UserError
     from .logs import setup_logging
+    from .placement import empty_host_cache
     from .sampling import Sampler, render
     from .store import open_state
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's to act on: it ends this process when it goes
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(Path(root) / "logs", who="drawing")
+    setup_logging(Path(root) / "logs", rotate=False, who="drawing")
     log = logging.getLogger("dopsd")
     sampler = None
     while True:
@@ -228,20 +229,20 @@ def _drawer_main(root: str, conn) -> None:
         try:
             if sampler is None or sampler.recipe["model"] != st.recipe["model"]:
                 sampler = None  # the old model goes before the new one loads
+                empty_host_cache()
                 sampler = Sampler(st, prompt_cache=True)
             sampler.state = st
             conn.send(("ok", render(st, sampler, job)))
         except UserError as e:
             conn.send(("user", str(e)))
-            continue
         except Exception as e:  # the daemon's log has it; the CLI draws in its own process instead
             log.exception("drawing failed")
             conn.send(("failed", str(e).splitlines()[0] if str(e) else type(e).__name__))
-            continue
         finally:
             st.close()
-        try:  # after the answer, so the picture does not wait for it
-            sampler.rest()
+        try:  # after the answer (the picture does not wait for it), and after a failure too: a CLI drawing
+            if sampler is not None:  # in its own process instead needs the card
+                sampler.rest()
         except Exception:
             log.exception("moving the warm model off the card failed")
             sampler = None  # loaded again for the next picture
@@ -312,7 +313,7 @@ def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):
     if "busy" in msg:
         return "busy", msg["busy"]
     if msg.get("user"):
-        raise UserError(msg["error"])
+        raise UserError(str(msg.get("error", "")))
     if "png" not in msg:  # stopping, out of memory, a bug: this process draws instead
         return None
     try:

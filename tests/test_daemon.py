@@ -315,7 +315,7 @@ def test_the_processes_apart_follow_the_log_the_daemon_rotates(tmp_path):
     logger = logging.getLogger("dopsd")
     saved = list(logger.handlers)
     try:
-        setup_logging(tmp_path, who="drawing")
+        setup_logging(tmp_path, rotate=False, who="drawing")
         assert not any(isinstance(h, RotatingFileHandler) for h in logger.handlers)
         logger.info("before the rotation")
         daemon = RotatingFileHandler(tmp_path / "daemon.log", maxBytes=64, backupCount=3)  # the daemon's own
@@ -327,6 +327,10 @@ def test_the_processes_apart_follow_the_log_the_daemon_rotates(tmp_path):
         assert "drawing: after the rotation" in current and "the daemon, after its rotation" in current
         rotated = "".join(f.read_text() for f in tmp_path.glob("daemon.log.*"))
         assert "drawing: before the rotation" in rotated and "after" not in rotated
+        setup_logging(tmp_path)  # the daemon's own: its next file after a rotation is owner-only too
+        (tmp_path / "daemon.log").rename(tmp_path / "old.log")
+        logger.handlers[0].doRollover()
+        assert (tmp_path / "daemon.log").stat().st_mode & 0o777 == 0o600
     finally:
         for h in list(logger.handlers):
             logger.removeHandler(h)

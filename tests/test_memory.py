@@ -75,125 +75,168 @@ def test_every_component_stays_on_a_card_that_holds_them_all_and_only_there():
     assert not memory.plan(recipe, 14.5, keep_all=True).fits and memory.plan(recipe, 14.5).fits  # a 16 GB one not
 
 
-def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_leaves(monkeypatch):
-    """placement.Placement on a stand-in pipeline and a stand-in card (the `meta` device: a move is visible as
-    the parameters' device): the table moves each component in and out by phase, each leaving onto the CPU
-    copy it kept, copied back only where the card may have changed it (the transformer); keep_all moves each
-    in once; one_shot frees a component leaving the card, and never one that waits in CPU memory."""
-    from dopsd_continual.placement import Placement
+class _Pipe:  # what Placement uses of a diffusers pipeline: its components, as attributes and as a dict
+    def __init__(self):
+        for n in ("text_encoder", "transformer", "vae"):
+            setattr(self, n, torch.nn.Linear(2, 2))
 
-    class Pipe:  # what Placement uses of a diffusers pipeline: its components, as attributes and as a dict
-        def __init__(self):
-            for n in ("text_encoder", "transformer", "vae"):
-                setattr(self, n, torch.nn.Linear(2, 2))
+    @property
+    def components(self):
+        return {n: getattr(self, n) for n in ("text_encoder", "transformer", "vae")}
 
-        @property
-        def components(self):
-            return {n: getattr(self, n) for n in ("text_encoder", "transformer", "vae")}
 
-    pipe = Pipe
+def _where(p):
+    return {n: (m.weight.device.type if m is not None else None) for n, m in
+            ((n, getattr(p, n)) for n in ("text_encoder", "transformer", "vae"))}
 
-    def where(p):
-        return {n: (m.weight.device.type if m is not None else None) for n, m in
-                ((n, getattr(p, n)) for n in ("text_encoder", "transformer", "vae"))}
 
-    moves = []
+@pytest.fixture
+def stand_in_card(monkeypatch):
+    """The `meta` device as the card (a move is visible as the parameters' device; its tensors hold no data, so
+    a copy back to CPU memory is recorded, not made), plain CPU buffers as the pinned slabs. Yields the moves
+    Module.to made and the copies back."""
+    from dopsd_continual import placement
+
+    moves, copied = [], []
     real_to = torch.nn.Module.to
-    def to(self, device, *a, **k):  # every move recorded; a stand-in "card" has no data to copy back
+
+    def to(self, device, *a, **k):
         moves.append(str(device))
         if str(device) == "cpu" and self.weight.is_meta:
             return self.to_empty(device="cpu")
         return real_to(self, device, *a, **k)
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    copied = []  # a stand-in card's tensors have no data: a copy back is recorded, not made
-    monkeypatch.setattr(Placement, "_copy_back", lambda self, host, t: copied.append(tuple(t.shape)) or host)
-    table = pipe()
-    encoder_weight, transformer_weight = table.text_encoder.weight.data_ptr(), table.transformer.weight.data_ptr()
-    place = Placement(table, "meta")
-    place.use("encode")
-    assert where(table) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"}
-    place.use("sample")
-    assert where(table) == {"text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
-    assert "cpu" not in moves and copied == []  # the text encoder left onto the CPU copy it kept: no copy at all
-    assert table.text_encoder.weight.data_ptr() == encoder_weight
-    table.transformer.register_buffer("chain_A", torch.empty(3, 2, device="meta"))  # made on the card
-    table.transformer.weight.grad = torch.zeros(2, 2, device="meta")  # a round's last gradient: copied along
-    place.use("encode")  # the transformer, whose weights the card may change, is copied back, into its own copy
-    assert where(table) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"}
-    assert sorted(copied) == [(2,), (2, 2), (2, 2), (3, 2)] and table.transformer.weight.data_ptr() == transformer_weight
-    assert table.transformer.chain_A.device.type == "cpu" and table.transformer.weight.grad.device.type == "cpu"
-    assert "cpu" not in moves
-    table.transformer.weight.grad = None
-    del table.transformer._buffers["chain_A"]  # gone while in CPU memory: its copy goes at the next departure
-    place.use("sample")
-    place.use("encode")
-    assert set(place.host["transformer"]) == {"weight", "bias"}
+    monkeypatch.setattr(placement.Placement, "_copy_back", lambda self, host, t: copied.append(tuple(t.shape)) or host)
+    monkeypatch.setattr(placement, "_pinned_buffer", lambda size: torch.empty(size, dtype=torch.uint8))
+    monkeypatch.setattr(placement, "_pin_room", lambda size: True)
+    return moves, copied
 
-    moves.clear()
-    kept = pipe()
-    place = Placement(kept, "meta", keep_all=True)
+
+def test_a_component_leaves_onto_the_copy_it_kept_copied_back_only_where_the_card_changed_it(stand_in_card):
+    """placement.Placement's phase table on the stand-in card: a component's CPU copy is made the first time it
+    leaves and kept; leaving again takes it back with no copy unless the card changed a tensor (written in
+    place: a merged version); a tensor made on the card (a chain term) and a gradient go to plain CPU memory."""
+    from dopsd_continual.placement import Placement
+
+    moves, copied = stand_in_card
+    pipe = _Pipe()
+    place = Placement(pipe, "meta", pin=True)
+    place.use("encode")
+    assert _where(pipe) == {"text_encoder": "meta", "transformer": "cpu", "vae": "cpu"} and copied == []
+    place.use("sample")  # the text encoder leaves for the first time: its copy is made
+    assert _where(pipe) == {"text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
+    assert sorted(copied) == [(2,), (2, 2)] and "cpu" not in moves
+    encoder = pipe.text_encoder.weight.data_ptr()
+    assert place.host["text_encoder"]["weight"].data_ptr() == encoder  # a view into a slab
+    place.use("encode")  # the transformer and the VAE leave for the first time
+    transformer = pipe.transformer.weight.data_ptr()
+    copied.clear()
+    place.use("sample")  # the text encoder, unchanged, leaves again: no copy at all
+    assert copied == [] and pipe.text_encoder.weight.data_ptr() == encoder
+    with torch.no_grad():
+        pipe.transformer.weight.add_(1)  # a float32 base's merged version, written in place
+    pipe.transformer.register_buffer("chain_A", torch.empty(3, 2, device="meta"))  # made on the card
+    pipe.transformer.weight.grad = torch.zeros(2, 2, device="meta")  # a round's last gradient
+    place.use("encode")
+    assert sorted(copied) == [(2, 2), (2, 2), (3, 2)]  # the weight into its copy, its gradient, the chain term
+    assert pipe.transformer.weight.data_ptr() == transformer and "chain_A" not in place.host["transformer"]
+    assert pipe.transformer.chain_A.device.type == "cpu" and pipe.transformer.weight.grad.device.type == "cpu"
+    assert "cpu" not in moves  # never Module.to("cpu"): every leaving went onto a copy
+
+
+def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_leaves(stand_in_card):
+    """keep_all moves each component in once and never back; one_shot frees a component leaving the card (and
+    keeps no copy of anything), and never one that waits in CPU memory."""
+    from dopsd_continual.placement import Placement
+
+    moves, copied = stand_in_card
+    kept = _Pipe()
+    place = Placement(kept, "meta", keep_all=True, pin=True)
     for phase in ("features", "train", "sample", "encode", "sample", "idle"):
         place.use(phase)
-    assert where(kept) == {"text_encoder": "meta", "transformer": "meta", "vae": "meta"}
-    assert "cpu" not in moves  # nothing went back
+    assert _where(kept) == {"text_encoder": "meta", "transformer": "meta", "vae": "meta"}
+    assert "cpu" not in moves and copied == [] and place.host == {}
 
-    moves.clear()
-    once = pipe()
-    place = Placement(once, "meta", one_shot=True)
+    once = _Pipe()
+    place = Placement(once, "meta", one_shot=True, pin=True)
     place.use("encode")
     place.use("sample")
-    assert where(once) == {"text_encoder": None, "transformer": "meta", "vae": "meta"} and "cpu" not in moves
+    assert _where(once) == {"text_encoder": None, "transformer": "meta", "vae": "meta"}
+    assert "cpu" not in moves and copied == [] and place.host == {}
+
+
+def test_a_parked_model_leaves_the_card_whole_and_comes_back_by_phase(stand_in_card):
+    """placement.Placement.park: every component leaves, keep_all's too, onto copies it keeps; the next phase
+    brings back only what it computes with, and a second park copies nothing (nothing changed on the card)."""
+    from dopsd_continual.placement import Placement
+
+    moves, copied = stand_in_card
+    pipe = _Pipe()
+    place = Placement(pipe, "meta", keep_all=True, pin=True)
+    place.use("encode")
+    place.use("sample")
+    assert _where(pipe) == dict.fromkeys(pipe.components, "meta")
+    place.park()
+    assert _where(pipe) == dict.fromkeys(pipe.components, "cpu") and len(copied) == 6 and place.phase == "idle"
+    place.use("sample")
+    assert _where(pipe) == {"text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
+    place.park()
+    assert len(copied) == 6 and "cpu" not in moves
+
+
+def test_copies_are_cut_from_slabs_and_a_machine_without_room_keeps_none(monkeypatch, stand_in_card):
+    """Pinned copies are views into 256 MiB slabs (the allocator's power-of-two rounding costs nothing); where
+    pinning would leave less than half the machine's memory available, nothing is kept."""
+    from dopsd_continual import placement
+
+    place = placement.Placement(_Pipe(), "meta", pin=True)
+    tensors = [torch.empty(1000, device="meta"), torch.empty(3, 5, dtype=torch.bfloat16, device="meta")]
+    views = list(place._copies(tensors))
+    assert [v.shape for v in views] == [(1000,), (3, 5)] and views[1].dtype == torch.bfloat16
+    assert views[0].untyped_storage().data_ptr() == views[1].untyped_storage().data_ptr()  # one slab
+    assert views[0].untyped_storage().nbytes() == placement.SLAB_BYTES
+    assert placement._rounded(placement.SLAB_BYTES) == placement.SLAB_BYTES and placement._rounded(5) == 8
+    monkeypatch.setattr(placement, "_pin_room", lambda size: False)
+    pipe = _Pipe()
+    place = placement.Placement(pipe, "meta", pin=True)
+    place.use("encode")
+    place.use("sample")
+    assert place.host["text_encoder"] == {} and _where(pipe)["text_encoder"] == "cpu"
 
 
 def test_the_warm_model_stays_on_a_card_only_where_a_round_beside_it_keeps_its_room(monkeypatch):
-    """memory.room_beside on a stand-in card (its free and total memory given): the warm klein-4B (its
-    transformer and VAE on the card, 7.4 GiB) stays on an H200 and on a 48 GB card (a round alone plans a 27
-    GiB peak there), and goes to CPU memory on a 24 GB card, where a `dopsd train` beside it would have to
-    plan smaller; a recipe capped at 14.5 GiB plans the same beside it there, so it stays."""
-    recipe = load_recipe(RECIPES_DIR / "flux2-klein-4b.toml")
-    s = memory.accountant(recipe).sizes
-    warm = (s["transformer"] + s["vae"]) * memory.GIB
-
-    def card(total_gib):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (int(total_gib * memory.GIB - warm), int(total_gib * memory.GIB)))
-
+    """memory.room_beside on a stand-in card (its free and total memory given, what the warm model holds taken
+    from the free): klein-4B kept whole on the card (transformer, VAE and text encoder: 14.9 GiB) stays on an
+    H200 and on a 48 GB card (a round alone there plans a 27 GiB peak), and goes to CPU memory on a 24 GB card,
+    where a `dopsd train` beside it would have to plan smaller; capped at 14.5 GiB (a 16 GB card's plan), a
+    round on a 32 GB card plans the same beside it, so it stays there. Z-Image kept whole (19.1 GiB) goes on a
+    48 GB card (a 31.2 GiB round)."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    card(139.8)
-    assert memory.room_beside(recipe, "cuda")
-    card(24.0)
-    assert not memory.room_beside(recipe, "cuda")
-    capped = {**recipe, "model": {**recipe["model"], "memory_budget_gib": 14.5}}
-    assert memory.room_beside(capped, "cuda")
-    card(48.0)
-    assert memory.room_beside(recipe, "cuda") and memory.room_beside(recipe, "cpu")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
+    def card(recipe, total_gib):
+        s = memory.accountant(recipe).sizes
+        warm = (s["transformer"] + s["vae"] + s["text_encoder"]) * memory.GIB
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (int(total_gib * memory.GIB - warm),
+                                                                        int(total_gib * memory.GIB)))
 
-def test_a_parked_model_leaves_the_card_whole_and_comes_back_by_phase(monkeypatch):
-    """placement.Placement.park on the stand-in card: every component leaves, keep_all's too, onto CPU
-    copies it keeps; the next phase brings back only what it computes with, and a second park copies back
-    only the transformer (the text encoder and the VAE leave onto the copies they kept)."""
-    from dopsd_continual.placement import Placement
-
-    pipe = torch.nn.Module()
-    for n in ("text_encoder", "transformer", "vae"):
-        setattr(pipe, n, torch.nn.Linear(2, 2))
-    pipe.components = {n: getattr(pipe, n) for n in ("text_encoder", "transformer", "vae")}
-    copied = []
-    monkeypatch.setattr(Placement, "_copy_back", lambda self, host, t: copied.append(t) or host)
-    place = Placement(pipe, "meta", keep_all=True)
-    place.use("encode")
-    place.use("sample")
-    assert {n: m.weight.device.type for n, m in pipe.components.items()} == dict.fromkeys(pipe.components, "meta")
-    place.park()
-    assert {n: m.weight.device.type for n, m in pipe.components.items()} == dict.fromkeys(pipe.components, "cpu")
-    assert len(copied) == 6  # no copy kept yet (keep_all): each weight and bias copied back once
-    copied.clear()
-    place.use("sample")
-    assert {n: m.weight.device.type for n, m in pipe.components.items()} == {
-        "text_encoder": "cpu", "transformer": "meta", "vae": "meta"}
-    place.park()
-    assert len(copied) == 2 and place.phase == "idle"  # the transformer's weight and bias only
+    klein = load_recipe(RECIPES_DIR / "flux2-klein-4b.toml")
+    zimage = load_recipe(RECIPES_DIR / "z-image-turbo.toml")
+    card(klein, 139.8)
+    assert memory.room_beside(klein, "cuda")
+    card(klein, 24.0)
+    assert not memory.room_beside(klein, "cuda")
+    capped = {**klein, "model": {**klein["model"], "memory_budget_gib": 14.5}}
+    assert not memory.room_beside(capped, "cuda")
+    card(klein, 32.0)
+    assert memory.room_beside(capped, "cuda") and not memory.room_beside(klein, "cuda")
+    card(klein, 48.0)
+    assert memory.room_beside(klein, "cuda") and memory.room_beside(klein, "cpu")
+    card(zimage, 48.0)
+    assert not memory.room_beside(zimage, "cuda")
+    card(zimage, 139.8)
+    assert memory.room_beside(zimage, "cuda")
 
 
 def test_a_tied_weight_is_kept_once_and_stays_tied():

@@ -121,7 +121,8 @@ def test_the_light_reader_takes_what_the_full_command_takes_or_leaves_it():
     assert (a["prompt"], a["version"], a["steps"], a["n"], a["seed"], a["as_json"], a["no_wait"]) == (
         "a red circle", "v2", 8, 3, 5, True, True)
     for argv in (["--help"], [], ["p", "q"], ["p", "--steps", "0"], ["p", "-n", "65"], ["p", "--seed", "x"],
-                 ["p", "--out"], ["p", "--frobnicate"], ["p", "-n3"], ["--", "p"]):
+                 ["p", "--out"], ["p", "--frobnicate"], ["p", "-n3"], ["--", "p"], ["p", "--seed", "\u0663"],
+                 ["p", "--state="], ["p", "--steps", "1_0"]):
         assert parse(argv) is None, argv
 
 
@@ -150,10 +151,13 @@ def test_a_daemon_that_goes_away_mid_request_leaves_the_cli_drawing_itself(tmp_p
     t.start()
     try:
         r = dopsd(tmp_path, "sample", PROMPT, "--out", tmp_path / "a.png", "--json", "--state", tmp_path / "s")
+        server.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no second request waits in the socket's queue
+            server.accept()
     finally:
         os.close(lock)
         server.close()
-    assert json.loads(got[0])["prompt"] == PROMPT  # it asked the daemon first
+    assert json.loads(got[0])["prompt"] == PROMPT  # it asked the daemon first, and once
     assert json.loads(r.stdout)["drawn_by"] == "this process" and "Traceback" not in r.stderr
     from dopsd_continual.sampling import sample
 
