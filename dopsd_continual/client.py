@@ -1,26 +1,74 @@
-"""`dopsd sample` answered by a running daemon, in a light process.
+"""`dopsd sample` answered by a running daemon, in a light process; and the client's side of the daemon's socket.
 
 The command's options are read here without the CLI's libraries (typer and rich take most of a cold
-command's start), the request goes over the daemon's socket (serve.ask_daemon_raw), and the PNG file is the
-daemon's own lossless bytes, which are the bytes an in-process `dopsd sample` writes (pictures.encoded of the
-same picture and fields; another format is encoded from that picture as the full command encodes it).
-Anything else goes to the full command, with the same files and output either way: --help, an option or a
-value this reader does not take, a path the full command refuses, and every answer but a picture (no daemon,
-a busy or departed one, a refusal), which the full command is handed (serve.ANSWERED) instead of asking
-again: it says a refusal in its own words or draws in its own process.
+command's start), the request goes over the daemon's socket (ask_daemon_raw; serve.py is the daemon's side),
+and the PNG file is the daemon's own lossless bytes, which are the bytes an in-process `dopsd sample` writes
+(pictures.encoded of the same picture and fields; another format is encoded from that picture as the full
+command encodes it). Anything else goes to the full command, with the same files and output either way:
+--help, an option or a value this reader does not take, a path the full command refuses, and every answer but
+a picture (no daemon, a busy or departed one, a refusal), which the full command is handed (ANSWERED) instead
+of asking again: it says a refusal in its own words or draws in its own process. Imports nothing beyond the
+standard library and this package's light modules (files, pictures, status) until a picture needs PIL.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import socket
+import struct
 import sys
 from pathlib import Path
 
 OPTIONS = {"--version": "version", "--steps": "steps", "--seed": "seed", "-n": "n", "--out": "out", "--state": "state"}
 FLAGS = {"--json": "as_json", "--no-wait": "no_wait"}
 RANGES = {"steps": (1, 1000), "seed": (0, None), "n": (1, 64)}  # as the full command's options allow
+
+
+ANSWERED: list[dict | None] = []  # what the daemon answered a light `dopsd sample` (client.py) in this process
+
+
+def ask_daemon_raw(root: Path, req: dict, on_wait=None, timeout: float = 5.0) -> dict | None:
+    """The daemon's last answer to a request, as it sent it ({"png", "meta", "phases", "req"}, {"busy"},
+    {"error", "user"}, {"gone"}); None when no daemon answers (none running, another account's, or it went
+    away mid-request). on_wait(words) hears each "waiting" line."""
+    from .status import daemon_running, read_status_file
+
+    try:
+        path = read_status_file(root).get("sample_socket") if daemon_running(root) else None
+    except OSError:  # a state we cannot lock-test (read-only): no daemon to ask
+        path = None
+    if not path:
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        if _peer_uid(s) != os.getuid():  # only our own daemon hears our prompts and writes our files
+            return None
+        s.settimeout(None)  # the picture takes what it takes; a daemon that dies closes the socket
+        s.sendall(json.dumps(req).encode() + b"\n")
+        f = s.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                return None  # the daemon went away mid-request
+            msg = json.loads(line)
+            if "waiting" not in msg:
+                return msg
+            if on_wait:
+                on_wait(msg["waiting"])
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def parse(argv: list[str]) -> dict | None:
@@ -61,21 +109,19 @@ def parse(argv: list[str]) -> dict | None:
 def sample(argv: list[str]) -> bool:
     """True when the daemon drew the picture and its file and output are written; False: run the full command
     (handed what the daemon answered, when it was asked, so that it does not ask again)."""
-    from . import serve
-
     a = parse(argv)
     if a is None:
         return False
     try:
-        return _sample(a, serve)
+        return _sample(a)
     except KeyboardInterrupt:  # Ctrl-C while it waits for a round: as the full command ends it
         sys.stderr.write("\nAborted!\n")
         raise SystemExit(1) from None
 
 
-def _sample(a: dict, serve) -> bool:
+def _sample(a: dict) -> bool:
+    from .files import atomic_write, state_dir, user_file_mode
     from .pictures import OUTPUT_FORMATS as formats
-    from .store import atomic_write, state_dir, user_file_mode
 
     try:
         root = state_dir(a["state"])
@@ -91,7 +137,7 @@ def _sample(a: dict, serve) -> bool:
         sys.stderr.write(f"waiting for {what}\n")
         sys.stderr.flush()
 
-    msg = serve.ask_daemon_raw(root, req, on_wait=waiting)
+    msg = ask_daemon_raw(root, req, on_wait=waiting)
     try:
         done = msg["req"]
         default = f"sample-{done['version']}-s{done['seed']}.png"
@@ -108,7 +154,7 @@ def _sample(a: dict, serve) -> bool:
         atomic_write(path, data, mode=user_file_mode())
         res = {"path": str(path), **done, "phases": msg["phases"], "drawn_by": "daemon"}
     except Exception:  # no picture (no daemon, a busy or departed one, a refusal), or a file it could not write:
-        serve.ANSWERED.append(msg)  # the full command takes it from here and says what happened in its own words
+        ANSWERED.append(msg)  # the full command takes it from here and says what happened in its own words
         return False
     if a["as_json"]:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .store import State, atomic_write, user_file_mode
+from .files import atomic_write, user_file_mode
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from .store import State
 
 
 def image_tensor(im: Image.Image):

@@ -27,9 +27,10 @@ import logging
 import os
 import socket
 import socketserver
-import struct
 import threading
 from pathlib import Path
+
+from .client import ANSWERED, _peer_uid, ask_daemon_raw  # noqa: F401 (the client's side of the socket)
 
 log = logging.getLogger("dopsd.daemon")
 SOCKET_NAME = "sample.sock"
@@ -55,11 +56,6 @@ def _own_private_dir(folder: Path) -> None:
     st = os.lstat(folder)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise OSError(f"{folder} is not a folder of this account's alone: no sample socket there")
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
 
 
 class SampleService:
@@ -258,46 +254,6 @@ def round_words(st) -> str:
         return "a round"
     steps = int(st.recipe["train"]["steps"])
     return f"round {row[0]}, step {round((row[1] or 0) * steps)}/{steps}"
-
-
-ANSWERED: list[dict | None] = []  # what the daemon answered a light `dopsd sample` (client.py) in this process
-
-
-def ask_daemon_raw(root: Path, req: dict, on_wait=None, timeout: float = 5.0) -> dict | None:
-    """The daemon's last answer to a request, as it sent it ({"png", "meta", "phases", "req"}, {"busy"},
-    {"error", "user"}, {"gone"}); None when no daemon answers (none running, another account's, or it went
-    away mid-request). on_wait(words) hears each "waiting" line. Imports nothing beyond the standard library
-    (client.py's light `dopsd sample`)."""
-    from .status import daemon_running, read_status_file
-
-    try:
-        path = read_status_file(root).get("sample_socket") if daemon_running(root) else None
-    except OSError:  # a state we cannot lock-test (read-only): no daemon to ask
-        path = None
-    if not path:
-        return None
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(timeout)
-        s.connect(path)
-        if _peer_uid(s) != os.getuid():  # only our own daemon hears our prompts and writes our files
-            return None
-        s.settimeout(None)  # the picture takes what it takes; a daemon that dies closes the socket
-        s.sendall(json.dumps(req).encode() + b"\n")
-        f = s.makefile("rb")
-        while True:
-            line = f.readline()
-            if not line:
-                return None  # the daemon went away mid-request
-            msg = json.loads(line)
-            if "waiting" not in msg:
-                return msg
-            if on_wait:
-                on_wait(msg["waiting"])
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
 
 
 def ask_daemon(root: Path, req: dict, on_wait=None, timeout: float = 5.0):

@@ -9,8 +9,10 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .store import State, round_alive, shown_status
+if TYPE_CHECKING:  # the store is imported where a status is made: the light `dopsd sample` asks only if a daemon runs
+    from .store import State
 
 
 def _lock_path(root: Path) -> Path:
@@ -44,6 +46,8 @@ def read_status_file(root: Path) -> dict:
 
 
 def status(state: State) -> dict:
+    from .store import round_alive, shown_status
+
     running = daemon_running(state.root)
     info = read_status_file(state.root) if running else {}
     shown, queue = shown_status(state), {}

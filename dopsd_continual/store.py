@@ -8,7 +8,6 @@ import json
 import os
 import sqlite3
 import stat
-import threading
 import time
 import tomllib
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RoundBusy, UserError
+from .files import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir, state_dir, user_file_mode  # noqa: F401 (the store's words too)
 from .recipe import load_recipe, resolve_recipe_path
 
 if TYPE_CHECKING:
@@ -29,42 +29,6 @@ SAMPLE_STATUSES = ("queued", "training", "used", "dropped", "set_aside")
 
 def now() -> float:
     return time.time()
-
-
-def state_dir(explicit: str | Path | None = None) -> Path:
-    root = Path(explicit or os.environ.get("DOPSD_STATE") or "state").resolve()
-    if root.exists() and not root.is_dir():
-        raise UserError(f"state path {root} is a file, not a state directory")
-    return root
-
-
-PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the state is its owner's alone (docs/security.md)
-
-
-def user_file_mode() -> int:
-    """The mode a file the user made would have: 0666 less the umask (for what leaves the state)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
-    """temp file + fsync + rename (+ fsync of the folder): readers see the old file or the new one. The file
-    has `mode` from its first byte (owner-only unless the caller writes for the user: user_file_mode())."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # per writer, threads too
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        os.fchmod(fd, mode)  # a leftover temp of another mode, or a umask wider than asked, is narrowed too
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
-        raise
-    fsync_dir(path.parent)
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -184,14 +148,6 @@ def shown_status(state: State):
     if any(round_alive(state.root, pid) for (pid,) in state.conn.execute("select pid from rounds where status = 'running'")):
         return lambda s: s
     return lambda s: "queued" if s == "training" else s
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
