@@ -43,10 +43,18 @@ from dopsd_continual.toy.world import random_scene, render  # noqa: E402
 
 
 def proc_stats(pid: int) -> dict:
+    """Resident memory (and its part in anonymous pages: the heap, as against mapped library files), open
+    descriptors and threads."""
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     field = {ln.split(":")[0]: ln.split(":")[1].strip() for ln in status if ":" in ln}
-    return {"rss_mb": int(field["VmRSS"].split()[0]) / 1024, "threads": int(field["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {"rss_mb": int(field["VmRSS"].split()[0]) / 1024, "rss_anon_mb": int(field["RssAnon"].split()[0]) / 1024,
+            "threads": int(field["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def slope(rows: list[dict], key: str) -> float:
+    """Least-squares growth of key per round over these rows."""
+    xs, ys = np.array([r["round"] for r in rows], float), np.array([r[key] for r in rows], float)
+    return float(np.polyfit(xs, ys, 1)[0]) if len(rows) > 2 else 0.0
 
 
 def finished_rounds(db: Path) -> list[tuple]:
@@ -223,7 +231,16 @@ def main() -> None:
                 return round(sum(r[k] for r in rs) / len(rs), 2)
 
             result["summary"] = {k: {"rounds_6_to_15": mean(first, k), "last_10": mean(last, k)}
-                                 for k in ("rss_mb", "fds", "threads", "disk_total_mb")}
+                                 for k in ("rss_mb", "rss_anon_mb", "fds", "threads", "disk_total_mb") if k in rows[0]}
+            # resident memory's growth per round: the first daemon's rounds after its first five, in halves, and the
+            # daemon restarted after the kill -9 from its own sixth round on
+            killed = next((e["after_round"] for e in result["events"] if e["event"] == "kill -9"), len(rows))
+            before = [r for r in rows if 5 < r["round"] <= killed]
+            after = [r for r in rows if r["round"] > killed + 5]
+            half = len(before) // 2
+            result["summary"]["rss_mb_per_round"] = {
+                f"rounds {part[0]['round']}-{part[-1]['round']}": round(slope(part, "rss_mb"), 4)
+                for part in (before[:half], before[half:], after) if len(part) > 2}
             kinds = sorted({k for r in rows for k in r["disk_bytes"]})
 
             def mb(rs, k):

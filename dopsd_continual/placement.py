@@ -94,10 +94,14 @@ class Placement:
         self._clear(lambda name: name not in wanted and not self.keep_all)  # first, so the arrivals find the room
         parts = self.components()
         for name in wanted:
-            if name in parts:
-                parts[name].to(self.device, non_blocking=self.pin)
-                kept = self.host.get(name, {})
-                self.arrived[name] = {key: _fingerprint(t) for key, _, t in _tensors(parts[name]) if key in kept}
+            if name not in parts:
+                continue
+            kept = self.host.get(name, {})
+            coming = [key for key, _, t in _tensors(parts[name]) if key in kept and t.device.type == "cpu"]
+            parts[name].to(self.device, non_blocking=self.pin)
+            if coming:  # as each arrives (one already on the card keeps what it was when it came)
+                now = {key: t for key, _, t in _tensors(parts[name])}
+                self.arrived.setdefault(name, {}).update({key: _fingerprint(now[key]) for key in coming})
         self.phase = phase
 
     def park(self) -> None:

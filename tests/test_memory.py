@@ -143,6 +143,15 @@ def test_a_component_leaves_onto_the_copy_it_kept_copied_back_only_where_the_car
     assert pipe.transformer.weight.data_ptr() == transformer and "chain_A" not in place.host["transformer"]
     assert pipe.transformer.chain_A.device.type == "cpu" and pipe.transformer.weight.grad.device.type == "cpu"
     assert "cpu" not in moves  # never Module.to("cpu"): every leaving went onto a copy
+    copied.clear()
+    pipe.transformer.weight.grad = None
+    del pipe.transformer._buffers["chain_A"]
+    place.use("sample")
+    with torch.no_grad():
+        pipe.transformer.bias.add_(1)  # changed on the card, then a phase that keeps it there: still seen
+    place.use("train")
+    place.use("encode")
+    assert copied == [(2,)]
 
 
 def test_a_kept_component_never_moves_again_and_a_one_shot_process_frees_what_leaves(stand_in_card):
