@@ -115,6 +115,36 @@ def browse(state: Path, stop: threading.Event, seen: dict) -> None:
                 seen["last_error"] = str(e)[:200]
 
 
+def summarize(result: dict) -> None:
+    """result["summary"]: the means of rounds 6-15 against the last 10 (memory, descriptors, threads, disk by kind)
+    and resident memory's growth per round."""
+    rows = result["rows"]
+    if len(rows) >= 20:
+        first, last = rows[5:15], rows[-10:]
+
+        def mean(rs, k):
+            return round(sum(r[k] for r in rs) / len(rs), 2)
+
+        result["summary"] = {k: {"rounds_6_to_15": mean(first, k), "last_10": mean(last, k)}
+                             for k in ("rss_mb", "rss_anon_mb", "fds", "threads", "disk_total_mb") if k in rows[0]}
+        # resident memory's growth per round: the first daemon's rounds after its first five, in halves, and the
+        # daemon restarted after the kill -9 from its own sixth round on
+        killed = next((e["after_round"] for e in result["events"] if e["event"] == "kill -9"), len(rows))
+        before = [r for r in rows if 5 < r["round"] <= killed]
+        after = [r for r in rows if r["round"] > killed + 5]
+        half = len(before) // 2
+        result["summary"]["rss_mb_per_round"] = {
+            f"rounds {part[0]['round']}-{part[-1]['round']}": round(slope(part, "rss_mb"), 4)
+            for part in (before[:half], before[half:], after) if len(part) > 2}
+        kinds = sorted({k for r in rows for k in r["disk_bytes"]})
+
+        def mb(rs, k):
+            return round(sum(r["disk_bytes"].get(k, 0) for r in rs) / len(rs) / 2**20, 2)
+
+        result["summary"]["disk_mb_by_kind"] = {k: {"rounds_6_to_15": mb(first, k), "last_10": mb(last, k)}
+                                                for k in kinds}
+
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO), DOPSD_STABILITY_SECONDS="0")
 
 
@@ -223,31 +253,7 @@ def main() -> None:
             result["samples_by_status"] = dict(c.execute("select status, count(*) from samples group by status"))
         finally:
             c.close()
-        rows = result["rows"]
-        if len(rows) >= 20:
-            first, last = rows[5:15], rows[-10:]
-
-            def mean(rs, k):
-                return round(sum(r[k] for r in rs) / len(rs), 2)
-
-            result["summary"] = {k: {"rounds_6_to_15": mean(first, k), "last_10": mean(last, k)}
-                                 for k in ("rss_mb", "rss_anon_mb", "fds", "threads", "disk_total_mb") if k in rows[0]}
-            # resident memory's growth per round: the first daemon's rounds after its first five, in halves, and the
-            # daemon restarted after the kill -9 from its own sixth round on
-            killed = next((e["after_round"] for e in result["events"] if e["event"] == "kill -9"), len(rows))
-            before = [r for r in rows if 5 < r["round"] <= killed]
-            after = [r for r in rows if r["round"] > killed + 5]
-            half = len(before) // 2
-            result["summary"]["rss_mb_per_round"] = {
-                f"rounds {part[0]['round']}-{part[-1]['round']}": round(slope(part, "rss_mb"), 4)
-                for part in (before[:half], before[half:], after) if len(part) > 2}
-            kinds = sorted({k for r in rows for k in r["disk_bytes"]})
-
-            def mb(rs, k):
-                return round(sum(r["disk_bytes"].get(k, 0) for r in rs) / len(rs) / 2**20, 2)
-
-            result["summary"]["disk_mb_by_kind"] = {k: {"rounds_6_to_15": mb(first, k), "last_10": mb(last, k)}
-                                                    for k in kinds}
+        summarize(result)
         save()
         if mounted:
             unmount(disk)

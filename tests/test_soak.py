@@ -35,3 +35,26 @@ def test_a_short_soak_pauses_on_a_full_disk_survives_a_kill_and_loses_no_pair(tm
     assert set(by_status) <= {"used", "queued"}, by_status  # none left 'training', none dropped
     assert res["rows"][-1]["dashboard"].get("pages", 0) > 0
     assert res["tracebacks_in_logs"] == 0 and "Traceback" not in said
+
+
+def test_the_soak_summary_reads_growth_per_round_from_the_rows_of_each_daemons_life(monkeypatch):
+    """bench/soak.py's summary on made-up rows: flat memory reads 0 per round; a creep of 0.1 MB a round reads
+    0.1 in each half of the first daemon's life; the restarted daemon's first five rounds are left out."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import soak
+
+    def rows(step):
+        out = []
+        for i in range(1, 61):
+            rss = 60 + (step * i if i <= 40 else 55 + step * (i - 40))  # the daemon restarted after round 40, lower
+            out.append({"round": i, "rss_mb": rss, "fds": 24, "threads": 12, "disk_total_mb": 9.0,
+                        "disk_bytes": {"features": 1 << 20}})
+        return out
+
+    for step, want in ((0.0, 0.0), (0.1, 0.1)):
+        result = {"rows": rows(step), "events": [{"event": "kill -9", "after_round": 40}]}
+        soak.summarize(result)
+        per = result["summary"]["rss_mb_per_round"]
+        assert list(per) == ["rounds 6-22", "rounds 23-40", "rounds 46-60"], per
+        assert all(abs(v - want) < 1e-6 for v in per.values()), per
+        assert result["summary"]["disk_mb_by_kind"]["features"] == {"rounds_6_to_15": 1.0, "last_10": 1.0}
