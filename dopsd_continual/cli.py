@@ -75,7 +75,7 @@ def _open(state: Path | None, writes: str | None = None):
 
 @app.command()
 def init(
-    recipe: str | None = typer.Option(None, "--recipe", help="recipe TOML path or shipped name"),
+    recipe: str | None = typer.Option(None, "--recipe", help="recipe TOML path or shipped name (default: the toy model, toy-shapes)"),
     watch: list[Path] = typer.Option([], "--watch", help="folder to watch (repeatable)"),
     force: bool = typer.Option(False, "--force", help="switch a state with versions to another model (active becomes v0)"),
     state: Path | None = STATE_OPT,

@@ -708,7 +708,7 @@ def start_background(root: Path, timeout: float = 180.0) -> int:
         info = read_status_file(root)
         raise UserError(f"a daemon is already running for {root} (pid {info.get('pid', '?')})")
     (root / "logs").mkdir(exist_ok=True, mode=0o700)
-    out = open(root / "logs" / "daemon.stdout", "ab")
+    out = open(os.open(root / "logs" / "daemon.stdout", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(root)],
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     t = time.time()

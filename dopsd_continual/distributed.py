@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
+from .files import private_dirs
 
 JOB, PROGRESS, RESULT, DELTA = "job.json", "progress.json", "result.json", "delta.safetensors"
 
@@ -92,7 +93,8 @@ def train_in_processes(state, job_dir: Path, job: dict, n: int, device_type: str
 
     if job_dir.exists():
         shutil.rmtree(job_dir)
-    job_dir.mkdir(parents=True, mode=0o700)
+    private_dirs(job_dir.parent)
+    job_dir.mkdir(mode=0o700)
     (job_dir / JOB).write_text(json.dumps(job))
     config = {  # the launch is hermetic: a user's ~/.cache/huggingface/accelerate/default_config.yaml is not read
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_processes": n, "num_machines": 1,

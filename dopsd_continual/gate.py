@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from . import judges
 from .checks import ALWAYS, checks
 from .families import family
+from .files import private_dirs
 from .store import State, atomic_write, load_compact, save_compact
 
 REPORT_CELL_PX = 256  # the side a report's pictures are shown at, at most: reports are kept for ever
@@ -183,7 +184,7 @@ class Gate:
                 path.unlink(missing_ok=True)
         imgs = self.sampler.images(prompts, seeds, steps, vid, references=refs)
         if not self.state.readonly:  # a read-only state is evaluated without keeping the samples
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(path.parent)
             save_compact({"images": imgs}, path)  # bf16 where that is exact: a bf16 model's pictures
         return imgs
 

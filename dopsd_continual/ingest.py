@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
+from .files import private_dirs
 from .store import State, fsync_dir, now
 
 register_heif_opener()  # HEIC/HEIF through pillow-heif; Pillow reads AVIF itself
@@ -330,7 +331,7 @@ def _write_blob(state: State, digest: str, ext: str, data: bytes) -> Path:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(path.parent)
         return _write_blob(state, digest, ext, data)
     except FileExistsError:
         if path.stat().st_size == len(data):

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .families import family
+from .files import private_dirs
 from .models import hf_cached, quiet_libraries, resolve_source
 
 GIB = 2**30
@@ -429,7 +430,7 @@ class Accountant:
         try:
             from .store import atomic_write
 
-            self._file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(self._file.parent)
             atomic_write(self._file, json.dumps({"sizes": self.sizes, "counts": self._counts}).encode())
         except OSError:
             pass  # an unwritable cache only costs the next plan its seconds

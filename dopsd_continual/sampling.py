@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .families import family
+from .files import private_dirs
 from .models import load_pipeline
 from .pictures import OUTPUT_FORMATS, grid, image_tensor, output_path, request, save_image, to_pil  # noqa: F401 (sampling's own words)
 from .placement import PhaseLog, Placement, compute_device
@@ -84,7 +85,7 @@ class PromptCache:
         if path is None:
             return
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(self.dir)
             tmp = path.with_name(path.name + ".tmp")
             save_compact({"features": feats}, tmp)
             tmp.replace(path)

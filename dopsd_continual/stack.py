@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .files import private_dirs
 from .store import State, foreign_versions, fsync_dir, now
 
 if TYPE_CHECKING:  # torch stays out of processes that only list versions or idle (the daemon)
@@ -49,7 +50,8 @@ def write_version(state: State, vid: str, parent: str, delta: Delta, meta: dict)
         raise UserError(f"version {vid} already exists")
     tmp = state.adapters / f".tmp-{vid}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, mode=0o700)
+    private_dirs(tmp.parent)
+    tmp.mkdir(mode=0o700)
     delta.save(tmp / "delta.safetensors", {"version": vid, "parent": parent})
     manifest = {
         "version": vid,

@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from .families import Backend
+from .files import private_dirs
 from .lora import Delta, from_peft, resolve_targets
 from .quant import quantize_int8, restore
 
@@ -39,7 +40,7 @@ class FeatureCache:
 
     def __init__(self, root: Path, encoder_id: str):
         self.dir = Path(root) / encoder_id
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(self.dir)
         self.hits = self.misses = 0
 
     def path(self, sha: str, caption: str) -> Path:

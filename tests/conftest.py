@@ -7,9 +7,12 @@ from PIL import Image
 
 os.environ.setdefault("DOPSD_STABILITY_SECONDS", "0")
 if "DOPSD_CACHE_DIR" not in os.environ:  # the memory accountant's counts: one temporary cache for the whole run
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["DOPSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="dopsd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DOPSD_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

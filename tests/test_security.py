@@ -181,3 +181,23 @@ def test_a_stopped_server_with_event_streams_open_logs_no_traceback(root, capfd)
         err = capfd.readouterr().err
         assert "Traceback" not in err and "CancelledError" not in err and "ERROR" not in err, (how, err)
     assert set(Path(tempfile.gettempdir()).glob("dopsd-ui-*")) == before  # no temporary folder left by a server
+
+
+def test_folders_made_on_the_way_are_owner_only_too(state, tmp_path):
+    """A prompt's features (state/cache/prompts/<encoder>/) and any folder made with its parents are 0700 at
+    every level, whatever the umask."""
+    import torch
+
+    from dopsd_continual.files import private_dirs
+    from dopsd_continual.sampling import PromptCache
+
+    old = os.umask(0o022)
+    try:
+        cache = PromptCache(state)
+        cache.put("a red circle", torch.zeros(2, 3))
+        for p in (state.cache / "prompts", cache.dir, cache.path("a red circle")):
+            assert mode(p) & 0o077 == 0, (p, oct(mode(p)))
+        private_dirs(tmp_path / "a" / "b" / "c")
+        assert [mode(tmp_path / x) for x in ("a", "a/b", "a/b/c")] == [0o700] * 3
+    finally:
+        os.umask(old)
