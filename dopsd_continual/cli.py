@@ -552,7 +552,7 @@ def sample(
 ) -> None:
     """Sample from any version (merged weights; PNG text chunks carry prompt, seed, steps, version, model).
     A running daemon draws it with the model it keeps warm; without one, this process loads the model."""
-    from .pictures import output_path, request, save_image
+    from .pictures import output_path, request, save_image, wrote_words
     from .serve import ask_daemon
 
     st = _open(state)
@@ -571,7 +571,7 @@ def sample(
     save_image(image, path, meta)  # the same file whoever drew it
     res = {"path": str(path), **req, "phases": phases, "drawn_by": by}
     st.close()
-    emit_json(res) if as_json else console.print(f"wrote {esc(str(res['path']))} ({res['version']}, {res['steps']} steps, seed {res['seed']})")
+    emit_json(res) if as_json else console.print(esc(wrote_words(res)))
 
 
 @app.command("eval")

@@ -122,6 +122,7 @@ def sample(argv: list[str]) -> bool:
 def _sample(a: dict) -> bool:
     from .files import atomic_write, state_dir, user_file_mode
     from .pictures import OUTPUT_FORMATS as formats
+    from .pictures import wrote_words
 
     try:
         root = state_dir(a["state"])
@@ -159,5 +160,5 @@ def _sample(a: dict) -> bool:
     if a["as_json"]:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
     else:
-        sys.stdout.write(f"wrote {res['path']} ({res['version']}, {res['steps']} steps, seed {res['seed']})\n")
+        sys.stdout.write(wrote_words(res) + "\n")
     return True

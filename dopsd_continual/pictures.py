@@ -106,3 +106,9 @@ def request(state: State, prompt: str, version: str | None, steps: int | None, s
     if n < 1:
         raise UserError("-n must be at least 1")
     return {"prompt": prompt, "version": version, "steps": steps, "seed": int(seed), "n": int(n)}
+
+
+def wrote_words(res: dict) -> str:
+    """`dopsd sample`'s line for the file it wrote, whoever drew it: the full command and the light one."""
+    seeds = f"seed {res['seed']}" if res["n"] == 1 else f"a grid of {res['n']}, seeds {res['seed']}-{res['seed'] + res['n'] - 1}"
+    return f"wrote {res['path']} ({res['version']}, {res['steps']} steps, {seeds})"

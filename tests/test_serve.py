@@ -101,14 +101,16 @@ def test_a_light_process_writes_what_the_daemon_drew_and_leaves_the_rest_to_the_
         res = json.loads(r.stdout)
         assert res["drawn_by"] == "daemon" and res["seed"] == 4 and res["version"] == "v5"
         assert Path(res["path"]) == (out / "sample-v5-s4.png" if folder else out) and Path(res["path"]).exists()
-    for words in ([], ["--json"]):  # the light process's output is the full command's (asked through the daemon too)
+    for words in ([], ["--json"], ["-n", "2"]):  # the light process's output is the full command's (asked through the daemon too)
         args = ["sample", PROMPT, "--seed", "4", "--out", str(tmp / "same.png"), *words, "--state", str(state)]
         light = dopsd(tmp, *args).stdout
         full = subprocess.run([sys.executable, "-c", "from dopsd_continual.cli import app; app()", *args],
                               capture_output=True, text=True, env=_env(tmp), timeout=600).stdout
-        if words:  # the same fields, timings apart
+        if "--json" in words:  # the same fields, timings apart
             light, full = ({k: (sorted(v) if k == "phases" else v) for k, v in json.loads(o).items()} for o in (light, full))
         assert light == full, (light, full)
+        if words == ["-n", "2"]:
+            assert light.strip().endswith("(v5, 4 steps, a grid of 2, seeds 4-5)"), light
     r = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "sample", PROMPT, "--version", "v99",
                         "--state", str(state)], capture_output=True, text=True, env=_env(tmp), timeout=600)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "v99" in r.stderr and "Traceback" not in r.stderr
