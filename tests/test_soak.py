@@ -1,6 +1,6 @@
 """A few rounds of bench/soak.py inside `make test`: the real daemon with rounds in their own processes, pairs
 arriving in bursts, the dashboard open, the disk filled once (where a tmpfs can be mounted) and a kill -9
-once. The full soak (60 rounds, its figures committed) is `python bench/soak.py`."""
+once. The full soak (its figures committed: 120 rounds) is `python bench/soak.py --rounds 120 --steps 10`."""
 
 import json
 import signal
