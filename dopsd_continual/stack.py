@@ -279,12 +279,16 @@ def squash(a, b, rank: int):
     return (qa @ vh[:k].t()).t(), qb @ (u[:, :k] * sv[:k])
 
 
-def list_versions(state: State) -> list[dict]:
+def list_versions(state: State, with_metrics: bool = True) -> list[dict]:
+    """Every version, oldest first. with_metrics=False leaves each one's gate metrics unread ({}): the dashboard's
+    pages show none of them, and parsing them all is most of a long history's cost on every page load."""
     active = state.active_version
+    columns = "id, parent, status, reasons, objective, samples, created_at" + (", metrics" if with_metrics else "")
     out = []
-    for r in state.rows("select * from versions order by created_at"):
+    for r in state.rows(f"select {columns} from versions order by created_at"):
         out.append({"id": r["id"], "parent": r["parent"], "status": r["status"], "active": r["id"] == active,
-                    "metrics": json.loads(r["metrics"] or "{}"), "reasons": json.loads(r["reasons"] or "[]"),
+                    "metrics": json.loads(r["metrics"] or "{}") if with_metrics else {},
+                    "reasons": json.loads(r["reasons"] or "[]"),
                     "objective": r["objective"], "samples": json.loads(r["samples"] or "[]"),
                     "created_at": r["created_at"]})
     return sorted(out, key=lambda v: (int(v["id"][1:]) if v["id"][1:].isdigit() else 0))

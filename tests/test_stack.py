@@ -207,3 +207,15 @@ def test_diffusers_export_keeps_the_scale_when_alpha_differs_from_rank(tmp_path)
     effect = (merged - base).abs().mean()
     assert effect > 1e-3
     assert (loaded - merged).abs().mean() < 0.01 * effect  # a wrong scale (1 instead of 2) would be 0.5 * effect
+
+
+def test_the_dashboards_versions_list_leaves_the_metrics_unread(state):
+    """list_versions(with_metrics=False), which every dashboard page builds: the same versions and fields, the
+    gate metrics left empty (the pages show none; parsing every version's is a long history's cost)."""
+    state.db["versions"].insert({"id": "v1", "parent": "v0", "status": "accepted", "created_at": 1.0, "objective": "dopsd",
+                                 "recipe_hash": "", "samples": "[1, 2]", "metrics": json.dumps({"concept": 0.9}),
+                                 "reasons": "[]", "adapter_dir": "adapters/v1"})
+    full, light = list_versions(state), list_versions(state, with_metrics=False)
+    assert [v["metrics"] for v in full] == [{}, {"concept": 0.9}] and [v["metrics"] for v in light] == [{}, {}]
+    assert [{k: x for k, x in v.items() if k != "metrics"} for v in full] == [
+        {k: x for k, x in v.items() if k != "metrics"} for v in light]

@@ -153,7 +153,7 @@ class Dashboard:
 
         st = self.state()
         try:
-            versions = list_versions(st)
+            versions = list_versions(st, with_metrics=False)  # the pages show none: a long history's cost
             if self._disk is None or time.monotonic() - self._disk[0] > DISK_REPORT_SECONDS:
                 self._disk = (time.monotonic(), disk_report(st))  # a walk of the state: not at every live refresh
             return self.render(request, "overview.html", st=st, status=status(st), tree=_tree(versions),
@@ -170,7 +170,7 @@ class Dashboard:
         vid = request.path_params["vid"]
         st = self.state()
         try:
-            versions = list_versions(st)
+            versions = list_versions(st, with_metrics=False)  # the pages show none: a long history's cost
             v = next((x for x in versions if x["id"] == vid), None)
             if v is None:
                 raise HTTPException(404, f"no version {vid!r}")
@@ -192,7 +192,7 @@ class Dashboard:
 
         st = self.state()
         try:
-            versions = list_versions(st)
+            versions = list_versions(st, with_metrics=False)  # the pages show none: a long history's cost
             ids = {v["id"] for v in versions}
             a, b = request.query_params.get("a", ""), request.query_params.get("b", "")
             if (a or b) and (a not in ids or b not in ids):
