@@ -122,14 +122,13 @@ def sample(argv: list[str]) -> bool:
 def _sample(a: dict) -> bool:
     from .files import atomic_write, state_dir, user_file_mode
     from .pictures import OUTPUT_FORMATS as formats
-    from .pictures import wrote_words
+    from .pictures import output_path, wrote_words
 
     try:
         root = state_dir(a["state"])
         out = Path(a["out"]) if a["out"] is not None else None
-        if out is not None and not out.is_dir() and (out.suffix.lower() not in formats or not out.parent.is_dir()):
-            return False  # the full command refuses it in its own words
-    except Exception:  # a state path that is a file, a folder we may not read: the full command says so
+        output_path(out, "v0", 0)  # checked before the daemon is asked (the name itself waits for the version)
+    except Exception:  # a state path that is a file, a name or folder refused: the full command says so
         return False
     req = {"prompt": a["prompt"], "version": a["version"], "steps": a["steps"], "seed": a["seed"], "n": a["n"],
            "no_wait": a["no_wait"]}
@@ -141,8 +140,7 @@ def _sample(a: dict) -> bool:
     msg = ask_daemon_raw(root, req, on_wait=waiting)
     try:
         done = msg["req"]
-        default = f"sample-{done['version']}-s{done['seed']}.png"
-        path = out / default if out is not None and out.is_dir() else out if out is not None else Path(default)
+        path = output_path(out, done["version"], done["seed"])
         data = base64.b64decode(msg["png"], validate=True)
         if formats[path.suffix.lower()] != "PNG":  # encoded from the same picture, as the full command does
             import io

@@ -148,7 +148,8 @@ class Placement:
                 host = self._copy_back(torch.empty(t.shape, dtype=t.dtype), t)
             elif arrived.get(key) != _fingerprint(t):  # changed on the card (a merged version): into its copy
                 self._copy_back(host, t)
-            for owner, (_, slot) in _rebind(owners, host):
+            _rebind(owners, host)
+            for owner, (_, slot) in owners:
                 if grad is not None:  # as Module.to does: the gradient goes along (copied once, shared by ties)
                     grad = grad if grad.device.type == "cpu" else self._copy_back(torch.empty(grad.shape, dtype=grad.dtype), grad)
                     owner._parameters[slot].grad = grad
@@ -176,10 +177,9 @@ class Placement:
         if not (self.pin and _pin_room(size)):
             return None
         try:
-            buf = _pinned_buffer(size)
+            return _pinned_buffer(size)
         except RuntimeError:  # page-locking refused (a memory limit)
             return None
-        return buf
 
 
 def _pinned_buffer(size: int) -> torch.Tensor:
@@ -233,9 +233,9 @@ def _tensors(module: torch.nn.Module) -> list[tuple[str, list, torch.Tensor]]:
     return list(found.values())
 
 
-def _rebind(owners: list, t: torch.Tensor) -> list:
+def _rebind(owners: list, t: torch.Tensor) -> None:
     """Every owner's slot onto t (Module.to's way: the same Parameter object where the types allow, so an
-    optimiser's reference stays good); the owners, for what follows."""
+    optimiser's reference stays good)."""
     made = None
     for owner, (kind, key) in owners:
         if kind == "buffer":
@@ -248,7 +248,6 @@ def _rebind(owners: list, t: torch.Tensor) -> list:
             param.data = t
         else:
             owner._parameters[key] = made = torch.nn.Parameter(t, requires_grad=param.requires_grad)
-    return owners
 
 
 class PhaseLog:

@@ -12,8 +12,8 @@ One request a connection, one JSON line: {"prompt", "version", "steps", "seed", 
 answers with JSON lines: {"waiting": "round v7, step 120/300"} while a round holds the model (never beside a
 round, exactly as a dashboard render waits: rounds.render_turn), then {"png": base64, "meta": {...},
 "phases": {...}, "req": the request as checked (its version filled in)} or {"error": "one line"}; with no_wait,
-a round in progress is answered {"busy": ...} at once. The client writes the file itself, with the same fields an in-process `dopsd sample` writes: the same
-picture, the same file. A client that gets no answer (no daemon, a daemon killed mid-request) draws in its
+a round in progress is answered {"busy": ...} at once. The client writes the file itself, with the same
+fields an in-process `dopsd sample` writes: the same picture, the same file. A client that gets no answer (no daemon, a daemon killed mid-request) draws in its
 own process.
 """
 
@@ -30,7 +30,7 @@ import socketserver
 import threading
 from pathlib import Path
 
-from .client import ANSWERED, _peer_uid, ask_daemon_raw  # noqa: F401 (the client's side of the socket)
+from .client import ANSWERED, _peer_uid, ask_daemon_raw  # the client's side of the socket
 
 log = logging.getLogger("dopsd.daemon")
 SOCKET_NAME = "sample.sock"
