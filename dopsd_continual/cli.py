@@ -653,7 +653,7 @@ def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.qui
         old = None
     recipe = set_settings(root, {key: _setting_value(key, value, Path.cwd())})
     section, _, name = key.partition(".")
-    console.print(f"{key} = {_shown(recipe[section][name])} (was {_shown(old)})", highlight=False)
+    console.print(f"{key} = {_shown(recipe[section][name])} (was {_shown(old)})", highlight=False, markup=False)
     if section == "daemon":
         console.print("a running daemon reads [daemon] at its start: `dopsd daemon stop` then `dopsd daemon start`",
                       highlight=False, markup=False)
@@ -894,7 +894,7 @@ def gc(yes: bool = typer.Option(False, "--yes", help="remove them (without it, o
         console.print(f"{total / 2**20:.1f} MB can go ({len(items)} item(s)); `dopsd gc --yes` removes them. Kept for "
                       "ever: your originals, every accepted version and its chain, the reports", highlight=False)
     else:
-        console.print("nothing to give back under the retention policy (recipe [retention])", highlight=False)
+        console.print("nothing to give back under the retention policy (recipe [retention])", highlight=False, markup=False)
 
 
 @app.command()

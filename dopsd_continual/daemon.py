@@ -35,6 +35,35 @@ log = logging.getLogger("dopsd.daemon")
 
 STATUS_BYTES = 16384  # daemon.json is written padded to this, so that a full disk can still take the status in place
 STOP_GRACE_SECONDS = 30  # a round asked to stop that has not within this is ended (inside shutdown's 60 s)
+MALLOC_ARENAS = 2  # glibc's arenas for the daemon's threads (its default is 8 a core: each keeps what it once held)
+TRIM_EVERY_SECONDS = 60.0  # the heartbeat hands freed memory back to the system at most this often
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): its allocator is left as it is
+        return None
+
+
+def limit_arenas() -> None:
+    """Few malloc arenas for a long-lived process: glibc gives each thread that allocates at once an arena
+    of its own, up to 8 a core, and an arena keeps its high-water mark. The daemon's threads (the scheduler's
+    jobs, the dashboard's and the socket's requests) each touching a long history's rows grew a resident
+    memory that crept with the history. Called before those threads start."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+
+
+def trim_heap() -> None:
+    """Hand freed malloc memory back to the system (free pages inside the arenas too, not only at their top)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class ChildOOM(Exception):
@@ -136,6 +165,7 @@ class Daemon:
         self.scan_disk_full = False
         self._beat = threading.Lock()  # one writer of daemon.json at a time (the scheduler's beat, a round, a hold)
         self._stopped = False
+        self._trimmed = time.monotonic()
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
@@ -219,6 +249,7 @@ class Daemon:
         self.stop_event.set()
 
     def run_forever(self) -> None:
+        limit_arenas()  # a process that lives for months: before its threads start
         self.start()
         try:
             while not self.stop_event.wait(0.5):
@@ -476,6 +507,7 @@ class Daemon:
             elif self._sampler is not None:
                 self._sampler.place.park()  # kept loaded in CPU memory; the GPU holds nothing between rounds
             self.round_lock.release()
+            self.trim()
 
     def round_key(self) -> str:
         """What the next round would be: its queued samples and the recipe (a held round waits for a change)."""
@@ -637,13 +669,7 @@ class Daemon:
         """The model the daemon's own rounds use (keep_warm_seconds > 0) goes; the drawing process is apart."""
         if self._sampler is not None:
             self._sampler = None
-            gc.collect()
-            try:  # glibc keeps freed model memory in its arenas: hand it back, so an idle daemon is small again
-                import ctypes
-
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except (OSError, AttributeError):
-                pass
+            self.trim()  # glibc keeps freed model memory in its arenas: handed back, an idle daemon is small again
             try:
                 import torch
 
@@ -654,6 +680,13 @@ class Daemon:
                     empty_host_cache()  # the CPU copies' pinned slabs
             except Exception:
                 pass
+
+    def trim(self) -> None:
+        """What the daemon's work freed goes back to the system (after a round; from the heartbeat, what the
+        dashboard's pages and scans freed)."""
+        gc.collect()
+        trim_heap()
+        self._trimmed = time.monotonic()
 
     def set_starting(self, what: str | None) -> None:
         """What a round about to start is doing before it has a version (daemon status shows it)."""
@@ -670,6 +703,8 @@ class Daemon:
                     self.release_model()
             finally:
                 self.model_busy.release()
+        if time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
+            self.trim()
         times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
         nxt = min(times).isoformat(timespec="seconds") if times else None
         with self._beat:

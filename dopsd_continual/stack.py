@@ -279,19 +279,46 @@ def squash(a, b, rank: int):
     return (qa @ vh[:k].t()).t(), qb @ (u[:, :k] * sv[:k])
 
 
-def list_versions(state: State, with_metrics: bool = True) -> list[dict]:
-    """Every version, oldest first. with_metrics=False leaves each one's gate metrics unread ({}): the dashboard's
-    pages show none of them, and parsing them all is most of a long history's cost on every page load."""
+VERSION_COLUMNS = "id, parent, status, reasons, objective, samples, created_at"
+
+
+def _version(r: dict, active: str) -> dict:
+    return {"id": r["id"], "parent": r["parent"], "status": r["status"], "active": r["id"] == active,
+            "metrics": json.loads(r["metrics"] or "{}") if "metrics" in r else {},
+            "reasons": json.loads(r["reasons"] or "[]"), "objective": r["objective"],
+            "samples": json.loads(r["samples"] or "[]"), "created_at": r["created_at"]}
+
+
+def list_versions(state: State, with_metrics: bool = True, limit: int | None = None, offset: int = 0) -> list[dict]:
+    """Every version, oldest first (by number). with_metrics=False leaves each one's gate metrics unread ({}):
+    the dashboard's pages show none of them, and parsing them all is most of a long history's cost on every page
+    load. limit: only the newest `limit` after the newest `offset` (a page of a long history), oldest first."""
+    columns = VERSION_COLUMNS + (", metrics" if with_metrics else "")
+    page = " limit ? offset ?" if limit is not None else ""
+    rows = state.rows(f"select {columns} from versions order by cast(substr(id, 2) as integer) desc{page}",
+                      [int(limit), int(offset)] if limit is not None else [])
     active = state.active_version
-    columns = "id, parent, status, reasons, objective, samples, created_at" + (", metrics" if with_metrics else "")
-    out = []
-    for r in state.rows(f"select {columns} from versions order by created_at"):
-        out.append({"id": r["id"], "parent": r["parent"], "status": r["status"], "active": r["id"] == active,
-                    "metrics": json.loads(r["metrics"] or "{}") if with_metrics else {},
-                    "reasons": json.loads(r["reasons"] or "[]"),
-                    "objective": r["objective"], "samples": json.loads(r["samples"] or "[]"),
-                    "created_at": r["created_at"]})
-    return sorted(out, key=lambda v: (int(v["id"][1:]) if v["id"][1:].isdigit() else 0))
+    return [_version(r, active) for r in reversed(rows)]
+
+
+def version_view(state: State, vid: str) -> dict | None:
+    """One version as list_versions gives it (its gate metrics unread), or None."""
+    rows = state.rows(f"select {VERSION_COLUMNS} from versions where id = ?", [vid])
+    return _version(rows[0], state.active_version) if rows else None
+
+
+def version_count(state: State) -> int:
+    return state.conn.execute("select count(*) from versions").fetchone()[0]
+
+
+def active_chain(state: State) -> set[str]:
+    """The ids from v0 to the active version, in one read of the versions' parents (no query per version)."""
+    parent = dict(state.conn.execute("select id, parent from versions"))
+    out, cur = set(), state.active_version
+    while cur and cur not in out:
+        out.add(cur)
+        cur = parent.get(cur)
+    return out
 
 
 def set_active(state: State, vid: str) -> None:

@@ -179,7 +179,9 @@ def test_config_set_get_unset_are_checked_like_the_recipe_and_the_state_reads_th
     r = run("config", "set", "daemon.quiet_seconds", "10", "--state", s)
     assert r.exit_code == 0 and "daemon.quiet_seconds = 10 (was 120)" in r.output and "[daemon]" in r.output
     assert run("config", "set", "daemon.cron", "0 3 * * *", "--state", s).exit_code == 0  # text stays text
-    assert run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s).exit_code == 0
+    r = run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s)
+    assert r.exit_code == 0 and "gate.seeds = [0, 1, 2] (was [" in r.output  # brackets shown, not read as markup
+    assert "(recipe [retention])" in run("gc", "--state", s).output
     st = open_state(s)
     assert (st.recipe["daemon"]["quiet_seconds"], st.recipe["daemon"]["cron"], st.recipe["gate"]["seeds"]) == (10, "0 3 * * *", [0, 1, 2])
     st.close()

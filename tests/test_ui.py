@@ -279,3 +279,35 @@ def test_the_overview_shows_the_states_disk_use_by_kind_and_what_the_policy_give
     assert cells["features"] == "3.0 MB" and cells["originals"].endswith(" KB") and cells["database"]
     assert '<td>features</td><td class="num">3.0 MB</td><td class="num">3.0 MB (1)</td>' in disk
     assert "3.0 MB can go under the retention policy" in disk
+
+
+def test_a_long_history_renders_flat_a_page_at_a_time(tmp_path):
+    """Hundreds of rounds (a chain 400 deep, and a branch rejected off it): the overview lists the newest
+    versions without recursion and names how many there are; /versions pages through them all; versions off
+    the way from v0 to the active one are set in."""
+    st = init_state(tmp_path / "s", None, [])
+    rows = [{"id": f"v{i}", "parent": f"v{i - 1}", "status": "accepted", "created_at": float(i), "objective": "opsd",
+             "recipe_hash": "", "samples": "[]", "metrics": "{}", "reasons": "[]", "adapter_dir": f"adapters/v{i}"}
+            for i in range(1, 401)]
+    rows.append(dict(rows[-1], id="v401", parent="v399", status="rejected", reasons='["worse on held-out prompts"]'))
+    st.db["versions"].insert_all(rows)
+    st.db["meta"].upsert({"key": "active_version", "value": "v400"}, pk="key")
+    st.close()
+    c = client(tmp_path / "s")
+    r = c.get("/")
+    assert r.status_code == 200
+    shown = re.findall(r'data-version="(v\d+)"', r.text)
+    assert shown == [f"v{i}" for i in range(401, 371, -1)]  # the newest 30, newest first
+    assert "the newest 30 of 402" in r.text and 'href="/versions"' in r.text
+    assert re.search(r'<li class="branch">\s*<a href="/versions/v401"', r.text)  # the rejected branch, set in
+    assert re.search(r'<li class="chain">\s*<a href="/versions/v400"', r.text)
+    seen = []
+    for n in range(1, 6):
+        page = c.get(f"/versions?page={n}")
+        assert page.status_code == 200, n
+        seen += re.findall(r'data-version="(v\d+)"', page.text)
+        assert f"page {n} of 5" in page.text
+    assert seen == [f"v{i}" for i in range(401, -1, -1)]  # every version once, newest first, v0 last
+    for bad in ("6", "0", "-1", "x", "１", "9" * 40):
+        assert c.get(f"/versions?page={bad}").status_code == 404, bad
+    assert 'parent <a href="/versions/v0">v0</a>' in c.get("/versions/v1").text

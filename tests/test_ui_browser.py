@@ -95,11 +95,12 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
     base = url(server.host, server.port)  # after the first visit the cookie carries the token
     d = browser
     try:
-        # the tree: four versions, the rejected one marked, v2 active, as the CLI says
+        # the versions: four, newest first, the rejected one marked and set in off the chain to v2, the active one
         d.get(server.url)  # the printed address, token included: it redirects to the page without it
         wait(d, EC.presence_of_element_located((By.ID, "tree")))
         ids = [e.text for e in d.find_elements(By.CSS_SELECTOR, "a.version")]
-        assert ids == ["v0", "v1", "v2", "v3"]
+        assert ids == ["v3", "v2", "v1", "v0"]
+        assert d.find_element(By.XPATH, "//a[@data-version='v3']/..").get_attribute("class") == "branch"
         assert active_on_page(d) == ["v2"] == [v["id"] for v in cli_versions(world) if v["active"]]
         assert "rejected" in d.find_element(By.XPATH, "//a[@data-version='v3']/..").text
         shot(d, "overview", tmp_path)
@@ -150,5 +151,21 @@ def test_the_dashboard_in_a_browser(world, browser, tmp_path):
         d.get(base + "queue")
         assert "used" in d.find_element(By.ID, "queue").text
         shot(d, "queue", tmp_path)
+
+        # news the queue's rows do not show (a scan sets a broken file aside): that section is refreshed, the
+        # rows are kept as they are, and their pictures are not fetched again
+        wait(d, lambda drv: drv.execute_script("return [...document.querySelectorAll('#queue img')].every(i => i.complete)"))
+        pictures = "return performance.getEntriesByType('resource').filter(e => e.name.includes('/img/sample/')).length"
+        fetched = d.execute_script(pictures)
+        assert fetched > 0
+        d.execute_script("document.getElementById('queue').kept = 'yes'")  # a property: not in its HTML
+        (world.parent / "drop" / "broken.png").write_bytes(b"not a picture")
+        (world.parent / "drop" / "broken.txt").write_text("a broken picture\n")
+        st = open_state(world)
+        ingest_paths(st)
+        st.close()
+        wait(d, lambda drv: "broken.png" in drv.find_element(By.ID, "problems").text, 60)
+        assert d.execute_script("return document.getElementById('queue').kept") == "yes"
+        assert d.execute_script(pictures) == fetched
     finally:
         server.stop()

@@ -40,6 +40,8 @@ ASSETS = {"style.css": "text/css", "ui.js": "text/javascript"}
 MAX_RENDERS = 4  # renders a dashboard holds at once (one running, the rest waiting); more get 429
 SQLITE_MAX_ID = 2**63 - 1
 QUEUE_ROWS = 300  # the queue page shows the newest samples (`dopsd queue list` has them all)
+OVERVIEW_VERSIONS = 30  # the overview lists the newest versions; /versions pages through them all
+VERSIONS_PAGE = 100
 KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
 DISK_REPORT_SECONDS = 30.0  # the overview's disk section (a walk of the state) is this old at most
@@ -127,7 +129,8 @@ class Dashboard:
         from starlette.routing import Route
 
         routes = [
-            Route("/", self.overview), Route("/versions/{vid}", self.version), Route("/compare", self.compare),
+            Route("/", self.overview), Route("/versions", self.versions), Route("/versions/{vid}", self.version),
+            Route("/compare", self.compare),
             Route("/queue", self.queue), Route("/events", self.events), Route("/static/{name}", self.asset),
             Route("/img/sample/{sid:int}", self.sample_image), Route("/img/sheet/{vid}", self.sheet),
             Route("/img/job/{job}", self.job_image),
@@ -148,16 +151,33 @@ class Dashboard:
 
     def overview(self, request):
         from ..retention import disk_report
-        from ..stack import list_versions
         from ..status import status
 
         st = self.state()
         try:
-            versions = list_versions(st, with_metrics=False)  # the pages show none: a long history's cost
+            versions, count = _newest_versions(st, OVERVIEW_VERSIONS)
             if self._disk is None or time.monotonic() - self._disk[0] > DISK_REPORT_SECONDS:
                 self._disk = (time.monotonic(), disk_report(st))  # a walk of the state: not at every live refresh
-            return self.render(request, "overview.html", st=st, status=status(st), tree=_tree(versions),
-                               versions=versions, disk=self._disk[1], page="overview")
+            return self.render(request, "overview.html", st=st, status=status(st), versions=versions, count=count,
+                               disk=self._disk[1], page="overview")
+        finally:
+            st.close()
+
+    def versions(self, request):
+        """Every version, newest first, a page at a time (a history of months does not load at once)."""
+        from starlette.exceptions import HTTPException
+
+        asked = request.query_params.get("page", "1")
+        number = int(asked) if asked.isascii() and asked.isdigit() and len(asked) < 12 else 0
+        if number < 1:
+            raise HTTPException(404, "no such page")
+        st = self.state()
+        try:
+            versions, count = _newest_versions(st, VERSIONS_PAGE, (number - 1) * VERSIONS_PAGE)
+            if number > 1 and not versions:
+                raise HTTPException(404, "no such page")
+            return self.render(request, "versions.html", st=st, versions=versions, count=count, number=number,
+                               pages=max(1, -(-count // VERSIONS_PAGE)), page="versions")
         finally:
             st.close()
 
@@ -165,13 +185,12 @@ class Dashboard:
         from starlette.exceptions import HTTPException
 
         from ..checks import checks
-        from ..stack import list_versions
+        from ..stack import version_view
 
         vid = request.path_params["vid"]
         st = self.state()
         try:
-            versions = list_versions(st, with_metrics=False)  # the pages show none: a long history's cost
-            v = next((x for x in versions if x["id"] == vid), None)
+            v = version_view(st, vid)
             if v is None:
                 raise HTTPException(404, f"no version {vid!r}")
             report = _report(st, vid)
@@ -610,16 +629,15 @@ def size_words(n: int) -> str:
     return next((f"{n / 2**e:.1f} {u}" for e, u in ((30, "GB"), (20, "MB"), (10, "KB")) if n >= 2**e), f"{n} B")
 
 
-def _tree(versions: list[dict]) -> list[dict]:
-    """Versions as nested nodes under v0; versions without a parent (interrupted early) at the top level."""
-    by_parent: dict[str | None, list[dict]] = {}
-    for v in versions:
-        by_parent.setdefault(v["parent"], []).append(v)
+def _newest_versions(st, n: int, skip: int = 0) -> tuple[list[dict], int]:
+    """A page of versions, newest first, each marked `on_chain` when it lies between v0 and the active version
+    (the pages show the others set in); and how many there are. Flat rows, not a nested tree: a chain of
+    hundreds of rounds renders without recursion, and a page's work does not grow with the history."""
+    from ..stack import active_chain, list_versions, version_count
 
-    def node(v: dict) -> dict:
-        return {**v, "children": [node(c) for c in by_parent.get(v["id"], [])]}
-
-    return [node(v) for v in by_parent.get(None, [])]
+    on = active_chain(st)
+    rows = list_versions(st, with_metrics=False, limit=n, offset=skip)  # the pages show no gate metrics
+    return [dict(v, on_chain=v["id"] in on) for v in reversed(rows)], version_count(st)
 
 
 def _report(st, vid: str) -> dict | None:

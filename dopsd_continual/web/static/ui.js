@@ -16,6 +16,7 @@ async function refresh() {
     for (const el of document.querySelectorAll("[data-live]")) {
       const fresh = doc.getElementById(el.id);
       if (!fresh || el.contains(document.activeElement) && document.activeElement.tagName === "INPUT") continue;
+      if (fresh.outerHTML === el.outerHTML) continue;  // unchanged: its pictures are not fetched again
       el.replaceWith(fresh);
     }
   } finally {
