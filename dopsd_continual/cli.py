@@ -545,7 +545,8 @@ def sample(
     steps: int | None = typer.Option(None, "--steps", min=1, max=1000, help="default: the model's native step count"),
     seed: int = typer.Option(0, "--seed", min=0),
     n: int = typer.Option(1, "-n", min=1, max=64, help="images (a grid, seeds seed..seed+n-1)"),
-    out: Path | None = typer.Option(None, "--out", help="file (.png, .jpg, .webp) or an existing folder"),
+    out: Path | None = typer.Option(None, "--out", help="file (.png, .jpg, .webp; replaced if it exists) or an existing "
+                                     "folder; default sample-<version>-s<seed>.png here, never replacing a file (-2, -3 added)"),
     as_json: bool = typer.Option(False, "--json"),
     no_wait: bool = typer.Option(False, "--no-wait", help="during a round, draw here at once instead of waiting for it"),
     state: Path | None = STATE_OPT,
@@ -671,7 +672,7 @@ def config_unset(key: str, state: Path | None = STATE_OPT) -> None:
         fail(f"{key} is not set for this state" + (f" (set: {', '.join(sorted(settings))})" if settings else ""))
     recipe = set_settings(state_dir(state), {}, remove=(key,))
     section, _, name = key.partition(".")
-    console.print(f"{key} = {_shown(recipe.get(section, {}).get(name))} (the recipe's)", highlight=False)
+    console.print(f"{key} = {_shown(recipe.get(section, {}).get(name))} (the recipe's)", highlight=False, markup=False)
 
 
 @config_app.command("get")
@@ -687,7 +688,7 @@ def config_get(key: str | None = typer.Argument(None, help="section.key; without
         elif not settings:
             console.print("no settings: the recipe's values hold (`dopsd config set KEY VALUE`)", highlight=False)
         for k, v in sorted(settings.items()) if not as_json else ():
-            console.print(f"{k} = {_shown(v)}", highlight=False)
+            console.print(f"{k} = {_shown(v)}", highlight=False, markup=False)
         return
     section, _, name = key.partition(".")
     if name not in recipe.get(section, {}):
@@ -696,7 +697,7 @@ def config_get(key: str | None = typer.Argument(None, help="section.key; without
     if as_json:
         emit_json({"key": key, "value": value, "from": "settings" if key in settings else "recipe"})
     else:
-        console.print(f"{key} = {_shown(value)} ({'this state' if key in settings else 'the recipe'})", highlight=False)
+        console.print(f"{key} = {_shown(value)} ({'this state' if key in settings else 'the recipe'})", highlight=False, markup=False)
 
 
 daemon_app = typer.Typer(no_args_is_help=True, help="The background daemon: watch folders, schedule rounds.")
@@ -753,7 +754,9 @@ def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | N
     elif s["round"]:
         console.print(f"round {s['round']['id']}: {100 * (s['round']['progress'] or 0):.0f}%")
     if s["next_round_at"]:
-        console.print(f"next round: {local_time(s['next_round_at'])}", highlight=False)
+        when = local_time(s["next_round_at"])
+        console.print(f"next round: {when}" if s["queue"].get("queued") else
+                      f"next round: when pairs are queued (the schedule looks next at {when})", highlight=False)
     if s.get("held"):
         console.print(esc(s["held"]), highlight=False)
     if s.get("set_aside"):
@@ -840,6 +843,9 @@ def ui(
     st.close()
     server = Server(root, host, port, token_for(host, token, no_token), no_token=no_token)
     console.print(f"dashboard for {esc(str(root))} at {server.url}  (Ctrl-C stops it)", highlight=False)
+    from .daemon import limit_arenas
+
+    limit_arenas()  # a page server that may run for weeks, as the daemon does
     server.run()
 
 

@@ -39,14 +39,19 @@ MALLOC_ARENAS = 2  # glibc's arenas for the daemon's threads (its default is 8 a
 TRIM_EVERY_SECONDS = 60.0  # the heartbeat hands freed memory back to the system at most this often
 
 
+@functools.cache
 def _glibc():
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc (musl, macOS): its allocator is left as it is
         return None
+    if not hasattr(libc, "malloc_trim"):
+        return None
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
 
 
 def limit_arenas() -> None:
@@ -497,6 +502,7 @@ class Daemon:
             log.info("round %s %s%s", result["version"], result["verdict"],
                      "" if not result["reasons"] else ": " + "; ".join(result["reasons"]))
             self.collect_garbage()
+            self.trim()  # what the round's bookkeeping here freed (its training ran in a process of its own)
             if self.on_round:
                 self.on_round(result)
             return result
@@ -507,7 +513,6 @@ class Daemon:
             elif self._sampler is not None:
                 self._sampler.place.park()  # kept loaded in CPU memory; the GPU holds nothing between rounds
             self.round_lock.release()
-            self.trim()
 
     def round_key(self) -> str:
         """What the next round would be: its queued samples and the recipe (a held round waits for a change)."""
@@ -682,8 +687,8 @@ class Daemon:
                 pass
 
     def trim(self) -> None:
-        """What the daemon's work freed goes back to the system (after a round; from the heartbeat, what the
-        dashboard's pages and scans freed)."""
+        """What the daemon's work freed goes back to the system: after a round and when a model goes (the
+        heartbeat, once a minute while nothing runs, hands back what pages and scans freed, without a collection)."""
         gc.collect()
         trim_heap()
         self._trimmed = time.monotonic()
@@ -703,8 +708,6 @@ class Daemon:
                     self.release_model()
             finally:
                 self.model_busy.release()
-        if time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
-            self.trim()
         times = [j.next_run_time for j in map(self.scheduler.get_job, ("round", "round-threshold")) if j and j.next_run_time]
         nxt = min(times).isoformat(timespec="seconds") if times else None
         with self._beat:
@@ -713,6 +716,10 @@ class Daemon:
                     self._write_status(nxt)
                 except OSError:  # a full disk: the last status stays; the pause is in the log and the next beat
                     pass
+        idle = not self.round_lock.locked() and not self.model_busy.locked()
+        if idle and time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
+            trim_heap()  # what the dashboard's pages and the scans freed; never under a round or a picture
+            self._trimmed = time.monotonic()
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,

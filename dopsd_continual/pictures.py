@@ -5,6 +5,7 @@ process drew the picture or the daemon did. Imports no model library, and PIL on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,15 +78,20 @@ def encoded(image: Image.Image, fmt: str, meta: dict) -> bytes:
 
 
 def output_path(out: Path | None, version: str, seed: int) -> Path:
-    """Where `dopsd sample` writes: a file by its suffix, or a default name inside an existing folder."""
+    """Where `dopsd sample` writes: a file by its suffix (replaced if it exists: the user named it), or a default
+    name, here or inside an existing folder, that never replaces a file: sample-v3-s0.png, then
+    sample-v3-s0-2.png, -3 and so on (another prompt at the same version and seed is another picture)."""
     from .errors import UserError
 
-    default = f"sample-{version}-s{seed}.png"
-    if out is None:
-        return Path(default)
+    if out is None or Path(out).is_dir():
+        folder = Path(out) if out is not None else Path()
+        stem = f"sample-{version}-s{seed}"
+        name, n = folder / f"{stem}.png", 1
+        while os.path.lexists(name):
+            n += 1
+            name = folder / f"{stem}-{n}.png"
+        return name
     out = Path(out)
-    if out.is_dir():
-        return out / default
     if out.suffix.lower() not in OUTPUT_FORMATS:
         raise UserError(f"--out {out}: the name must end in {', '.join(OUTPUT_FORMATS)} (or be an existing folder)")
     if not out.parent.is_dir():
@@ -98,6 +104,8 @@ def request(state: State, prompt: str, version: str | None, steps: int | None, s
     from .errors import UserError
     from .stack import get_version
 
+    if not prompt.strip():
+        raise UserError("the prompt is empty: say what to draw (an empty one is an unconditional picture, not asked for)")
     version = version or state.active_version
     get_version(state, version)  # an unknown id fails before the model loads
     steps = state.recipe["model"]["steps"] if steps is None else int(steps)
@@ -110,5 +118,8 @@ def request(state: State, prompt: str, version: str | None, steps: int | None, s
 
 def wrote_words(res: dict) -> str:
     """`dopsd sample`'s line for the file it wrote, whoever drew it: the full command and the light one."""
-    seeds = f"seed {res['seed']}" if res["n"] == 1 else f"a grid of {res['n']}, seeds {res['seed']}-{res['seed'] + res['n'] - 1}"
-    return f"wrote {res['path']} ({res['version']}, {res['steps']} steps, {seeds})"
+    return f"wrote {res['path']} ({res['version']}, {res['steps']} steps, {seeds_words(res['seed'], res['n'])})"
+
+
+def seeds_words(seed: int, n: int) -> str:
+    return f"seed {seed}" if n == 1 else f"a grid of {n}, seeds {seed}-{seed + n - 1}"

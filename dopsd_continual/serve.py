@@ -28,6 +28,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 
 from .client import ANSWERED, _peer_uid, ask_daemon_raw  # the client's side of the socket
@@ -113,7 +114,7 @@ class SampleService:
 
     def answer(self, req: dict, send) -> dict:
         from .errors import ModelBusy, UserError
-        from .pictures import request
+        from .pictures import request, seeds_words
         from .store import open_state
 
         st = open_state(self.root)
@@ -131,6 +132,7 @@ class SampleService:
                     last[0] = words
                     send({"waiting": words})
 
+            t = time.monotonic()
             try:
                 with self.daemon.model_turn(st, waiting, self.daemon.stop_event.is_set, req["no_wait"]) as drawer:
                     res = drawer({"kind": "sample", "req": {k: req[k] for k in ("prompt", "version", "steps", "seed", "n")}})
@@ -138,6 +140,8 @@ class SampleService:
                 return {"busy": round_words(st) if str(e).startswith(("round", "a round")) else str(e)}
             except (InterruptedError, DrawerGone) as e:
                 return {"gone": str(e) or "the daemon is stopping"}
+            log.info("drew for dopsd sample: %s, %d steps, %s, in %.2f s", req["version"], req["steps"],
+                     seeds_words(req["seed"], req["n"]), time.monotonic() - t)  # not the prompt: what ran, not what was asked
             return {"png": base64.b64encode(res["png"]).decode(), "meta": res["meta"], "phases": res["phases"],
                     "req": {k: req[k] for k in ("prompt", "version", "steps", "seed", "n")}}
         finally:

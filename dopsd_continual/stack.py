@@ -295,7 +295,8 @@ def list_versions(state: State, with_metrics: bool = True, limit: int | None = N
     load. limit: only the newest `limit` after the newest `offset` (a page of a long history), oldest first."""
     columns = VERSION_COLUMNS + (", metrics" if with_metrics else "")
     page = " limit ? offset ?" if limit is not None else ""
-    rows = state.rows(f"select {columns} from versions order by cast(substr(id, 2) as integer) desc{page}",
+    rows = state.rows(f"select {columns} from versions order by cast(substr(id, 2) as integer) desc, created_at desc, "
+                      f"rowid desc{page}",
                       [int(limit), int(offset)] if limit is not None else [])
     active = state.active_version
     return [_version(r, active) for r in reversed(rows)]

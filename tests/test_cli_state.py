@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_pair
@@ -179,8 +180,11 @@ def test_config_set_get_unset_are_checked_like_the_recipe_and_the_state_reads_th
     r = run("config", "set", "daemon.quiet_seconds", "10", "--state", s)
     assert r.exit_code == 0 and "daemon.quiet_seconds = 10 (was 120)" in r.output and "[daemon]" in r.output
     assert run("config", "set", "daemon.cron", "0 3 * * *", "--state", s).exit_code == 0  # text stays text
-    r = run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s)
-    assert r.exit_code == 0 and "gate.seeds = [0, 1, 2] (was [" in r.output  # brackets shown, not read as markup
+    assert run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s).exit_code == 0
+    for words in (["set", "ingest.trigger_word", "[bold]ohwx[/x]"], ["get", "ingest.trigger_word"], ["get"],
+                  ["unset", "ingest.trigger_word"]):  # a value in brackets is shown as written, never read as markup
+        r = run("config", *words, "--state", s)
+        assert r.exit_code == 0 and ("[bold]ohwx[/x]" in r.output or words[0] == "unset"), r.output
     assert "(recipe [retention])" in run("gc", "--state", s).output
     st = open_state(s)
     assert (st.recipe["daemon"]["quiet_seconds"], st.recipe["daemon"]["cron"], st.recipe["gate"]["seeds"]) == (10, "0 3 * * *", [0, 1, 2])
@@ -252,3 +256,21 @@ def test_times_read_local_to_the_second_with_how_far_off():
     assert local_time(soon).endswith("(in 12 min)") or local_time(soon).endswith("(in 11 min)")
     later = (datetime.now(UTC) + timedelta(hours=23)).isoformat(timespec="seconds")
     assert local_time(later).endswith("h)") and "." not in local_time(later).split(" (")[0]
+
+
+def test_the_default_picture_name_never_replaces_a_file_and_an_empty_prompt_is_refused(tmp_path, monkeypatch):
+    from dopsd_continual.pictures import output_path
+
+    monkeypatch.chdir(tmp_path)
+    assert output_path(None, "v3", 0) == Path("sample-v3-s0.png")
+    Path("sample-v3-s0.png").write_bytes(b"a picture the user keeps")
+    Path("sample-v3-s0-2.png").symlink_to("nowhere")  # a dangling link is a name taken too
+    assert output_path(None, "v3", 0) == Path("sample-v3-s0-3.png")
+    (tmp_path / "pics").mkdir()
+    assert output_path(tmp_path / "pics", "v3", 0) == tmp_path / "pics" / "sample-v3-s0.png"
+    assert output_path(tmp_path / "mine.png", "v3", 0) == tmp_path / "mine.png"  # named by the user: theirs to replace
+    run("init", "--state", tmp_path / "s")
+    for prompt in ("", "   "):
+        r = run("sample", prompt, "--state", tmp_path / "s")
+        assert r.exit_code == 1 and "the prompt is empty" in r.output and r.output.count("\n") == 1, r.output
+    assert Path("sample-v3-s0.png").read_bytes() == b"a picture the user keeps"

@@ -163,6 +163,9 @@ def test_sigterm_exits_cleanly_and_one_daemon_per_state(tmp_path, watch):
     second = subprocess.run([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 1 and "already running" in second.stderr
+    said = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "daemon", "status", "--state", str(st.root)],
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "queue: empty" in said and "next round: when pairs are queued (the schedule looks next at " in said, said
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not daemon_running(st.root)

@@ -311,3 +311,27 @@ def test_a_long_history_renders_flat_a_page_at_a_time(tmp_path):
     for bad in ("6", "0", "-1", "x", "１", "9" * 40):
         assert c.get(f"/versions?page={bad}").status_code == 404, bad
     assert 'parent <a href="/versions/v0">v0</a>' in c.get("/versions/v1").text
+    assert c.get("/versions?page=").status_code == 200  # an empty page number is the first page
+    st = open_state(tmp_path / "s")
+    st.db["meta"].upsert({"key": "active_version", "value": "v12"}, pk="key")  # rolled back past the newest 30
+    st.close()
+    r = c.get("/")
+    assert re.findall(r'data-version="(v\d+)"', r.text)[-1] == "v12" and re.findall(r'data-active="(v\d+)"', r.text) == ["v12"]
+    assert "the newest 30 of 402, and the active one" in r.text
+    assert re.search(r'<li class="branch">\s*<a href="/versions/v400"', r.text)  # off the chain to v12 now
+
+
+def test_a_samples_thumbnail_alone_may_be_kept_by_the_browser_and_is_asked_for_by_its_hash(root):
+    """The queue's pictures are not drawn again at every live refresh: a thumbnail is `private, max-age` (the
+    browser's own cache, never a shared one) under an address naming the picture's hash; pages, sheets and
+    refusals stay no-store."""
+    c = client(root)
+    st = open_state(root)
+    sha = st.rows("select sha256 from samples where id = 1")[0]["sha256"]
+    st.close()
+    assert f'src="/img/sample/1?v={sha[:16]}"' in c.get("/queue").text
+    r = c.get(f"/img/sample/1?v={sha[:16]}")
+    assert r.status_code == 200 and r.headers.get_list("cache-control") == ["private, max-age=86400"]
+    for path in ("/", "/queue", "/versions", "/img/sample/999", "/static/style.css"):
+        assert c.get(path).headers.get_list("cache-control") == ["no-store"], path
+    assert client(root, login=False).get("/img/sample/1").headers.get_list("cache-control") == ["no-store"]  # refused

@@ -44,6 +44,7 @@ OVERVIEW_VERSIONS = 30  # the overview lists the newest versions; /versions page
 VERSIONS_PAGE = 100
 KEEP_JOBS = 24  # sample and compare renders kept in memory
 EVENTS_EVERY = 1.0  # seconds between the server's looks at the database for the live pages
+THUMB_CACHE = "private, max-age=86400"  # a sample's thumbnail, asked for by its hash (everything else: no-store)
 DISK_REPORT_SECONDS = 30.0  # the overview's disk section (a walk of the state) is this old at most
 
 
@@ -151,11 +152,15 @@ class Dashboard:
 
     def overview(self, request):
         from ..retention import disk_report
+        from ..stack import version_view
         from ..status import status
 
         st = self.state()
         try:
             versions, count = _newest_versions(st, OVERVIEW_VERSIONS)
+            if not any(v["active"] for v in versions):  # rolled back past the newest: the active one is shown too
+                active = version_view(st, st.active_version)
+                versions += [dict(active, on_chain=True, apart=True)] if active else []
             if self._disk is None or time.monotonic() - self._disk[0] > DISK_REPORT_SECONDS:
                 self._disk = (time.monotonic(), disk_report(st))  # a walk of the state: not at every live refresh
             return self.render(request, "overview.html", st=st, status=status(st), versions=versions, count=count,
@@ -167,7 +172,7 @@ class Dashboard:
         """Every version, newest first, a page at a time (a history of months does not load at once)."""
         from starlette.exceptions import HTTPException
 
-        asked = request.query_params.get("page", "1")
+        asked = request.query_params.get("page") or "1"
         number = int(asked) if asked.isascii() and asked.isdigit() and len(asked) < 12 else 0
         if number < 1:
             raise HTTPException(404, "no such page")
@@ -195,7 +200,7 @@ class Dashboard:
                 raise HTTPException(404, f"no version {vid!r}")
             report = _report(st, vid)
             rows = checks(report["metrics"], report["thresholds"]) if report else []
-            samples = st.rows(f"select id, caption, status from samples where id in ({','.join('?' * len(v['samples']))})",
+            samples = st.rows(f"select id, sha256, caption, status from samples where id in ({','.join('?' * len(v['samples']))})",
                               v["samples"]) if v["samples"] else []
             jobs = [dict(j, id=k) for k, j in self.jobs.items() if j.get("version") == vid]
             return self.render(request, "version.html", st=st, v=v, checks=rows,
@@ -238,7 +243,7 @@ class Dashboard:
             where, args = (f"where status in ({', '.join('?' * len(stored))})", stored) if stored else ("where 0", [])
             where, args = (where, args) if wanted else ("", [])
             total = st.rows(f"select count(*) n from samples {where}", args)[0]["n"]
-            rows = st.rows(f"select id, status, caption, source_path, rejections, history from samples {where} "
+            rows = st.rows(f"select id, sha256, status, caption, source_path, rejections, history from samples {where} "
                            f"order by id desc limit {QUEUE_ROWS}", args)
             for r in rows:
                 r["status"] = shown(r["status"])
@@ -295,7 +300,10 @@ class Dashboard:
         return Response(self.assets[name], media_type=ASSETS[name])
 
     def sample_image(self, request):
-        """A sample's picture, from its blob, as a PNG at most 256 px (HEIC and AVIF too)."""
+        """A sample's picture, from its blob, as a PNG at most 256 px (HEIC and AVIF too). The one answer the
+        browser may keep (a day, in its own cache only: `private`): a sample's picture never changes, and the
+        pages ask for it by an address that names its hash (?v=), so a state made anew never shows an old one.
+        A page that lists hundreds of samples is not drawn again by the server at each live refresh."""
         from PIL import Image
         from starlette.exceptions import HTTPException
         from starlette.responses import Response
@@ -318,7 +326,7 @@ class Dashboard:
         im.thumbnail((256, 256), Image.LANCZOS)
         from ..pictures import encoded
 
-        return Response(encoded(im, "PNG", {}), media_type="image/png")
+        return Response(encoded(im, "PNG", {}), media_type="image/png", headers={"Cache-Control": THUMB_CACHE})
 
     def sheet(self, request):
         from starlette.exceptions import HTTPException
@@ -566,7 +574,8 @@ class _Guard:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                own = {k.lower() for k, _ in headers}  # an answer's own Cache-Control (a thumbnail's) stands
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.lower().encode() not in own]
                 if new_session:
                     headers.append((b"set-cookie", f"{self.d.session_cookie}={session}; HttpOnly; SameSite=Strict; Path=/".encode()))
                 message["headers"] = headers
@@ -632,7 +641,8 @@ def size_words(n: int) -> str:
 def _newest_versions(st, n: int, skip: int = 0) -> tuple[list[dict], int]:
     """A page of versions, newest first, each marked `on_chain` when it lies between v0 and the active version
     (the pages show the others set in); and how many there are. Flat rows, not a nested tree: a chain of
-    hundreds of rounds renders without recursion, and a page's work does not grow with the history."""
+    hundreds of rounds renders without recursion, and what a page parses and renders stays a page (the
+    chain and the count still read each version's id and parent: 2 short strings a version)."""
     from ..stack import active_chain, list_versions, version_count
 
     on = active_chain(st)
