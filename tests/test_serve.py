@@ -61,6 +61,8 @@ def test_the_daemons_picture_is_the_in_process_one_byte_for_byte(served, version
     again = json.loads(dopsd(tmp, "sample", PROMPT, "--version", version, "--seed", "3", "-n", "2", "--out",
                              tmp / f"g-{version}.jpg", "--json", "--state", state).stdout)
     assert again["drawn_by"] == "daemon" and again["n"] == 2
+    log = (state / "logs" / "daemon.log").read_text()  # what the daemon drew is in its log, without the prompt
+    assert f"drew for dopsd sample: {version}, 4 steps, a grid of 2, seeds 3-4, in " in log and PROMPT not in log
     st = open_state(state)
     sample(st, PROMPT, version, None, 3, 2, tmp / f"h-{version}.jpg")  # a grid, encoded as JPEG here and there
     st.close()
