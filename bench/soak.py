@@ -2,7 +2,9 @@
 open, a full disk injected once and cleared, a kill -9 once. Per round: the state's disk use by kind, the
 daemon's resident memory, open file descriptors and threads.
 
-    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6]
+    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--out FILE]
+
+--history N starts on a chain of N versions made at once, so that a short run sees what months leave behind.
 
 The daemon is the real one (`python -m dopsd_continual.daemon`, rounds in their own processes), on a fresh
 toy state whose settings (`dopsd config set`, no file edited) shorten its waits, keep the recipe's gate and
@@ -154,6 +156,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--burst", type=int, default=6)
     ap.add_argument("--disk-mb", type=int, default=400)
+    ap.add_argument("--history", type=int, default=0, help="start on a chain of this many versions")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the daemon and the mount go too
@@ -162,12 +165,18 @@ def main() -> None:
     mounted = mount_tmpfs(disk, a.disk_mb)
     state, drop = disk / "state", tmp / "drop"
     drop.mkdir()
-    init_state(state, None, [drop]).close()
+    st = init_state(state, None, [drop])
+    if a.history:  # months already behind it: a chain of versions made at once (small random deltas, no training)
+        from sample_latency import make_chain
+
+        make_chain(st, a.history)
+    st.close()
     settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": a.burst, "daemon.rescan_seconds": 5,
                 "daemon.ui": True, "daemon.ui_port": 0, "train.steps": a.steps, "retention.rejected_days": 0,
                 "retention.gate_days": 0}
     set_settings(state, settings)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
+              "history": a.history,
               "burst": a.burst, "settings": settings, "full_disk_injected": mounted, "events": [], "rows": []}
 
     def save() -> None:
