@@ -400,17 +400,6 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
-def local_time(iso: str) -> str:
-    """An ISO time with its offset, as the user reads it: local, to the second, and how far off."""
-    from datetime import datetime
-
-    t = datetime.fromisoformat(iso).astimezone()
-    left = (t - datetime.now(t.tzinfo)).total_seconds()
-    ahead = (f"in {left / 3600:.1f} h" if left >= 5400 else f"in {left / 60:.0f} min" if left >= 90
-             else "now" if left < 30 else f"in {left:.0f} s")
-    return f"{t:%Y-%m-%d %H:%M:%S} ({ahead})"
-
-
 def when(ts: float | None) -> str:
     """A stored time (epoch seconds) as the user reads it: local, to the second."""
     from datetime import datetime
@@ -656,8 +645,13 @@ def config_set(key: str = typer.Argument(..., help="section.key, e.g. daemon.qui
     section, _, name = key.partition(".")
     console.print(f"{key} = {_shown(recipe[section][name])} (was {_shown(old)})", highlight=False, markup=False)
     if section == "daemon":
-        console.print("a running daemon reads [daemon] at its start: `dopsd daemon stop` then `dopsd daemon start`",
-                      highlight=False, markup=False)
+        from .status import daemon_running
+
+        if daemon_running(root):
+            console.print("the running daemon reads [daemon] at its start: `dopsd daemon stop` then `dopsd daemon start`",
+                          highlight=False, markup=False)
+    elif section == "ingest":
+        console.print("pairs taken from now on use it (those already queued keep theirs)", highlight=False)
     else:
         console.print("the next round uses it", highlight=False)
 
@@ -738,7 +732,7 @@ def daemon_stop(state: Path | None = STATE_OPT) -> None:
 @daemon_app.command("status")
 def daemon_status(as_json: bool = typer.Option(False, "--json"), state: Path | None = STATE_OPT) -> None:
     """Running or not, active version, queue counts, the round in progress, the next round."""
-    from .status import status
+    from .status import local_time, status
 
     st = _open(state)
     s = status(st)

@@ -78,3 +78,14 @@ def set_aside(state: State) -> dict | None:
             reasons[r] = reasons.get(r, 0) + 1
     return {"count": len(rows), "reasons": sorted(reasons, key=reasons.get, reverse=True)[:3],
             "hint": "`dopsd queue retry --status set_aside` brings them back"}
+
+
+def local_time(iso: str) -> str:
+    """An ISO time with its offset, as the user reads it: local, to the second, and how far off."""
+    from datetime import datetime
+
+    t = datetime.fromisoformat(iso).astimezone()
+    left = (t - datetime.now(t.tzinfo)).total_seconds()
+    ahead = (f"in {left / 3600:.1f} h" if left >= 5400 else f"in {left / 60:.0f} min" if left >= 90
+             else "now" if left < 30 else f"in {left:.0f} s")
+    return f"{t:%Y-%m-%d %H:%M:%S} ({ahead})"

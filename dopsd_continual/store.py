@@ -536,8 +536,9 @@ CONFIG_KEYS = {"recipe": "a string (a recipe path or a shipped recipe's name)", 
 FIXED_BY_INIT = {"model.name", "model.backend", "model.source"}  # another model: `dopsd init --recipe ... --force`
 
 
-def with_settings(recipe: dict[str, Any], settings: dict[str, Any], where: str) -> dict[str, Any]:
-    """The recipe with the state's own settings over it ("section.key": value), validated like a recipe."""
+def with_settings(recipe: dict[str, Any], settings: dict[str, Any], where: str, stored: bool = True) -> dict[str, Any]:
+    """The recipe with the state's own settings over it ("section.key": value), validated like a recipe.
+    stored=False: the settings are a change not yet written (its refusal names no file and no unset)."""
     import copy
 
     from .recipe import validate
@@ -548,16 +549,16 @@ def with_settings(recipe: dict[str, Any], settings: dict[str, Any], where: str) 
     for dotted, value in settings.items():
         section, _, key = dotted.partition(".")
         if dotted in FIXED_BY_INIT:
-            raise UserError(f"{where}: {dotted} is the model itself; `dopsd init --recipe ... --force` changes it "
-                            f"(`dopsd config unset {dotted}` removes the setting)")
+            raise UserError(f"{where}: {dotted} is the model itself; `dopsd init --recipe ... --force` changes it"
+                            + (f" (`dopsd config unset {dotted}` removes the setting)" if stored else ""))
         if section not in out or key not in out[section]:
-            raise UserError(f"{where}: unknown setting {dotted!r} (a recipe key as section.key, e.g. "
-                            f"daemon.quiet_seconds; `dopsd config unset {dotted}` removes it)")
+            raise UserError(f"{where}: unknown setting {dotted!r} (a recipe key as section.key, e.g. daemon.quiet_seconds"
+                            + (f"; `dopsd config unset {dotted}` removes it)" if stored else ")"))
         out[section][key] = value
     try:
-        return validate(out, f"{where} [settings]")
+        return validate(out, f"{where} [settings]" if stored else where)
     except UserError as e:
-        raise UserError(f"{e} (`dopsd config unset KEY` goes back to the recipe's value)") from None
+        raise UserError(f"{e} (`dopsd config unset KEY` goes back to the recipe's value)" if stored else str(e)) from None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -638,7 +639,10 @@ def set_settings(root: Path, changes: dict[str, Any], remove: tuple[str, ...] = 
         raise UserError(f"no state at {root} (run `dopsd init` first, or pass --state DIR)")
     cfg = _read_config(cfg_path)
     settings = {k: v for k, v in {**cfg["settings"], **changes}.items() if k not in remove}
-    recipe = with_settings(load_recipe(_recipe_path(root, cfg["recipe"])), settings, f"{cfg_path}")
+    base = load_recipe(_recipe_path(root, cfg["recipe"]))
+    if changes:  # the value given, alone first: its refusal is about it, and nothing is written
+        with_settings(base, changes, "refused, nothing written", stored=False)
+    recipe = with_settings(base, settings, f"{cfg_path}")
     cfg["settings"] = settings
     atomic_write(cfg_path, _dump_config(cfg).encode())
     return recipe

@@ -178,7 +178,13 @@ def test_config_set_get_unset_are_checked_like_the_recipe_and_the_state_reads_th
     s = tmp_path / "s"
     run("init", "--state", s)
     r = run("config", "set", "daemon.quiet_seconds", "10", "--state", s)
-    assert r.exit_code == 0 and "daemon.quiet_seconds = 10 (was 120)" in r.output and "[daemon]" in r.output
+    assert r.exit_code == 0 and "daemon.quiet_seconds = 10 (was 120)" in r.output
+    assert "[daemon]" not in r.output  # no daemon runs: none to restart
+    r = run("config", "set", "daemon.cron", "[red]bad[/red]", "--state", s)
+    assert r.exit_code == 1 and "refused, nothing written: daemon.cron '[red]bad[/red]'" in r.output, r.output
+    assert "config unset" not in r.output and "dopsd.toml" not in r.output  # a refused value is nowhere to unset
+    assert "already queued keep theirs" in run("config", "set", "ingest.default_caption", "a photo", "--state", s).output
+    assert run("config", "unset", "ingest.default_caption", "--state", s).exit_code == 0
     assert run("config", "set", "daemon.cron", "0 3 * * *", "--state", s).exit_code == 0  # text stays text
     assert run("config", "set", "gate.seeds", "[0, 1, 2]", "--state", s).exit_code == 0
     for words in (["set", "ingest.trigger_word", "[bold]ohwx[/x]"], ["get", "ingest.trigger_word"], ["get"],
@@ -250,7 +256,7 @@ def test_neighbour_prompts_leave_the_concept_out_and_never_pick_the_caption_itse
 def test_times_read_local_to_the_second_with_how_far_off():
     from datetime import UTC, datetime, timedelta
 
-    from dopsd_continual.cli import local_time
+    from dopsd_continual.status import local_time
 
     soon = (datetime.now(UTC) + timedelta(minutes=12)).isoformat(timespec="seconds")
     assert local_time(soon).endswith("(in 12 min)") or local_time(soon).endswith("(in 11 min)")

@@ -166,6 +166,9 @@ def test_sigterm_exits_cleanly_and_one_daemon_per_state(tmp_path, watch):
     said = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "daemon", "status", "--state", str(st.root)],
                           capture_output=True, text=True, timeout=120).stdout
     assert "queue: empty" in said and "next round: when pairs are queued (the schedule looks next at " in said, said
+    said = subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", "config", "set", "daemon.quiet_seconds", "5",
+                           "--state", str(st.root)], capture_output=True, text=True, timeout=120).stdout
+    assert "the running daemon reads [daemon] at its start" in said, said
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not daemon_running(st.root)

@@ -92,6 +92,8 @@ class Dashboard:
                  port: int | None = None, warm=None):
         from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+        from ..status import local_time
+
         self.root = Path(root)
         self.host = host
         check_access(host, token, no_token)
@@ -104,6 +106,7 @@ class Dashboard:
         self.assets = {name: (HERE / "static" / name).read_bytes() for name in ASSETS}
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
         self.env.filters["size"] = size_words
+        self.env.filters["local_time"] = local_time  # as `dopsd daemon status` says it
         self.jobs: dict[str, dict] = {}  # sample and compare renders: id -> {kind, status, error, png, ...}
         self.model_lock = threading.Lock()  # one model job at a time, on one loaded pipeline
         self._jobs_lock = threading.Lock()
