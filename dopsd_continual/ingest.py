@@ -386,7 +386,9 @@ def stability_seconds(state: State) -> float:
 def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256) -> IngestReport:
     """One scan of the given paths (default: the watched folders). Safe to run again at any time."""
     report = IngestReport()
-    roots = [Path(p) for p in (paths or state.watch_dirs)]
+    # absolute (not resolved: a link the user gave stays as given): a file is one path whatever the folder the
+    # command ran in, so a later scan from elsewhere finds it unchanged, and the pages show where it is
+    roots = [Path(os.path.abspath(p)) for p in (paths or state.watch_dirs)]
     stable_after = stability_seconds(state)
     ing = state.recipe["ingest"]
     todo: list[tuple[Candidate, str]] = []

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,3 +351,21 @@ def test_an_unsupported_image_is_reported_once_with_its_caption_named(state, wat
     rep = ingest_paths(state)
     assert [(os.path.basename(i["path"]), i["reason"]) for i in rep.ignored] == [
         ("scan.tiff", "unsupported file type '.tiff' (its caption scan.txt is not used)")]
+
+
+def test_a_file_is_one_path_whatever_folder_the_scan_ran_in(tmp_path, monkeypatch):
+    """`dopsd ingest drop` from one folder and `dopsd ingest /abs/drop` (or `.` from inside it) later: the same
+    file, found unchanged, not a duplicate of itself; the queue shows where it is, not where the command ran."""
+    from dopsd_continual.store import init_state
+
+    st = init_state(tmp_path / "s", None, [])
+    make_pair(tmp_path / "drop", "one", seed=1)
+    monkeypatch.chdir(tmp_path)
+    first = ingest_paths(st, [Path("drop")])
+    assert len(first.queued) == 1
+    assert st.rows("select source_path from samples")[0]["source_path"] == str(tmp_path / "drop" / "one.png")
+    monkeypatch.chdir(tmp_path / "drop")
+    for again in ([tmp_path / "drop"], [Path(".")], [Path("../drop/one.png")]):
+        r = ingest_paths(st, again)
+        assert not r.duplicates and not r.queued and len(r.unchanged) == 1, (again, r.to_json())
+    st.close()
