@@ -686,10 +686,11 @@ class Daemon:
             except Exception:
                 pass
 
-    def trim(self) -> None:
+    def trim(self, collect: bool = True) -> None:
         """What the daemon's work freed goes back to the system: after a round and when a model goes (the
         heartbeat, once a minute while nothing runs, hands back what pages and scans freed, without a collection)."""
-        gc.collect()
+        if collect:
+            gc.collect()
         trim_heap()
         self._trimmed = time.monotonic()
 
@@ -718,8 +719,7 @@ class Daemon:
                     pass
         idle = not self.round_lock.locked() and not self.model_busy.locked()
         if idle and time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
-            trim_heap()  # what the dashboard's pages and the scans freed; never under a round or a picture
-            self._trimmed = time.monotonic()
+            self.trim(collect=False)  # what the dashboard's pages and the scans freed; never under a round or a picture
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
