@@ -92,6 +92,9 @@ def output_path(out: Path | None, version: str, seed: int) -> Path:
             name = folder / f"{stem}-{n}.png"
         return name
     out = Path(out)
+    if not out.suffix and not os.path.lexists(out):  # `--out pics/`: a folder meant, not there
+        raise UserError(f"--out {out}: no such folder (give an existing folder, or a file name ending in "
+                        f"{', '.join(OUTPUT_FORMATS)})")
     if out.suffix.lower() not in OUTPUT_FORMATS:
         raise UserError(f"--out {out}: the name must end in {', '.join(OUTPUT_FORMATS)} (or be an existing folder)")
     if not out.parent.is_dir():

@@ -275,6 +275,11 @@ def test_the_default_picture_name_never_replaces_a_file_and_an_empty_prompt_is_r
     (tmp_path / "pics").mkdir()
     assert output_path(tmp_path / "pics", "v3", 0) == tmp_path / "pics" / "sample-v3-s0.png"
     assert output_path(tmp_path / "mine.png", "v3", 0) == tmp_path / "mine.png"  # named by the user: theirs to replace
+    for missing in ("nodir", "nodir/"):  # a folder meant: said as such, not as a wrong suffix
+        with pytest.raises(UserError, match="no such folder"):
+            output_path(Path(missing), "v3", 0)
+    with pytest.raises(UserError, match="must end in"):
+        output_path(tmp_path / "mine.gif", "v3", 0)
     run("init", "--state", tmp_path / "s")
     for prompt in ("", "   "):
         r = run("sample", prompt, "--state", tmp_path / "s")
