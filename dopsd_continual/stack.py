@@ -110,11 +110,16 @@ def intact_ancestor(state: State, vid: str) -> str:
 
 def chain(state: State, vid: str) -> list[str]:
     """Version ids from the root's first child down to vid (v0, the base, has no adapter)."""
-    out = []
+    parent = dict(state.conn.execute("select id, parent from versions"))  # one read, however deep the chain
+    out: list[str] = []
     cur = vid
     while cur and cur != "v0":
+        if cur not in parent:
+            get_version(state, cur)  # its one-line error
+        if len(out) > len(parent):
+            raise UserError(f"version {vid}'s chain loops at {cur}: the versions table is damaged")
         out.append(cur)
-        cur = get_version(state, cur)["parent"]
+        cur = parent[cur]
     return list(reversed(out))
 
 
@@ -127,8 +132,10 @@ def replay_pool(state: State, size: int, vid: str | None = None) -> list[dict]:
     A rollback, a retried sample or another size changes it more (those features are computed again). Disk
     and feature work stay bounded however long the history grows. By id."""
     used: set[int] = set()
-    for v in chain(state, vid or state.active_version):
-        used |= set(json.loads(get_version(state, v)["samples"] or "[]"))
+    on_chain = set(chain(state, vid or state.active_version))
+    for v, samples in state.conn.execute("select id, samples from versions"):
+        if v in on_chain:
+            used |= set(json.loads(samples or "[]"))
     rows = [dict(r) for r in state.db["samples"].rows_where("status = 'used'", order_by="id") if r["id"] in used]
     if size and len(rows) > size:
         def rank(r: dict) -> str:
@@ -330,9 +337,10 @@ def set_active(state: State, vid: str) -> None:
         chain_deltas(state, vid)  # verifies every adapter on the chain
     with state.conn:  # gc records what it removes in one transaction: a chain it took since is not made active
         state.conn.execute("BEGIN IMMEDIATE")
-        gone = [v for v in chain(state, vid) if v in pruned_versions(state)]
+        pruned = pruned_versions(state)
+        gone = [v for v in chain(state, vid) if v in pruned]
         if gone:
-            raise UserError(f"version {gone[0]}'s adapter was {pruned_versions(state)[gone[0]]}")
+            raise UserError(f"version {gone[0]}'s adapter was {pruned[gone[0]]}")
         state.conn.execute("insert or replace into meta (key, value) values ('active_version', ?)", [vid])
 
 

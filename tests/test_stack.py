@@ -219,3 +219,32 @@ def test_the_dashboards_versions_list_leaves_the_metrics_unread(state):
     assert [v["metrics"] for v in full] == [{}, {"concept": 0.9}] and [v["metrics"] for v in light] == [{}, {}]
     assert [{k: x for k, x in v.items() if k != "metrics"} for v in full] == [
         {k: x for k, x in v.items() if k != "metrics"} for v in light]
+
+
+def test_chains_are_read_at_once_and_a_damaged_table_gives_an_error_not_a_hang(state):
+    """stack.chain and retention.kept_versions read the versions' parents once (not a query per hop: a history
+    of months is hundreds deep); a parent that loops (a damaged table) is an error, a missing one names itself."""
+    from dopsd_continual.retention import kept_versions
+
+    def add(vid, parent, status="accepted"):
+        state.db["versions"].insert({"id": vid, "parent": parent, "status": status, "created_at": 1.0, "objective": "dopsd",
+                                     "recipe_hash": "", "samples": "[]", "metrics": "{}", "reasons": "[]",
+                                     "adapter_dir": f"adapters/{vid}"})
+
+    for i in range(1, 301):
+        add(f"v{i}", f"v{i - 1}", "accepted" if i % 3 else "rejected")
+    add("v400", "v401")  # v400 <-> v401: a loop
+    add("v401", "v400", "rejected")
+    add("v500", "v499")  # its parent's row is gone
+    reads = []
+    state.conn.set_trace_callback(reads.append)
+    try:
+        assert chain(state, "v300") == [f"v{i}" for i in range(1, 301)]
+    finally:
+        state.conn.set_trace_callback(None)
+    assert len([r for r in reads if "versions" in r]) == 1, reads
+    with pytest.raises(UserError, match="loops"):
+        chain(state, "v400")
+    with pytest.raises(UserError, match="no version 'v499'"):
+        chain(state, "v500")
+    assert kept_versions(state) == {f"v{i}" for i in range(1, 300)} | {"v400", "v401", "v500"}  # v300: rejected
