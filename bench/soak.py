@@ -2,7 +2,7 @@
 open, a full disk injected once and cleared, a kill -9 once. Per round: the state's disk use by kind, the
 daemon's resident memory, open file descriptors and threads.
 
-    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--out FILE]
+    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--renew-mb MB] [--out FILE]
 
 --history N starts on a chain of N versions made at once, so that a short run sees what months leave behind.
 
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=6)
     ap.add_argument("--disk-mb", type=int, default=400)
     ap.add_argument("--history", type=int, default=0, help="start on a chain of this many versions")
+    ap.add_argument("--renew-mb", type=float, default=None, help="daemon.renew_mb (default: the recipe's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the daemon and the mount go too
@@ -174,6 +175,8 @@ def main() -> None:
     settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": a.burst, "daemon.rescan_seconds": 5,
                 "daemon.ui": True, "daemon.ui_port": 0, "train.steps": a.steps, "retention.rejected_days": 0,
                 "retention.gate_days": 0}
+    if a.renew_mb is not None:
+        settings["daemon.renew_mb"] = a.renew_mb
     set_settings(state, settings)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
               "history": a.history,
@@ -254,6 +257,7 @@ def main() -> None:
         result["pairs_dropped"] = bursts * a.burst
         logs = [f.read_text(errors="replace") for f in (log, state / "logs" / "daemon.log") if f.exists()]
         result["tracebacks_in_logs"] = sum(t.count("Traceback") for t in logs)
+        result["renewals"] = sum(t.count("renewing in place:") for t in logs)  # daemon.renew_mb
         result["traceback_excerpts"] = [t[max(0, i - 300): i + 3000] for t in logs for i in
                                         [j for j in range(len(t)) if t.startswith("Traceback", j)][:3]]
         result["round_statuses"] = dict(finished_rounds_by_version(db))

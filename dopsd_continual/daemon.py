@@ -64,11 +64,59 @@ def limit_arenas() -> None:
         libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
 
 
+def resident_mb() -> float | None:
+    """This process's resident anonymous memory (Linux: what its allocators hold, not the mapped libraries),
+    or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def trim_heap() -> None:
     """Hand freed malloc memory back to the system (free pages inside the arenas too, not only at their top)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def _stop_during_renewal() -> bool:
+    """Whether a stop reached the previous image while it renewed (DOPSD_STOP_FD, the pipe its signal wakeup
+    fd wrote to); False without one."""
+    value = os.environ.pop("DOPSD_STOP_FD", "")
+    if not value.isdigit():
+        return False
+    fd = int(value)
+    try:
+        os.set_blocking(fd, False)
+        got = os.read(fd, 64)
+    except OSError:
+        return False
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return any(b in (signal.SIGTERM, signal.SIGINT) for b in got)
+
+
+def _kept_lock(root: Path) -> int | None:
+    """The lock's descriptor handed across a renewal's exec (DOPSD_LOCK_FD), if it is this state's lock file
+    and still locked by this process; None otherwise (a stray variable is ignored)."""
+    value = os.environ.pop("DOPSD_LOCK_FD", "")
+    if not value.isdigit():
+        return None
+    fd = int(value)
+    try:
+        held, path = os.fstat(fd), os.stat(_lock_path(root))
+        if (held.st_dev, held.st_ino) != (path.st_dev, path.st_ino):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: this succeeds only if it is ours
+    except OSError:
+        return None
+    os.set_inheritable(fd, False)
+    return fd
 
 
 class ChildOOM(Exception):
@@ -171,9 +219,18 @@ class Daemon:
         self._beat = threading.Lock()  # one writer of daemon.json at a time (the scheduler's beat, a round, a hold)
         self._stopped = False
         self._trimmed = time.monotonic()
+        self._settled_mb: float | None = None  # resident after the first round: what renew_mb is counted from
+        self.renewing = False  # set by the heartbeat: run_forever stops everything and runs this daemon anew
+        self._stop_asked = False  # a signal's: never cleared, it wins over any renewal
+        self._renewed = False  # this image is a renewal (it adopted the lock)
+        self._renewable = False  # only a daemon that owns its process (run_forever), not one inside the demo
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
+        kept = _kept_lock(self.root)  # renewed in place: the lock was held across the exec
+        if kept is not None:
+            self._lock_fd, self._renewed = kept, True
+            return
         fd = os.open(_lock_path(self.root), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,6 +250,13 @@ class Daemon:
         if self.install_signals:  # first: a stop while it starts ends it as any stop does (run_forever's)
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            if _stop_during_renewal():  # a stop that reached another thread of the image before
+                log.info("a stop arrived while the daemon renewed itself: stopping")
+                self._stop_asked = True
+                self.stop_event.set()
+            # held pending across a renewal's exec: delivered now, to the handlers above. No thread exists yet,
+            # so none (nor any child process) starts with these blocked
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         self.acquire()
         setup_logging(self.state.logs, self.foreground)
         from .store import tighten_state
@@ -222,7 +286,11 @@ class Daemon:
         from .web.server import Server, token_for, url
 
         host, port = self.cfg["ui_host"], int(self.cfg["ui_port"])
-        token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
+        kept = self.root / "ui-token"
+        if self._renewed and kept.is_file() and not os.environ.get("DOPSD_UI_TOKEN"):  # renewed: an open tab stays in
+            token = kept.read_text().strip()
+        else:
+            token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
         atomic_write(self.root / "ui-token", token.encode())  # 0600 from the first byte
         try:
             ui = Server(self.root, host, port, token, warm=self).start()  # its renders share the warm model
@@ -251,24 +319,79 @@ class Daemon:
 
     def _on_signal(self, signum, frame) -> None:
         log.info("signal %d: stopping", signum)
+        self._stop_asked = True  # wins over a renewal under way
         self.stop_event.set()
 
     def run_forever(self) -> None:
         limit_arenas()  # a process that lives for months: before its threads start
+        self._renewable = True
         self.start()
         try:
             while not self.stop_event.wait(0.5):
                 pass
         finally:
             self.shutdown()
+        if self.renewing and not self._stop_asked:
+            self.renew()
+
+    def renew(self) -> None:
+        """This daemon anew in the same process (exec): the same pid (a service manager sees no change), the lock
+        held throughout (no second daemon can start in between), the dashboard's token kept; everything the
+        old image's allocators kept is gone. Its rounds, pictures and jobs had ended (shutdown waited).
+        A stop is never lost: SIGTERM/SIGINT are blocked in this thread before the exec (they stay pending for
+        the new image's handlers), and one taken by another thread meanwhile is written by Python's C handler
+        to a pipe (the wakeup fd) that the new image reads at its start."""
+        stops = {signal.SIGTERM, signal.SIGINT}
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+
+        def stop_here() -> None:  # as a stop ends: the lock and the status go
+            signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            (self.root / "daemon.json").unlink(missing_ok=True)
+            for fd in (self._lock_fd, r, w):
+                os.close(fd)
+
+        if self._stop_asked:  # one came at the last moment: it stops
+            return stop_here()
+        try:
+            from multiprocessing import resource_tracker
+
+            getattr(resource_tracker._resource_tracker, "_stop", lambda: None)()  # reaped now, not a zombie after
+        except Exception:
+            pass
+        for fd in (self._lock_fd, r):
+            os.set_inheritable(fd, True)
+        keep = {0, 1, 2, self._lock_fd, r, w}
+        for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []):
+            if fd not in keep:  # a library's descriptor opened without close-on-exec (inotify's) goes too
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        env = dict(os.environ, DOPSD_LOCK_FD=str(self._lock_fd), DOPSD_STOP_FD=str(r))
+        args = [sys.executable, "-m", "dopsd_continual.daemon", "--state", str(self.root)]
+        logging.shutdown()  # every line written before the image goes
+        try:
+            os.execve(sys.executable, args + (["--foreground"] if self.foreground else []), env)
+        except OSError as e:  # the interpreter is gone (an upgrade under it): stop as a stop would, and say why
+            stop_here()
+            log.error("the daemon could not renew itself (%s: %s): stopped", sys.executable, e.strerror or e)
+            raise UserError(f"the daemon could not renew itself ({sys.executable}: {e.strerror or e}); "
+                            "`dopsd daemon start` starts it again") from None
 
     def shutdown(self, timeout: float = 60.0) -> None:
         self.stop_event.set()
+        renewing = self.renewing and not self._stop_asked  # read once: the heartbeat holds the model and round locks
         if getattr(self, "ui", None):
             self.ui.stop()
         if self.service is not None:
             self.service.stop()
-        if self.model_busy.acquire(timeout=10):  # a picture in progress has a moment to end
+        if renewing:
+            pass  # no picture runs and no model is warm (the heartbeat checked, under the locks it keeps)
+        elif self.model_busy.acquire(timeout=10):  # a picture in progress has a moment to end
             try:
                 self.release_drawer()
             finally:
@@ -278,15 +401,19 @@ class Daemon:
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.shutdown(wait=renewing)  # renewed, a scan under way ends first (the exec would cut it)
         t = time.time()
-        while self.round_lock.locked() and time.time() - t < timeout:  # the round abandons at its next step
+        while not renewing and self.round_lock.locked() and time.time() - t < timeout:  # abandoned at its next step
             time.sleep(0.1)
         for o in getattr(self, "observers", []):
             o.join(timeout=5)
         with self._beat:
             self._stopped = True  # no heartbeat after this brings daemon.json back
-            (self.root / "daemon.json").unlink(missing_ok=True)
+            if not renewing:  # renewed, the next image rewrites it
+                (self.root / "daemon.json").unlink(missing_ok=True)
+        if renewing:
+            log.info("daemon stopped; renewing in place")
+            return  # the lock stays held, across the exec
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -503,6 +630,8 @@ class Daemon:
                      "" if not result["reasons"] else ": " + "; ".join(result["reasons"]))
             self.collect_garbage()
             self.trim()  # what the round's bookkeeping here freed (its training ran in a process of its own)
+            if self._settled_mb is None and self._sampler is None:  # (with keep_warm_seconds > 0: never renews)
+                self._settled_mb = resident_mb()  # just trimmed, warm: its libraries loaded, its threads started
             if self.on_round:
                 self.on_round(result)
             return result
@@ -718,8 +847,34 @@ class Daemon:
                 except OSError:  # a full disk: the last status stays; the pause is in the log and the next beat
                     pass
         idle = not self.round_lock.locked() and not self.model_busy.locked()
-        if idle and time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
+        if idle and not self.stop_event.is_set() and time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
             self.trim(collect=False)  # what the dashboard's pages and the scans freed; never under a round or a picture
+            self.maybe_renew()
+
+    def maybe_renew(self) -> None:
+        """daemon.renew_mb: grown that far past its size after its first round (anonymous memory, just trimmed),
+        with nothing under way or waiting (no round, picture, warm model, held round, drop in its quiet period,
+        pending scan), the daemon renews itself in place (run_forever's renew)."""
+        renew_mb = float(self.cfg["renew_mb"])
+        if not self._renewable or renew_mb <= 0 or self._settled_mb is None or self.held is not None:
+            return
+        if self._sampler is not None or self._drawer is not None or self._stop_asked or self.renewing:
+            return
+        waiting = any(self.scheduler.get_job(j) for j in ("ingest-soon", "round-threshold"))
+        if waiting or self.queued_count() or time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
+            return
+        now_mb = resident_mb()
+        if now_mb is None or now_mb <= self._settled_mb + renew_mb:
+            return
+        if not self.round_lock.acquire(blocking=False):
+            return
+        if not self.model_busy.acquire(blocking=False):  # kept, both, until the exec: nothing starts meanwhile
+            self.round_lock.release()
+            return
+        log.info("renewing in place: %.0f MB resident (anonymous), %.0f MB past its size after its first round "
+                 "(daemon.renew_mb = %s)", now_mb, now_mb - self._settled_mb, self.cfg["renew_mb"])
+        self.renewing = True
+        self.stop_event.set()  # run_forever stops everything, then execs
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,

@@ -100,6 +100,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "polling": (bool, False),
         "keep_warm_seconds": ((int, float), 0),
         "sample_warm_seconds": ((int, float), 600),  # the model stays loaded this long after a `dopsd sample`
+        "renew_mb": ((int, float), 16),  # renew in place (same pid and lock) when grown this far past its first round
         "ui": (bool, False),
         "ui_host": (str, "127.0.0.1"),
         "ui_port": (int, 8765),
@@ -211,7 +212,7 @@ def _check_daemon(d: dict[str, Any], where: str) -> None:
     for k in ("interval_minutes", "rescan_seconds"):
         if not d[k] > 0:
             raise UserError(f"{where}: daemon.{k} must be > 0, got {d[k]!r}")
-    for k in ("quiet_seconds", "keep_warm_seconds", "sample_warm_seconds"):
+    for k in ("quiet_seconds", "keep_warm_seconds", "sample_warm_seconds", "renew_mb"):
         if d[k] < 0:
             raise UserError(f"{where}: daemon.{k} must be >= 0, got {d[k]!r}")
     if d["min_new_samples"] < 1:

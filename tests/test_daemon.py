@@ -378,3 +378,47 @@ def test_trim_heap_hands_freed_memory_inside_the_heap_back_to_the_system(tmp_pat
     if r.stdout.strip() == "not glibc":
         pytest.skip("malloc_trim is glibc's")
     assert float(r.stdout) > 50, r.stdout  # of the 100 MB freed below the pinned chunk
+
+
+def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_and_token(tmp_path, watch):
+    """daemon.renew_mb: once a round has settled its size, a daemon grown that far past it (here: any growth)
+    stops its work and execs itself anew: the same pid, the lock held throughout (a second daemon is refused
+    right after), the dashboard's token kept; the renewed daemon takes the next drop and stops on SIGTERM."""
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1, renew_mb=0.001, ui=True, ui_port=0)), [watch])
+    log = st.logs / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: daemon_running(st.root) and (st.root / "ui-token").exists(), 60)
+        token = (st.root / "ui-token").read_text()
+        make_pair(watch, "one", seed=1)
+        assert wait_for(lambda: log.exists() and "renewing in place" in log.read_text())
+        assert wait_for(lambda: log.read_text().count(f"daemon started (pid {proc.pid})") == 2)
+        assert daemon_running(st.root) and proc.poll() is None
+        second = subprocess.run([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "already running" in second.stderr
+        assert wait_for(lambda: read_status(st.root).get("pid") == proc.pid and read_status(st.root).get("ui"))
+        assert (st.root / "ui-token").read_text() == token  # an open tab stays signed in
+        kids = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "stat="], capture_output=True, text=True).stdout
+        assert "Z" not in kids, kids  # the old image's resource tracker was ended, not left a zombie
+        make_pair(watch, "two", seed=2)  # the renewed daemon works: it takes the drop and trains on it
+        assert wait_for(lambda: count(st.root, "versions where status='accepted'") == 3)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # renewing again or not (renew_mb is tiny), it stops, exit 0
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0 and not daemon_running(st.root) and "Traceback" not in log.read_text()
+    kids = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "stat="], capture_output=True, text=True).stdout
+    assert "Z" not in kids  # no zombie left by the old image (the process is gone now; checked while it ran below)
+    st.close()
+
+
+def read_status(root: Path) -> dict:
+    try:
+        return json.loads((root / "daemon.json").read_text())
+    except (OSError, ValueError):
+        return {}

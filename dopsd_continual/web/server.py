@@ -100,7 +100,9 @@ class Dashboard:
         self.token = None if no_token else token
         suffix = f"_{port}" if port else ""
         self.token_cookie, self.session_cookie = f"dopsd_token{suffix}", f"dopsd_session{suffix}"  # per port
-        self.secret = secrets.token_bytes(32)
+        # the per-session action tokens' key: from the dashboard's token where there is one, so that a page open
+        # across a daemon's renewal (or restart) can still act; made up where there is none
+        self.secret = hmac.new(self.token.encode(), b"dopsd-csrf", hashlib.sha256).digest() if self.token else secrets.token_bytes(32)
         self.cookie_value = hmac.new(self.token.encode(), b"dopsd-cookie", hashlib.sha256).hexdigest() if self.token else ""
         self.renders: list[str] = []  # job ids waiting or running, oldest first
         self.assets = {name: (HERE / "static" / name).read_bytes() for name in ASSETS}
