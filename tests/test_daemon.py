@@ -412,8 +412,6 @@ def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_and_token(tmp_p
             proc.kill()
             raise
     assert code == 0 and not daemon_running(st.root) and "Traceback" not in log.read_text()
-    kids = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "stat="], capture_output=True, text=True).stdout
-    assert "Z" not in kids  # no zombie left by the old image (the process is gone now; checked while it ran below)
     st.close()
 
 
