@@ -25,8 +25,10 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from . import renewal
 from .errors import ModelBusy, UserError
 from .logs import setup_logging
+from .renewal import code_fingerprint, resident_mb
 from .status import _lock_path, daemon_running, read_status_file
 from .store import State, atomic_write, disk_words, is_disk_full, now, open_state, user_file_mode
 
@@ -64,59 +66,11 @@ def limit_arenas() -> None:
         libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
 
 
-def resident_mb() -> float | None:
-    """This process's resident anonymous memory (Linux: what its allocators hold, not the mapped libraries),
-    or None where /proc does not say."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 def trim_heap() -> None:
     """Hand freed malloc memory back to the system (free pages inside the arenas too, not only at their top)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-def _stop_during_renewal() -> bool:
-    """Whether a stop reached the previous image while it renewed (DOPSD_STOP_FD, the pipe its signal wakeup
-    fd wrote to); False without one."""
-    value = os.environ.pop("DOPSD_STOP_FD", "")
-    if not value.isdigit():
-        return False
-    fd = int(value)
-    try:
-        os.set_blocking(fd, False)
-        got = os.read(fd, 64)
-    except OSError:
-        return False
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    return any(b in (signal.SIGTERM, signal.SIGINT) for b in got)
-
-
-def _kept_lock(root: Path) -> int | None:
-    """The lock's descriptor handed across a renewal's exec (DOPSD_LOCK_FD), if it is this state's lock file
-    and still locked by this process; None otherwise (a stray variable is ignored)."""
-    value = os.environ.pop("DOPSD_LOCK_FD", "")
-    if not value.isdigit():
-        return None
-    fd = int(value)
-    try:
-        held, path = os.fstat(fd), os.stat(_lock_path(root))
-        if (held.st_dev, held.st_ino) != (path.st_dev, path.st_ino):
-            return None
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: this succeeds only if it is ours
-    except OSError:
-        return None
-    os.set_inheritable(fd, False)
-    return fd
 
 
 class ChildOOM(Exception):
@@ -224,10 +178,17 @@ class Daemon:
         self._stop_asked = False  # a signal's: never cleared, it wins over any renewal
         self._renewed = False  # this image is a renewal (it adopted the lock)
         self._renewable = False  # only a daemon that owns its process (run_forever), not one inside the demo
+        self._renew_refused: tuple[str, float] | None = None  # why a renewal waits for a restart, and since when
+        self._ui_fd: int | None = None  # the dashboard's listening socket, kept open across a renewal
+        self._code = code_fingerprint()  # the installed package as this image loaded it
+        self._jobs_running = 0  # scheduler jobs under way: a renewal lets them end before the exec
+        self._jobs_idle = threading.Condition()
+        for name in ("round_job", "rescan_job", "heartbeat"):  # every job the scheduler runs, counted
+            setattr(self, name, self._counted(getattr(self, name)))
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def acquire(self) -> None:
-        kept = _kept_lock(self.root)  # renewed in place: the lock was held across the exec
+        kept = renewal.kept_lock(_lock_path(self.root))  # renewed in place: the lock was held across the exec
         if kept is not None:
             self._lock_fd, self._renewed = kept, True
             return
@@ -250,8 +211,7 @@ class Daemon:
         if self.install_signals:  # first: a stop while it starts ends it as any stop does (run_forever's)
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-            if _stop_during_renewal():  # a stop that reached another thread of the image before
-                log.info("a stop arrived while the daemon renewed itself: stopping")
+            if renewal.stop_arrived():  # a stop that reached another thread of the image before
                 self._stop_asked = True
                 self.stop_event.set()
             # held pending across a renewal's exec: delivered now, to the handlers above. No thread exists yet,
@@ -259,6 +219,8 @@ class Daemon:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         self.acquire()
         setup_logging(self.state.logs, self.foreground)
+        if self._stop_asked:
+            log.info("a stop arrived while the daemon renewed itself: stopping")
         from .store import tighten_state
 
         if tighten_state(self.root):
@@ -286,14 +248,15 @@ class Daemon:
         from .web.server import Server, token_for, url
 
         host, port = self.cfg["ui_host"], int(self.cfg["ui_port"])
-        kept = self.root / "ui-token"
-        if self._renewed and kept.is_file() and not os.environ.get("DOPSD_UI_TOKEN"):  # renewed: an open tab stays in
-            token = kept.read_text().strip()
+        saved = self.root / "ui-token"
+        if self._renewed and saved.is_file() and not os.environ.get("DOPSD_UI_TOKEN"):  # renewed: an open tab stays in
+            token = saved.read_text().strip()
         else:
             token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
         atomic_write(self.root / "ui-token", token.encode())  # 0600 from the first byte
+        kept = renewal.kept_listener(host, port) if self._renewed else None  # the port was never free meanwhile
         try:
-            ui = Server(self.root, host, port, token, warm=self).start()  # its renders share the warm model
+            ui = Server(self.root, host, port, token, warm=self, sock=kept).start()  # renders share the warm model
         except UserError as e:
             log.error("dashboard not started: %s", e)
             return None
@@ -324,67 +287,64 @@ class Daemon:
 
     def run_forever(self) -> None:
         limit_arenas()  # a process that lives for months: before its threads start
-        self._renewable = True
+        self._renewable = renewal.supported()
         self.start()
         try:
             while not self.stop_event.wait(0.5):
                 pass
         finally:
-            self.shutdown()
-        if self.renewing and not self._stop_asked:
+            kept = self.shutdown()
+        if kept:
             self.renew()
 
     def renew(self) -> None:
-        """This daemon anew in the same process (exec): the same pid (a service manager sees no change), the lock
-        held throughout (no second daemon can start in between), the dashboard's token kept; everything the
-        old image's allocators kept is gone. Its rounds, pictures and jobs had ended (shutdown waited).
-        A stop is never lost: SIGTERM/SIGINT are blocked in this thread before the exec (they stay pending for
-        the new image's handlers), and one taken by another thread meanwhile is written by Python's C handler
-        to a pipe (the wakeup fd) that the new image reads at its start."""
-        stops = {signal.SIGTERM, signal.SIGINT}
+        """This daemon anew in the same process (exec, renewal.py): the same pid (a service manager sees no
+        change), the lock and the dashboard's socket held throughout, the dashboard's token kept; everything the
+        old image's allocators kept is gone. Its rounds, pictures and jobs had ended (shutdown waited). A stop
+        is never lost: SIGTERM/SIGINT are blocked in this thread before the exec (pending, they reach the new
+        image's handlers), and one another thread took meanwhile goes through the signal wakeup fd's pipe."""
+        renewal.end_resource_tracker()  # before the signals are blocked: a stop meanwhile is handled here
         r, w = os.pipe()
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w)
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        signal.pthread_sigmask(signal.SIG_BLOCK, renewal.STOPS)
+        handed = [fd for fd in (self._lock_fd, self._ui_fd, r) if fd is not None]
 
-        def stop_here() -> None:  # as a stop ends: the lock and the status go
+        def stop_here() -> None:  # as a stop ends: the lock, the socket and the status go
             signal.set_wakeup_fd(-1)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, renewal.STOPS)
             (self.root / "daemon.json").unlink(missing_ok=True)
-            for fd in (self._lock_fd, r, w):
+            for fd in handed + [w]:
                 os.close(fd)
+            self._lock_fd = self._ui_fd = None
+            log.info("daemon stopped")
 
-        if self._stop_asked:  # one came at the last moment: it stops
+        if self._stop_asked:  # one came at the last moment (the handler ran when the block began): it stops
             return stop_here()
-        try:
-            from multiprocessing import resource_tracker
-
-            getattr(resource_tracker._resource_tracker, "_stop", lambda: None)()  # reaped now, not a zombie after
-        except Exception:
-            pass
-        for fd in (self._lock_fd, r):
+        for fd in handed:
             os.set_inheritable(fd, True)
-        keep = {0, 1, 2, self._lock_fd, r, w}
-        for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []):
-            if fd not in keep:  # a library's descriptor opened without close-on-exec (inotify's) goes too
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        env = dict(os.environ, DOPSD_LOCK_FD=str(self._lock_fd), DOPSD_STOP_FD=str(r))
+        renewal.close_stray_fds(set(handed) | {w})
+        env = dict(os.environ, **{renewal.LOCK_FD: str(self._lock_fd), renewal.STOP_FD: str(r)})
+        if self._ui_fd is not None:
+            env[renewal.UI_FD] = str(self._ui_fd)
         args = [sys.executable, "-m", "dopsd_continual.daemon", "--state", str(self.root)]
         logging.shutdown()  # every line written before the image goes
         try:
             os.execve(sys.executable, args + (["--foreground"] if self.foreground else []), env)
-        except OSError as e:  # the interpreter is gone (an upgrade under it): stop as a stop would, and say why
+        except OSError as e:  # the interpreter went since the check: stop as a stop would, and say why
             stop_here()
             log.error("the daemon could not renew itself (%s: %s): stopped", sys.executable, e.strerror or e)
             raise UserError(f"the daemon could not renew itself ({sys.executable}: {e.strerror or e}); "
                             "`dopsd daemon start` starts it again") from None
 
-    def shutdown(self, timeout: float = 60.0) -> None:
+    def shutdown(self, timeout: float = 60.0) -> bool:
+        """Everything stops: the dashboard, the socket, the watchers, the scheduler; a picture or a round in
+        progress has a moment to end. True when it stopped for a renewal and no stop came meanwhile: then the
+        lock, the dashboard's socket and daemon.json are kept for the new image (run_forever's renew)."""
         self.stop_event.set()
-        renewing = self.renewing and not self._stop_asked  # read once: the heartbeat holds the model and round locks
+        renewing = self.renewing  # the heartbeat that decided it holds the model and round locks: none to wait for
+        if renewing and getattr(self, "ui", None):
+            self._ui_fd = os.dup(self.ui.sock.fileno())  # the port stays taken, for the new image
         if getattr(self, "ui", None):
             self.ui.stop()
         if self.service is not None:
@@ -401,7 +361,10 @@ class Daemon:
         for o in getattr(self, "observers", []):
             o.stop()
         if hasattr(self, "scheduler"):
-            self.scheduler.shutdown(wait=renewing)  # renewed, a scan under way ends first (the exec would cut it)
+            self.scheduler.shutdown(wait=False)  # (waiting inside it would hold the lock the jobs' get_job needs)
+        with self._jobs_idle:  # renewed, a scan under way ends first (the exec would cut it); a stop does not wait
+            while renewing and self._jobs_running and not self._stop_asked:
+                self._jobs_idle.wait(0.5)
         t = time.time()
         while not renewing and self.round_lock.locked() and time.time() - t < timeout:  # abandoned at its next step
             time.sleep(0.1)
@@ -409,15 +372,32 @@ class Daemon:
             o.join(timeout=5)
         with self._beat:
             self._stopped = True  # no heartbeat after this brings daemon.json back
-            if not renewing:  # renewed, the next image rewrites it
+            keep = renewing and not self._stop_asked  # (a stop after this is renew's to honour)
+            if not keep:  # renewed, the next image rewrites it
                 (self.root / "daemon.json").unlink(missing_ok=True)
-        if renewing:
+        if keep:
             log.info("daemon stopped; renewing in place")
-            return  # the lock stays held, across the exec
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            return True
+        for fd in (self._lock_fd, self._ui_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._ui_fd = None
         log.info("daemon stopped")
+        return False
+
+    def _counted(self, job):
+        """A scheduler job that shutdown can wait for (a renewal lets the jobs under way end)."""
+        @functools.wraps(job)
+        def run(*args, **kwargs):
+            with self._jobs_idle:
+                self._jobs_running += 1
+            try:
+                return job(*args, **kwargs)
+            finally:
+                with self._jobs_idle:
+                    self._jobs_running -= 1
+                    self._jobs_idle.notify_all()
+        return run
 
     # -------------------------------------------------------------------------------------------- watch
     def _start_observers(self):
@@ -847,34 +827,84 @@ class Daemon:
                 except OSError:  # a full disk: the last status stays; the pause is in the log and the next beat
                     pass
         idle = not self.round_lock.locked() and not self.model_busy.locked()
-        if idle and not self.stop_event.is_set() and time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
-            self.trim(collect=False)  # what the dashboard's pages and the scans freed; never under a round or a picture
+        if idle and not self.stop_event.is_set():
+            if time.monotonic() - self._trimmed > TRIM_EVERY_SECONDS:
+                self.trim(collect=False)  # what the pages and the scans freed; never under a round or a picture
             self.maybe_renew()
 
     def maybe_renew(self) -> None:
         """daemon.renew_mb: grown that far past its size after its first round (anonymous memory, just trimmed),
-        with nothing under way or waiting (no round, picture, warm model, held round, drop in its quiet period,
-        pending scan), the daemon renews itself in place (run_forever's renew)."""
+        with nothing under way or waiting (no round here or from the CLI, no picture, warm model, held round,
+        drop in its quiet period, pending scan), and able to start again as it is (the same installed code and
+        [daemon] settings, a writable state), the daemon renews itself in place (run_forever's renew)."""
         renew_mb = float(self.cfg["renew_mb"])
-        if not self._renewable or renew_mb <= 0 or self._settled_mb is None or self.held is not None:
-            return
-        if self._sampler is not None or self._drawer is not None or self._stop_asked or self.renewing:
-            return
-        waiting = any(self.scheduler.get_job(j) for j in ("ingest-soon", "round-threshold"))
-        if waiting or self.queued_count() or time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
+        if not self._renewable or renew_mb <= 0 or self._settled_mb is None or not self._nothing_under_way():
             return
         now_mb = resident_mb()
         if now_mb is None or now_mb <= self._settled_mb + renew_mb:
             return
+        waiting = any(self.scheduler.get_job(j) for j in ("ingest-soon", "round-threshold"))
+        if waiting or self.queued_count() or time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
+            return
+        self.trim(collect=False)  # what is free goes back first: only what stays counts
+        now_mb = resident_mb()
+        if now_mb is None or now_mb <= self._settled_mb + renew_mb or not self._can_start_again():
+            return
         if not self.round_lock.acquire(blocking=False):
             return
-        if not self.model_busy.acquire(blocking=False):  # kept, both, until the exec: nothing starts meanwhile
+        if not self.model_busy.acquire(blocking=False):
             self.round_lock.release()
             return
-        log.info("renewing in place: %.0f MB resident (anonymous), %.0f MB past its size after its first round "
+        if not self._nothing_under_way():  # (checked again under the locks, which it keeps until the exec)
+            self.model_busy.release()
+            self.round_lock.release()
+            return
+        log.info("renewing in place: %.1f MB resident (anonymous), %.1f MB past its size after its first round "
                  "(daemon.renew_mb = %s)", now_mb, now_mb - self._settled_mb, self.cfg["renew_mb"])
         self.renewing = True
         self.stop_event.set()  # run_forever stops everything, then execs
+
+    def _nothing_under_way(self) -> bool:
+        return (self.held is None and self._sampler is None and self._drawer is None and not self._stop_asked
+                and not self.renewing and not self.stop_event.is_set())
+
+    def _can_start_again(self) -> bool:
+        """Whether a new image would start as this one runs: a renewal never upgrades the daemon, applies
+        settings that wait for a restart, or ends in a daemon that cannot start. Why not is logged once (and
+        looked at again every 10 minutes); a restart (`dopsd daemon stop` and `start`) is the way then."""
+        if self._renew_refused is not None and time.monotonic() - self._renew_refused[1] < 600:
+            return False
+        from .errors import RoundBusy
+        from .store import round_lock
+
+        why = None
+        if code_fingerprint() != self._code:
+            why = "the installed dopsd changed since the daemon started"
+        else:
+            try:
+                st = open_state(self.root)
+                try:
+                    if st.readonly_reason:
+                        why = st.readonly_reason
+                    elif st.recipe["daemon"] != self.cfg:
+                        why = "[daemon] settings changed since the daemon started"
+                    else:
+                        with round_lock(st, wait=False):  # a `dopsd train` in progress: the new image would wait
+                            pass
+                finally:
+                    st.close()
+            except RoundBusy:
+                return False  # not a reason to log: the round ends
+            except UserError as e:
+                why = str(e)
+        if why is None:
+            self._renew_refused = None
+            return True
+        if self._renew_refused is None or self._renew_refused[0] != why:
+            log.info("not renewing in place (memory %s MB past its size after its first round): %s; a restart "
+                     "renews it", self.cfg["renew_mb"], why)
+        self._renew_refused = (why, time.monotonic())
+        return False
 
     def _write_status(self, nxt: str | None) -> None:
         info = {"pid": os.getpid(), "started_at": getattr(self, "_started", now()), "heartbeat_at": now(), "next_round_at": nxt,
@@ -1000,11 +1030,26 @@ def main() -> None:
     ap.add_argument("--state", default=None)
     ap.add_argument("--foreground", action="store_true")
     a = ap.parse_args()
+    renewed = renewal.renewed()
+    root = state_dir(a.state)
     try:
-        Daemon(state_dir(a.state), foreground=a.foreground, rounds_apart=True).run_forever()
+        Daemon(root, foreground=a.foreground, rounds_apart=True).run_forever()
     except UserError as e:
+        if renewed:  # (checked before it renewed; a disk filled since, say): the log says it, the status goes
+            _log_line(root, f"the daemon could not start again after renewing itself: {e}; `dopsd daemon start` "
+                            "starts it")
+            (root / "daemon.json").unlink(missing_ok=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _log_line(root: Path, message: str) -> None:
+    """One ERROR line in the daemon's log without its logging set up (a start that failed before it)."""
+    try:
+        with open(root / "logs" / "daemon.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 ERROR {message}\n")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

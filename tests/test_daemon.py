@@ -380,17 +380,29 @@ def test_trim_heap_hands_freed_memory_inside_the_heap_back_to_the_system(tmp_pat
     assert float(r.stdout) > 50, r.stdout  # of the 100 MB freed below the pinned chunk
 
 
-def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_and_token(tmp_path, watch):
+def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_socket_and_token(tmp_path, watch):
     """daemon.renew_mb: once a round has settled its size, a daemon grown that far past it (here: any growth)
-    stops its work and execs itself anew: the same pid, the lock held throughout (a second daemon is refused
-    right after), the dashboard's token kept; the renewed daemon takes the next drop and stops on SIGTERM."""
-    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1, renew_mb=0.001, ui=True, ui_port=0)), [watch])
+    stops its work and execs itself anew: the same pid, the lock held throughout (a second daemon is refused),
+    the dashboard's listening socket handed over (the same socket: the port was never free for another account
+    to take) and its token kept; the renewed daemon takes the next drop. A stop while it renews again ends it."""
+    import http.cookiejar
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1, renew_mb=0.001, ui=True,
+                                                    ui_port=port)), [watch])
     log = st.logs / "daemon.log"
     proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: daemon_running(st.root) and (st.root / "ui-token").exists(), 60)
+        assert wait_for(lambda: daemon_running(st.root) and read_status(st.root).get("ui"))
         token = (st.root / "ui-token").read_text()
+        tab = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))  # a browser's
+        listener = listening_inode(port)
+        assert tab.open(f"http://127.0.0.1:{port}/?token={token}", timeout=60).status == 200 and listener
         make_pair(watch, "one", seed=1)
         assert wait_for(lambda: log.exists() and "renewing in place" in log.read_text())
         assert wait_for(lambda: log.read_text().count(f"daemon started (pid {proc.pid})") == 2)
@@ -399,20 +411,34 @@ def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_and_token(tmp_p
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and "already running" in second.stderr
         assert wait_for(lambda: read_status(st.root).get("pid") == proc.pid and read_status(st.root).get("ui"))
-        assert (st.root / "ui-token").read_text() == token  # an open tab stays signed in
+        assert (st.root / "ui-token").read_text() == token
+        assert listening_inode(port) == listener  # handed over, never closed and bound again
+        assert tab.open(f"http://127.0.0.1:{port}/", timeout=60).status == 200  # its cookie: the tab stays signed in
         kids = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "stat="], capture_output=True, text=True).stdout
         assert "Z" not in kids, kids  # the old image's resource tracker was ended, not left a zombie
         make_pair(watch, "two", seed=2)  # the renewed daemon works: it takes the drop and trains on it
         assert wait_for(lambda: count(st.root, "versions where status='accepted'") == 3)
+        assert wait_for(lambda: log.read_text().count("renewing in place:") == 2)  # grown again: a stop meets it
     finally:
-        proc.send_signal(signal.SIGTERM)  # renewing again or not (renew_mb is tiny), it stops, exit 0
+        proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert code == 0 and not daemon_running(st.root) and "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert code == 0 and not daemon_running(st.root) and not (st.root / "daemon.json").exists(), text[-3000:]
+    assert text.rstrip().endswith("daemon stopped") and "Traceback" not in text, text[-3000:]
     st.close()
+
+
+def listening_inode(port: int) -> str | None:
+    """The inode of the socket listening on 127.0.0.1:port (/proc/net/tcp), None if none."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":
+            return f[9]
+    return None
 
 
 def read_status(root: Path) -> dict:
@@ -420,3 +446,33 @@ def read_status(root: Path) -> dict:
         return json.loads((root / "daemon.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def test_a_renewal_waits_for_a_restart_when_the_new_image_would_differ_or_could_not_start(tmp_path, watch, monkeypatch, caplog):
+    """A renewal never upgrades the daemon, applies [daemon] settings that wait for a restart, or starts while a
+    `dopsd train` holds the round (the new image would wait on it): it is put off, said once in the log."""
+    import logging
+
+    from dopsd_continual import daemon as daemon_module
+    from dopsd_continual.store import round_lock, set_settings
+
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    d = Daemon(st.root, install_signals=False)
+    try:
+        assert d._can_start_again()
+        with round_lock(st):  # a CLI round in progress
+            assert not d._can_start_again()
+        assert d._can_start_again() and d._renew_refused is None
+        set_settings(st.root, {"daemon.quiet_seconds": 5})
+        with caplog.at_level(logging.INFO, logger="dopsd"):
+            assert not d._can_start_again() and not d._can_start_again()
+        assert caplog.text.count("not renewing in place") == 1 and "[daemon] settings changed" in caplog.text
+        set_settings(st.root, {}, remove=("daemon.quiet_seconds",))
+        d._renew_refused = None  # (looked at again after 10 minutes)
+        assert d._can_start_again()
+        monkeypatch.setattr(daemon_module, "code_fingerprint", lambda: "another install")
+        assert not d._can_start_again() and "the installed dopsd changed" in d._renew_refused[0]
+    finally:
+        d.state.close()
+        st.close()
+

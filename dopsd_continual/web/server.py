@@ -714,11 +714,11 @@ class Server:
     """The dashboard on a socket, in this thread (`run`) or a background one (`start`/`stop`)."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 no_token: bool = False, warm=None):
+                 no_token: bool = False, warm=None, sock=None):
         import uvicorn
 
         check_access(host, token, no_token)  # a bad host or token fails before the socket is taken
-        self.sock = bind(host, port)
+        self.sock = sock if sock is not None else bind(host, port)  # sock: one already listening (a renewal's)
         self.host, self.port, self.token = host, self.sock.getsockname()[1], token
         self.dashboard = Dashboard(root, host, token, no_token, port=self.port, warm=warm)
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", access_log=False,
