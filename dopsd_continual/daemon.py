@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import renewal
-from .errors import ModelBusy, UserError
+from .errors import ModelBusy, RoundBusy, UserError
 from .logs import setup_logging
 from .renewal import code_fingerprint, resident_mb
 from .status import _lock_path, daemon_running, read_status_file
@@ -178,7 +178,7 @@ class Daemon:
         self._stop_asked = False  # a signal's: never cleared, it wins over any renewal
         self._renewed = False  # this image is a renewal (it adopted the lock)
         self._renewable = False  # only a daemon that owns its process (run_forever), not one inside the demo
-        self._renew_refused: tuple[str, float] | None = None  # why a renewal waits for a restart, and since when
+        self._renew_refused: tuple[str, float] | None = None  # why a renewal waits, and until when (monotonic)
         self._ui_fd: int | None = None  # the dashboard's listening socket, kept open across a renewal
         self._code = code_fingerprint()  # the installed package as this image loaded it
         self._jobs_running = 0  # scheduler jobs under way: a renewal lets them end before the exec
@@ -225,8 +225,11 @@ class Daemon:
 
         if tighten_state(self.root):
             log.info("%s was readable by other accounts; it is now owner-only (folders 0700, files 0600)", self.root)
-        with round_lock(self.state, wait=True):
-            interrupted = recover(self.state)
+        try:
+            with round_lock(self.state, wait=not self._renewed):  # renewed: no round of its own was cut short
+                interrupted = recover(self.state)
+        except RoundBusy:  # a `dopsd train` that started as it renewed: its own clean-up is its own
+            interrupted = []
         if interrupted:
             log.info("recovered interrupted rounds: %s", ", ".join(interrupted))
         self.service = self._start_service()  # before the first heartbeat names its socket
@@ -253,11 +256,13 @@ class Daemon:
             token = saved.read_text().strip()
         else:
             token = token_for(host, os.environ.get("DOPSD_UI_TOKEN"))
-        atomic_write(self.root / "ui-token", token.encode())  # 0600 from the first byte
+            atomic_write(saved, token.encode())  # 0600 from the first byte
         kept = renewal.kept_listener(host, port) if self._renewed else None  # the port was never free meanwhile
         try:
             ui = Server(self.root, host, port, token, warm=self, sock=kept).start()  # renders share the warm model
         except UserError as e:
+            if kept is not None:
+                kept.close()
             log.error("dashboard not started: %s", e)
             return None
         log.info("dashboard at %s (its token: ui-token, or `dopsd daemon status`)", url(host, ui.port))
@@ -323,7 +328,7 @@ class Daemon:
             return stop_here()
         for fd in handed:
             os.set_inheritable(fd, True)
-        renewal.close_stray_fds(set(handed) | {w})
+        renewal.close_on_exec(set(handed) | {w})
         env = dict(os.environ, **{renewal.LOCK_FD: str(self._lock_fd), renewal.STOP_FD: str(r)})
         if self._ui_fd is not None:
             env[renewal.UI_FD] = str(self._ui_fd)
@@ -332,8 +337,8 @@ class Daemon:
         try:
             os.execve(sys.executable, args + (["--foreground"] if self.foreground else []), env)
         except OSError as e:  # the interpreter went since the check: stop as a stop would, and say why
+            log.error("the daemon could not renew itself (%s: %s)", sys.executable, e.strerror or e)
             stop_here()
-            log.error("the daemon could not renew itself (%s: %s): stopped", sys.executable, e.strerror or e)
             raise UserError(f"the daemon could not renew itself ({sys.executable}: {e.strerror or e}); "
                             "`dopsd daemon start` starts it again") from None
 
@@ -344,7 +349,10 @@ class Daemon:
         self.stop_event.set()
         renewing = self.renewing  # the heartbeat that decided it holds the model and round locks: none to wait for
         if renewing and getattr(self, "ui", None):
-            self._ui_fd = os.dup(self.ui.sock.fileno())  # the port stays taken, for the new image
+            try:
+                self._ui_fd = os.dup(self.ui.sock.fileno())  # the port stays taken, for the new image
+            except OSError:  # its thread ended and closed it: the new image binds anew
+                self._ui_fd = None
         if getattr(self, "ui", None):
             self.ui.stop()
         if self.service is not None:
@@ -838,7 +846,9 @@ class Daemon:
         drop in its quiet period, pending scan), and able to start again as it is (the same installed code and
         [daemon] settings, a writable state), the daemon renews itself in place (run_forever's renew)."""
         renew_mb = float(self.cfg["renew_mb"])
-        if not self._renewable or renew_mb <= 0 or self._settled_mb is None or not self._nothing_under_way():
+        if not self._renewable or renew_mb <= 0 or self._settled_mb is None or self.renewing:
+            return
+        if not self._nothing_under_way():
             return
         now_mb = resident_mb()
         if now_mb is None or now_mb <= self._settled_mb + renew_mb:
@@ -846,8 +856,11 @@ class Daemon:
         waiting = any(self.scheduler.get_job(j) for j in ("ingest-soon", "round-threshold"))
         if waiting or self.queued_count() or time.time() - self.last_drop < float(self.cfg["quiet_seconds"]):
             return
-        self.trim(collect=False)  # what is free goes back first: only what stays counts
-        now_mb = resident_mb()
+        if self._renew_refused is not None and time.monotonic() < self._renew_refused[1]:
+            return  # (looked at again later)
+        if time.monotonic() - self._trimmed > 10:
+            self.trim(collect=False)  # what is free goes back first: only what stays counts
+            now_mb = resident_mb()
         if now_mb is None or now_mb <= self._settled_mb + renew_mb or not self._can_start_again():
             return
         if not self.round_lock.acquire(blocking=False):
@@ -855,28 +868,25 @@ class Daemon:
         if not self.model_busy.acquire(blocking=False):
             self.round_lock.release()
             return
-        if not self._nothing_under_way():  # (checked again under the locks, which it keeps until the exec)
+        self.renewing = True  # before the check below: a stop from here on finds it set (no wait on these locks)
+        if not self._nothing_under_way():  # checked again under the locks, which it keeps until the exec
+            self.renewing = False
             self.model_busy.release()
             self.round_lock.release()
             return
         log.info("renewing in place: %.1f MB resident (anonymous), %.1f MB past its size after its first round "
                  "(daemon.renew_mb = %s)", now_mb, now_mb - self._settled_mb, self.cfg["renew_mb"])
-        self.renewing = True
         self.stop_event.set()  # run_forever stops everything, then execs
 
     def _nothing_under_way(self) -> bool:
         return (self.held is None and self._sampler is None and self._drawer is None and not self._stop_asked
-                and not self.renewing and not self.stop_event.is_set())
+                and not self.stop_event.is_set())
 
     def _can_start_again(self) -> bool:
         """Whether a new image would start as this one runs: a renewal never upgrades the daemon, applies
         settings that wait for a restart, or ends in a daemon that cannot start. Why not is logged once (and
-        looked at again every 10 minutes); a restart (`dopsd daemon stop` and `start`) is the way then."""
-        if self._renew_refused is not None and time.monotonic() - self._renew_refused[1] < 600:
-            return False
-        from .errors import RoundBusy
-        from .store import round_lock
-
+        looked at again every 10 minutes); a restart (`dopsd daemon stop` and `start`) is the way then. A round
+        of `dopsd train` puts it off a minute at a time, unsaid."""
         why = None
         if code_fingerprint() != self._code:
             why = "the installed dopsd changed since the daemon started"
@@ -884,26 +894,24 @@ class Daemon:
             try:
                 st = open_state(self.root)
                 try:
-                    if st.readonly_reason:
-                        why = st.readonly_reason
+                    if st.readonly:
+                        why = st.readonly_reason or f"{self.root} cannot be written"
                     elif st.recipe["daemon"] != self.cfg:
                         why = "[daemon] settings changed since the daemon started"
-                    else:
-                        with round_lock(st, wait=False):  # a `dopsd train` in progress: the new image would wait
-                            pass
                 finally:
                     st.close()
-            except RoundBusy:
-                return False  # not a reason to log: the round ends
             except UserError as e:
                 why = str(e)
+        if why is None and not renewal.lock_free(self.root / "round.lock"):  # a `dopsd train` in progress
+            self._renew_refused = ("", time.monotonic() + 60)  # not a reason to log: the round ends
+            return False
         if why is None:
             self._renew_refused = None
             return True
         if self._renew_refused is None or self._renew_refused[0] != why:
             log.info("not renewing in place (memory %s MB past its size after its first round): %s; a restart "
                      "renews it", self.cfg["renew_mb"], why)
-        self._renew_refused = (why, time.monotonic())
+        self._renew_refused = (why, time.monotonic() + 600)
         return False
 
     def _write_status(self, nxt: str | None) -> None:
@@ -1031,14 +1039,19 @@ def main() -> None:
     ap.add_argument("--foreground", action="store_true")
     a = ap.parse_args()
     renewed = renewal.renewed()
-    root = state_dir(a.state)
     try:
-        Daemon(root, foreground=a.foreground, rounds_apart=True).run_forever()
-    except UserError as e:
-        if renewed:  # (checked before it renewed; a disk filled since, say): the log says it, the status goes
+        root = state_dir(a.state)
+        try:
+            Daemon(root, foreground=a.foreground, rounds_apart=True).run_forever()
+        except Exception as e:
+            if not renewed:
+                raise
+            # (checked before it renewed; a disk filled since, say): the log says it, the status goes
             _log_line(root, f"the daemon could not start again after renewing itself: {e}; `dopsd daemon start` "
                             "starts it")
             (root / "daemon.json").unlink(missing_ok=True)
+            raise UserError(str(e)) from None
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -44,13 +44,14 @@ def code_fingerprint() -> str:
     import sys
 
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*")) + [Path(sys.executable)]:
+    files = [p for p in Path(__file__).parent.rglob("*") if "__pycache__" not in p.parts]
+    for path in sorted(files) + [Path(sys.executable)]:
         try:
             st = path.stat()
         except OSError:
             h.update(f"{path}:gone".encode())
             continue
-        if stat.S_ISREG(st.st_mode) and "__pycache__" not in path.parts:
+        if stat.S_ISREG(st.st_mode):
             h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
@@ -74,14 +75,40 @@ def kept_lock(lock_path: Path) -> int | None:
     if fd is None:
         return None
     try:
-        held, path = os.fstat(fd), os.stat(lock_path)
-        if (held.st_dev, held.st_ino) != (path.st_dev, path.st_ino):
-            return None
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = os.fstat(fd)
     except OSError:
         return None
-    os.set_inheritable(fd, False)
-    return fd
+    if not stat.S_ISREG(held.st_mode):  # not a lock file: a stray variable, the descriptor not ours to close
+        return None
+    try:
+        path = os.stat(lock_path)
+        if (held.st_dev, held.st_ino) == (path.st_dev, path.st_ino):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.set_inheritable(fd, False)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)  # another file, or locked by another process: not a lock to keep (nor to conflict with)
+    return None
+
+
+def lock_free(path: Path) -> bool:
+    """Whether no process holds an flock on `path` (looked at without writing to it or keeping it)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def kept_listener(host: str, port: int) -> socket.socket | None:
@@ -157,12 +184,13 @@ def end_resource_tracker(wait: float = 5.0) -> None:
         tracker._pid = None
 
 
-def close_stray_fds(keep: set[int]) -> None:
-    """Every descriptor but `keep` and the standard three: one a library opened without close-on-exec
-    (inotify's) would otherwise outlive its image, once a renewal."""
+def close_on_exec(keep: set[int]) -> None:
+    """Every descriptor but `keep` and the standard three closes at the exec: one a library opened without
+    close-on-exec (inotify's) would otherwise outlive its image, once a renewal. Marked, not closed: should the
+    exec fail, the process stops with its files (the database's, the log) as they were."""
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd > 2 and fd not in keep:
             try:
-                os.close(fd)
+                os.set_inheritable(fd, False)
             except OSError:
                 pass

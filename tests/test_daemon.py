@@ -386,20 +386,17 @@ def test_a_daemon_that_grew_renews_in_place_keeping_its_pid_lock_socket_and_toke
     the dashboard's listening socket handed over (the same socket: the port was never free for another account
     to take) and its token kept; the renewed daemon takes the next drop. A stop while it renews again ends it."""
     import http.cookiejar
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     st = init_state(tmp_path / "s", str(fast_recipe(tmp_path, min_new_samples=1, renew_mb=0.001, ui=True,
-                                                    ui_port=port)), [watch])
+                                                    ui_port=0)), [watch])
     log = st.logs / "daemon.log"
     proc = subprocess.Popen([sys.executable, "-m", "dopsd_continual.daemon", "--state", str(st.root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: daemon_running(st.root) and read_status(st.root).get("ui"))
         token = (st.root / "ui-token").read_text()
+        port = int(read_status(st.root)["ui"].rstrip("/").rsplit(":", 1)[1])  # any free one: kept across renewals
         tab = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))  # a browser's
         listener = listening_inode(port)
         assert tab.open(f"http://127.0.0.1:{port}/?token={token}", timeout=60).status == 200 and listener
@@ -476,3 +473,31 @@ def test_a_renewal_waits_for_a_restart_when_the_new_image_would_differ_or_could_
         d.state.close()
         st.close()
 
+
+
+def test_a_renewal_lets_the_jobs_under_way_end_without_holding_the_scheduler_they_call(tmp_path, watch):
+    """shutdown for a renewal waits for the scheduler's jobs under way (a scan would be cut by the exec), and not
+    inside the scheduler's own shutdown, which holds the lock that a job's get_job needs (a deadlock)."""
+    st = init_state(tmp_path / "s", str(fast_recipe(tmp_path)), [watch])
+    d = Daemon(st.root, install_signals=False)
+    d.start()
+    started, ended = threading.Event(), threading.Event()
+
+    def scan_like():  # as rescan_job does: work, then the scheduler again
+        started.set()
+        time.sleep(1.0)
+        d.scheduler.get_job("round")
+        ended.set()
+
+    d.scheduler.add_job(d._counted(scan_like), id="scan-like")
+    assert started.wait(600)
+    with d.round_lock, d.model_busy:  # as the heartbeat that decided the renewal holds them
+        d.renewing = True
+        done = threading.Thread(target=lambda: setattr(d, "kept", d.shutdown()), daemon=True)
+        done.start()
+        done.join(600)
+        assert not done.is_alive() and ended.is_set() and d.kept  # the job ended first; the lock kept for the exec
+    assert (st.root / "daemon.json").exists() and daemon_running(st.root)  # (the new image's to take)
+    os.close(d._lock_fd)
+    d.state.close()
+    st.close()
