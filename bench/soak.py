@@ -2,9 +2,11 @@
 open, a full disk injected once and cleared, a kill -9 once. Per round: the state's disk use by kind, the
 daemon's resident memory, open file descriptors and threads.
 
-    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--renew-mb MB] [--out FILE]
+    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--renew-mb MB] [--idle S] [--out FILE]
 
 --history N starts on a chain of N versions made at once, so that a short run sees what months leave behind.
+--idle S leaves the daemon idle S seconds after each round before the next burst: without it the next burst
+lands as a round ends, and what the daemon does only when idle (renewing itself in place) never comes.
 
 The daemon is the real one (`python -m dopsd_continual.daemon`, rounds in their own processes), on a fresh
 toy state whose settings (`dopsd config set`, no file edited) shorten its waits, keep the recipe's gate and
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--disk-mb", type=int, default=400)
     ap.add_argument("--history", type=int, default=0, help="start on a chain of this many versions")
     ap.add_argument("--renew-mb", type=float, default=None, help="daemon.renew_mb (default: the recipe's)")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds the daemon is left idle after each round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the daemon and the mount go too
@@ -179,7 +182,7 @@ def main() -> None:
         settings["daemon.renew_mb"] = a.renew_mb
     set_settings(state, settings)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
-              "history": a.history,
+              "history": a.history, "idle_s": a.idle, "renew_mb": a.renew_mb,
               "burst": a.burst, "settings": settings, "full_disk_injected": mounted, "events": [], "rows": []}
 
     def save() -> None:
@@ -227,6 +230,7 @@ def main() -> None:
             t = time.time()
             while len(finished_rounds(db)) == done and time.time() - t < 900 and daemon.poll() is None:
                 time.sleep(1)
+            time.sleep(a.idle)  # months have hours between rounds: what a daemon does only when idle (renewal)
             if daemon.poll() is not None:
                 result["events"].append({"event": "daemon exited", "code": daemon.returncode})
                 break
