@@ -1047,22 +1047,13 @@ def main() -> None:
             if not renewed:
                 raise
             # (checked before it renewed; a disk filled since, say): the log says it, the status goes
-            _log_line(root, f"the daemon could not start again after renewing itself: {e}; `dopsd daemon start` "
-                            "starts it")
+            setup_logging(root / "logs")  # (the failed image may not have set it up yet)
+            log.error("the daemon could not start again after renewing itself: %s; `dopsd daemon start` starts it", e)
             (root / "daemon.json").unlink(missing_ok=True)
             raise UserError(str(e)) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def _log_line(root: Path, message: str) -> None:
-    """One ERROR line in the daemon's log without its logging set up (a start that failed before it)."""
-    try:
-        with open(root / "logs" / "daemon.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 ERROR {message}\n")
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

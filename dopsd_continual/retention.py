@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .stack import pruned_versions, replay_pool
+from .stack import parents, pruned_versions, replay_pool
 from .store import State, feature_key, now, round_lock
 
 DAY = 86400.0
@@ -49,11 +49,9 @@ def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
 
 def kept_versions(state: State) -> set[str]:
     """Every accepted version, the active one, and every version on their chains."""
-    parent, roots = {}, {state.active_version}
-    for vid, par, status in state.conn.execute("select id, parent, status from versions"):  # one read
-        parent[vid] = par
-        if status == "accepted":
-            roots.add(vid)
+    parent = parents(state)
+    roots = {r[0] for r in state.conn.execute("select id from versions where status = 'accepted'")}
+    roots.add(state.active_version)
     out: set[str] = set()
     for v in roots:
         while v in parent and v != "v0" and v not in out:  # a chain with a missing row: what can be named is kept

@@ -108,9 +108,14 @@ def intact_ancestor(state: State, vid: str) -> str:
     return cur or "v0"
 
 
+def parents(state: State) -> dict[str, str | None]:
+    """Every version's parent, in one read (a chain hundreds deep is walked without a query per version)."""
+    return dict(state.conn.execute("select id, parent from versions"))
+
+
 def chain(state: State, vid: str) -> list[str]:
     """Version ids from the root's first child down to vid (v0, the base, has no adapter)."""
-    parent = dict(state.conn.execute("select id, parent from versions"))  # one read, however deep the chain
+    parent = parents(state)
     out: list[str] = []
     cur = vid
     while cur and cur != "v0":
@@ -321,7 +326,7 @@ def version_count(state: State) -> int:
 
 def active_chain(state: State) -> set[str]:
     """The ids from v0 to the active version, in one read of the versions' parents (no query per version)."""
-    parent = dict(state.conn.execute("select id, parent from versions"))
+    parent = parents(state)
     out, cur = set(), state.active_version
     while cur and cur not in out:
         out.add(cur)
