@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -262,6 +263,10 @@ def main() -> None:
         logs = [f.read_text(errors="replace") for f in (log, state / "logs" / "daemon.log") if f.exists()]
         result["tracebacks_in_logs"] = sum(t.count("Traceback") for t in logs)
         result["renewals"] = sum(t.count("renewing in place:") for t in logs)  # daemon.renew_mb
+        result["images_after_first_round"] = [  # each image's (a start's, a renewal's) size, and SQLite's part
+            {"at": ln[:19], "rss_anon_mb": float(m[1]), "sqlite_mb": float(m[2]) if m[2] else None}
+            for t in logs[1:] for ln in t.splitlines()
+            if (m := re.search(r"after its first round: ([\d.]+) MB .*SQLite (?:([\d.]+) MB)?", ln))]
         result["traceback_excerpts"] = [t[max(0, i - 300): i + 3000] for t in logs for i in
                                         [j for j in range(len(t)) if t.startswith("Traceback", j)][:3]]
         result["round_statuses"] = dict(finished_rounds_by_version(db))

@@ -85,6 +85,10 @@ class RoundFailed(Exception):
     """The round's own process hit a bug; its traceback is logged, this carries the one line."""
 
 
+def _mb_words(mb: float | None) -> str:
+    return "an unknown amount" if mb is None else f"{mb:.1f} MB"
+
+
 def _round_apart(root: str, conn, foreground: bool = False) -> None:
     """One round in its own process, started by the daemon: the result, or what stopped it, goes back
     through `conn`. Signals are the daemon's to act on: it asks through `conn` ("stop"), and when the
@@ -620,6 +624,9 @@ class Daemon:
             self.trim()  # what the round's bookkeeping here freed (its training ran in a process of its own)
             if self._settled_mb is None and self._sampler is None:  # (with keep_warm_seconds > 0: never renews)
                 self._settled_mb = resident_mb()  # just trimmed, warm: its libraries loaded, its threads started
+                if self._settled_mb is not None:
+                    log.info("after its first round: %.1f MB resident (anonymous), of which SQLite %s", self._settled_mb,
+                             _mb_words(renewal.sqlite_mb()))
             if self.on_round:
                 self.on_round(result)
             return result
@@ -875,7 +882,8 @@ class Daemon:
             self.round_lock.release()
             return
         log.info("renewing in place: %.1f MB resident (anonymous), %.1f MB past its size after its first round "
-                 "(daemon.renew_mb = %s)", now_mb, now_mb - self._settled_mb, self.cfg["renew_mb"])
+                 "(daemon.renew_mb = %s); SQLite holds %s", now_mb, now_mb - self._settled_mb, self.cfg["renew_mb"],
+                 _mb_words(renewal.sqlite_mb()))
         self.stop_event.set()  # run_forever stops everything, then execs
 
     def _nothing_under_way(self) -> bool:

@@ -37,6 +37,20 @@ def resident_mb() -> float | None:
         return None
 
 
+def sqlite_mb() -> float | None:
+    """What SQLite's allocator holds in this process (its page caches, statements and schemas), or None where
+    the library does not say. Read through the module Python's sqlite3 is built on, linked in or shared."""
+    try:
+        import _sqlite3
+        import ctypes
+
+        used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+        used.restype = ctypes.c_int64
+        return used() / 2**20
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 def code_fingerprint() -> str:
     """The installed package's files and the interpreter as they are now (names, sizes, times): a renewal
     runs the same code as the image it replaces, never an upgrade installed under it."""
