@@ -21,6 +21,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +51,16 @@ class IngestReport:
     pending: list[dict] = field(default_factory=list)
     updated: list[dict] = field(default_factory=list)
     unchanged: list[dict] = field(default_factory=list)  # seen before with these bytes: its outcome stands
+    # every unchanged file listed (`dopsd ingest`'s report), or only those rejected earlier (the daemon's rescans,
+    # whose memory then follows what changed, not how many files the folders hold)
+    list_unchanged: bool = True
+    n_unchanged: int = 0
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("queued", "duplicates", "ignored", "rejected", "pending", "updated", "unchanged")}
+
+    def counts(self) -> dict[str, int]:
+        return {**{k: len(v) for k, v in self.to_json().items()}, "unchanged": self.n_unchanged}
 
 
 class Rejected(Exception):
@@ -79,8 +87,8 @@ class Candidate:
     problem: str | None = None  # a pairing problem found while scanning (e.g. two images, one caption)
 
 
-def _walk(root: Path, report: IngestReport) -> list[Path]:
-    """Every regular file under root. One bad entry (a link loop, an unreadable folder, a link out of the
+def _walk(root: Path, report: IngestReport) -> Iterator[list[Path]]:
+    """Every regular file under root, a folder's at a time. One bad entry (a link loop, an unreadable folder, a link out of the
     folder) is reported with its reason and skipped; the rest of the folder is still taken.
 
     Links to files are followed when their target stays inside the watched folder. Links to folders are not
@@ -88,7 +96,6 @@ def _walk(root: Path, report: IngestReport) -> list[Path]:
     since its target's files are taken where they are (descending would take them twice or loop).
     """
     root_real = root.resolve()
-    files: list[Path] = []
 
     def unreadable(e: OSError) -> None:
         report.rejected.append({"path": str(e.filename or root), "reason": f"unreadable folder: {e.strerror or e}"})
@@ -110,6 +117,7 @@ def _walk(root: Path, report: IngestReport) -> list[Path]:
                 continue
             keep.append(dn)
         dirnames[:] = keep
+        files: list[Path] = []
         for fn in sorted(filenames):
             p = d / fn
             if is_silently_ignored(fn):
@@ -129,7 +137,8 @@ def _walk(root: Path, report: IngestReport) -> list[Path]:
                 report.ignored.append({"path": str(p), "reason": "not a regular file (a pipe, socket or device)"})
                 continue
             files.append(p)
-    return files
+        if files:
+            yield files
 
 
 def _resolve(p: Path) -> Path | None:
@@ -148,48 +157,51 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def find_candidates(root: Path, report: IngestReport) -> list[Candidate]:
-    files = _walk(root, report) if root.is_dir() else [root]
-    by_dir: dict[Path, list[Path]] = {}
-    for f in files:
-        by_dir.setdefault(f.parent, []).append(f)
+def find_candidates(root: Path, report: IngestReport) -> Iterator[Candidate]:
+    """The image-caption pairs under root, a folder's at a time (a folder's files pair among themselves), in
+    the order of a walk with sorted names."""
+    for fs in _walk(root, report) if root.is_dir() else [[root]]:
+        yield from _pair(fs[0].parent, fs, report)
+
+
+def _pair(d: Path, fs: list[Path], report: IngestReport) -> list[Candidate]:
+    """One folder's files as candidates; what is not one is reported."""
     out: list[Candidate] = []
-    for d, fs in sorted(by_dir.items()):
-        metadata = _read_metadata(d / METADATA_NAME, report) if (d / METADATA_NAME) in fs else {}
-        images: dict[str, list[Path]] = {}
-        captions: dict[str, Path] = {}
-        unsupported: list[Path] = []
-        for f in fs:
-            ext = f.suffix.lower()
-            if ext in IMAGE_EXTS:
-                images.setdefault(f.stem, []).append(f)
-            elif ext == CAPTION_EXT:
-                captions[f.stem] = f
-            elif f.name != METADATA_NAME:
-                unsupported.append(f)
-        for stem, imgs in sorted(images.items()):
-            cap = captions.get(stem)
-            if len(imgs) > 1 and cap is not None:
-                names = ", ".join(sorted(i.name for i in imgs))
-                for i in imgs:
-                    out.append(Candidate(i, cap, problem=f"{len(imgs)} images share the caption {cap.name} ({names})"))
-                continue
+    metadata = _read_metadata(d / METADATA_NAME, report) if (d / METADATA_NAME) in fs else {}
+    images: dict[str, list[Path]] = {}
+    captions: dict[str, Path] = {}
+    unsupported: list[Path] = []
+    for f in fs:
+        ext = f.suffix.lower()
+        if ext in IMAGE_EXTS:
+            images.setdefault(f.stem, []).append(f)
+        elif ext == CAPTION_EXT:
+            captions[f.stem] = f
+        elif f.name != METADATA_NAME:
+            unsupported.append(f)
+    for stem, imgs in sorted(images.items()):
+        cap = captions.get(stem)
+        if len(imgs) > 1 and cap is not None:
+            names = ", ".join(sorted(i.name for i in imgs))
             for i in imgs:
-                out.append(Candidate(i, cap, metadata.get(i.name)))
-        claimed = set()
-        for f in unsupported:  # reported once; a caption of the same name is named as belonging to it
-            cap = captions.get(f.stem) if f.stem not in images else None
-            note = f" (its caption {cap.name} is not used)" if cap else ""
-            if cap:
-                claimed.add(f.stem)
-            report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'{note}"})
-        for stem, cap in sorted(captions.items()):
-            if stem not in images and stem not in claimed:
-                report.ignored.append({"path": str(cap), "reason": "caption without an image"})
-        present = {f.name for f in fs}
-        for name in sorted(metadata):
-            if name not in present:
-                report.ignored.append({"path": str(d / METADATA_NAME), "reason": f"metadata.jsonl names {name!r}, which is not in this folder"})
+                out.append(Candidate(i, cap, problem=f"{len(imgs)} images share the caption {cap.name} ({names})"))
+            continue
+        for i in imgs:
+            out.append(Candidate(i, cap, metadata.get(i.name)))
+    claimed = set()
+    for f in unsupported:  # reported once; a caption of the same name is named as belonging to it
+        cap = captions.get(f.stem) if f.stem not in images else None
+        note = f" (its caption {cap.name} is not used)" if cap else ""
+        if cap:
+            claimed.add(f.stem)
+        report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'{note}"})
+    for stem, cap in sorted(captions.items()):
+        if stem not in images and stem not in claimed:
+            report.ignored.append({"path": str(cap), "reason": "caption without an image"})
+    present = {f.name for f in fs}
+    for name in sorted(metadata):
+        if name not in present:
+            report.ignored.append({"path": str(d / METADATA_NAME), "reason": f"metadata.jsonl names {name!r}, which is not in this folder"})
     return out
 
 
@@ -383,9 +395,14 @@ def stability_seconds(state: State) -> float:
     return float(state.recipe["ingest"]["stability_seconds"])
 
 
-def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256) -> IngestReport:
-    """One scan of the given paths (default: the watched folders). Safe to run again at any time."""
-    report = IngestReport()
+def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256,
+                 list_unchanged: bool = True) -> IngestReport:
+    """One scan of the given paths (default: the watched folders). Safe to run again at any time.
+
+    The folders are walked and taken `batch` pairs at a time, so a scan holds one folder's names and one batch,
+    whatever the folders hold. list_unchanged: the report lists every file seen before unchanged (else it
+    counts them, listing only those rejected earlier: the daemon's rescans)."""
+    report = IngestReport(list_unchanged=list_unchanged)
     # absolute (not resolved: a link the user gave stays as given): a file is one path whatever the folder the
     # command ran in, so a later scan from elsewhere finds it unchanged, and the pages show where it is
     roots = [Path(os.path.abspath(p)) for p in (paths or state.watch_dirs)]
@@ -399,11 +416,11 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
         if root.is_file() and root.suffix.lower() not in IMAGE_EXTS:
             report.ignored.append({"path": str(root), "reason": "not an image (give the image or its folder)"})
             continue
-        cands = find_candidates(root, report)
         if root.is_file():
             cap = root.with_suffix(CAPTION_EXT)
-            cands = [Candidate(root, cap if cap.exists() else None)]
-        t = time.time()
+            cands: Iterator[Candidate] = iter([Candidate(root, cap if cap.exists() else None)])
+        else:
+            cands = find_candidates(root, report)
         for c in cands:
             try:
                 sig, last = _signature(c)
@@ -412,12 +429,15 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
             except OSError as e:
                 report.rejected.append({"path": str(c.image), "reason": f"unreadable: {e.strerror or e}"})
                 continue
-            if t - last < stable_after:
+            if time.time() - last < stable_after:
                 report.pending.append({"path": str(c.image), "reason": "still changing"})
                 continue
             todo.append((c, sig))
-    for i in range(0, len(todo), batch):
-        _ingest_batch(state, todo[i : i + batch], ing, report)
+            if len(todo) == batch:
+                _ingest_batch(state, todo, ing, report)
+                todo = []
+    if todo:
+        _ingest_batch(state, todo, ing, report)
     _record_scan(state, report)
     return report
 
@@ -427,7 +447,7 @@ def _record_scan(state: State, report: IngestReport, keep: int = 50) -> None:
     there unchanged) and the first `keep` of them and of this scan's ignored files, for `daemon status`."""
     standing = [{"path": r["path"], "reason": r.get("reason", "")} for r in report.unchanged if r["outcome"] == "rejected"]
     rejected = report.rejected + standing
-    summary = {"at": now(), **{k: len(v) for k, v in report.to_json().items()}, "rejected_files": len(rejected),
+    summary = {"at": now(), **report.counts(), "rejected_files": len(rejected),
                "problems": [{"outcome": "rejected", **r} for r in rejected[:keep]]
                + [{"outcome": "ignored", **r} for r in report.ignored[:keep]]}
     state.set_meta("last_scan", json.dumps(summary))
@@ -442,7 +462,9 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
         path = str(c.image)
         known = db.execute("select signature, outcome, reason, sample_id from files where path=?", [path]).fetchone()
         if known and known[0] == sig:  # reported when it was new; a rescan does not report it again
-            report.unchanged.append({"path": path, "outcome": known[1], **({"reason": known[2]} if known[2] else {})})
+            report.n_unchanged += 1
+            if report.list_unchanged or known[1] == "rejected":
+                report.unchanged.append({"path": path, "outcome": known[1], **({"reason": known[2]} if known[2] else {})})
             continue
         try:
             if c.problem:
