@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
@@ -62,3 +63,23 @@ def private_dirs(path: Path) -> None:
         path = path.parent
     for folder in reversed(missing):
         folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+
+
+def walk_files(root: Path) -> Iterator[os.DirEntry]:
+    """Every regular file under root, links not followed, a folder at a time. What a walk holds is one folder's
+    entries and the folders still to walk, not every path it has seen (Path.rglob keeps a set of those, which
+    grows with the state). A folder that goes, or cannot be read, during the walk is passed over."""
+    todo = [str(root)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for e in entries:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(e.path)
+                        elif e.is_file(follow_symlinks=False):
+                            yield e
+                    except OSError:
+                        continue
+        except OSError:
+            continue

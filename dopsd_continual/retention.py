@@ -21,18 +21,20 @@ model (after `dopsd init --force`). Features are recomputed from the originals i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+from .files import walk_files
 from .stack import parents, pruned_versions, replay_pool
 from .store import State, feature_key, now, round_lock
 
 DAY = 86400.0
 
 
-def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
-    rel = path.relative_to(state.root).parts
+def kind_of(rel: list[str], accepted_chain: set[str]) -> str:
+    """What a file of the state is, from its path's parts inside the state."""
     top = rel[0] if rel else ""
     if top == "blobs":
         return "originals"
@@ -42,7 +44,7 @@ def kind_of(state: State, path: Path, accepted_chain: set[str]) -> str:
         return {"features": "features", "gate": "gate pictures"}.get(rel[1] if len(rel) > 1 else "", "other caches")
     if top in ("reports", "logs", "quarantine"):
         return top
-    if path.name.startswith("dopsd.sqlite"):
+    if rel and rel[-1].startswith("dopsd.sqlite"):
         return "database"
     return "other"
 
@@ -64,11 +66,11 @@ def disk_use(state: State) -> dict[str, int]:
     """Bytes the state holds, by kind (files only; links are not followed)."""
     keep = kept_versions(state)
     use: dict[str, int] = {}
-    for p in state.root.rglob("*"):
+    root = str(state.root)
+    for e in walk_files(state.root):  # parts from the string: a Path a file would intern its name
         try:
-            if p.is_file() and not p.is_symlink():
-                k = kind_of(state, p, keep)
-                use[k] = use.get(k, 0) + p.stat().st_size
+            k = kind_of(os.path.relpath(e.path, root).split(os.sep), keep)
+            use[k] = use.get(k, 0) + e.stat(follow_symlinks=False).st_size
         except OSError:
             continue
     return dict(sorted(use.items(), key=lambda kv: -kv[1]))
@@ -79,7 +81,7 @@ def _size(path: Path) -> int:
     try:
         if path.is_file():
             return path.stat().st_size
-        return sum(_size(f) for f in path.rglob("*") if f.is_file())
+        return sum(e.stat(follow_symlinks=False).st_size for e in walk_files(path))
     except OSError:
         return 0
 

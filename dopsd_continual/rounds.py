@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .files import walk_files
 from .ingest import _history, sample_image
 from .recipe import recipe_hash
 from .stack import get_version, next_version_id, write_version
@@ -68,8 +71,10 @@ def recover(state: State) -> list[str]:
     done = [_interrupt(state, dict(r), "the round's process died") for r in list(state.db["rounds"].rows_where("status = 'running'"))]
     for tmp in state.adapters.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in state.root.rglob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    for e in walk_files(state.root):  # atomic_write's leftovers
+        if fnmatch.fnmatchcase(e.name, ".*.tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
     shutil.rmtree(state.cache / "rounds", ignore_errors=True)  # a several-process round's job files
     if state.conn.execute("pragma quick_check").fetchone()[0] != "ok":
         raise UserError(f"the database {state.root / 'dopsd.sqlite'} failed its integrity check")

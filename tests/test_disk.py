@@ -280,3 +280,33 @@ def test_the_daemons_status_is_written_in_place_when_the_disk_takes_no_new_file(
     d._write_status(None)
     assert read_status_file(st.root)["held"] == "short"
     st.close()
+
+
+def test_the_states_walk_takes_each_regular_file_once_and_follows_no_link(tmp_path):
+    from dopsd_continual.files import walk_files
+    from dopsd_continual.retention import disk_use
+    from dopsd_continual.store import init_state
+
+    st = init_state(tmp_path / "state", None, [])
+    try:
+        (st.blobs / "ab").mkdir(parents=True)
+        (st.blobs / "ab" / "abc.png").write_bytes(b"x" * 100)
+        (st.root / "reports" / "v1").mkdir(parents=True)
+        (st.root / "reports" / "v1" / "report.json").write_bytes(b"y" * 10)
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        (outside / "big.bin").write_bytes(b"z" * 5000)
+        (st.root / "reports" / "loop").symlink_to(st.root)  # a link back up, and one out: neither walked
+        (st.root / "reports" / "out").symlink_to(outside)
+        (st.root / "reports" / "file-link").symlink_to(outside / "big.bin")
+        os.mkfifo(st.root / "reports" / "pipe")
+        walked = sorted(os.path.relpath(e.path, st.root) for e in walk_files(st.root))
+        assert "blobs/ab/abc.png" in walked and "reports/v1/report.json" in walked
+        assert not any(p.startswith(("reports/loop", "reports/out", "reports/file-link", "reports/pipe")) for p in walked)
+        assert len(walked) == len(set(walked))
+        use = disk_use(st)
+        assert use["originals"] == 100 and use["reports"] == 10 and use["database"] > 0
+        assert sum(use.values()) == sum(os.path.getsize(os.path.join(st.root, p)) for p in walked)
+        assert list(walk_files(tmp_path / "gone")) == []  # a folder gone meanwhile: nothing, no error
+    finally:
+        st.close()

@@ -235,6 +235,33 @@ def test_idempotent_and_user_folder_untouched(state, watch):
     assert tree_snapshot(watch) == before
 
 
+def test_the_daemons_rescan_counts_unchanged_files_and_lists_only_the_rejected(state, watch):
+    for i in range(4):
+        make_pair(watch / f"f{i % 2}", f"p{i}", seed=i)
+    (watch / "bad.png").write_bytes(b"")
+    first = ingest_paths(state)
+    again = ingest_paths(state, list_unchanged=False)  # what the daemon's rescans hold: a count, not a list
+    assert not again.queued and not again.rejected and again.n_unchanged == 5
+    assert [(os.path.basename(r["path"]), r["outcome"]) for r in again.unchanged] == [("bad.png", "rejected")]
+    scan = json.loads(state.meta("last_scan"))  # `daemon status` says the same either way
+    assert scan["unchanged"] == 5 and scan["rejected_files"] == 1 and scan["problems"][0]["path"].endswith("bad.png")
+    listed = ingest_paths(state)
+    assert listed.n_unchanged == 5 and sorted(paths(listed.unchanged)) == sorted(paths(first.queued) + ["bad.png"])
+
+
+def test_a_scan_taken_a_batch_at_a_time_queues_in_the_order_of_the_walk(state, watch):
+    names = []  # nested folders, files in the root after a folder's name, batches that cross folders
+    for folder, n in [("b", 3), ("a/y", 2), ("a", 2), (".", 2), ("a/x", 1)]:
+        for i in range(n):
+            stem = f"{folder.replace('/', '_').strip('.')}{i}"
+            make_pair(watch / folder, stem, seed=len(names))
+            names.append((Path(folder) / f"{stem}.png").as_posix().lstrip("./"))
+    rep = ingest_paths(state, batch=3)
+    walked = sorted(names, key=lambda n: Path(n).parent.parts)  # a folder's files, then its folders, by name
+    order = [r["source_path"] for r in state.db.query("select source_path from samples order by id")]
+    assert [os.path.relpath(p, watch) for p in order] == walked and len(rep.queued) == 10
+
+
 def test_duplicate_bytes_are_reported_not_queued(state, watch):
     img = make_pair(watch, "a", seed=5)
     (watch / "copy").mkdir()
