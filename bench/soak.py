@@ -2,9 +2,12 @@
 open, a full disk injected once and cleared, a kill -9 once. Per round: the state's disk use by kind, the
 daemon's resident memory, open file descriptors and threads.
 
-    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--renew-mb MB] [--idle S] [--out FILE]
+    python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--pairs 0] [--renew-mb MB] [--idle S]
+                         [--out FILE]
 
---history N starts on a chain of N versions made at once, so that a short run sees what months leave behind.
+--history N starts on a chain of N versions made at once, and --pairs N on N pairs already in the watched folder
+(--burst to a folder), ingested and trained on (their samples marked used, no training), so that a short run
+sees what months leave behind.
 --idle S leaves the daemon idle S seconds after each round before the next burst: without it the next burst
 lands as a round ends, and what the daemon does only when idle (renewing itself in place) never comes.
 
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=6)
     ap.add_argument("--disk-mb", type=int, default=400)
     ap.add_argument("--history", type=int, default=0, help="start on a chain of this many versions")
+    ap.add_argument("--pairs", type=int, default=0, help="start on this many pairs already ingested and used")
     ap.add_argument("--renew-mb", type=float, default=None, help="daemon.renew_mb (default: the recipe's)")
     ap.add_argument("--idle", type=float, default=0.0, help="seconds the daemon is left idle after each round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
@@ -175,6 +179,16 @@ def main() -> None:
         from sample_latency import make_chain
 
         make_chain(st, a.history)
+    if a.pairs:  # months of drops already behind it: in the folder, ingested, trained on
+        from dopsd_continual.ingest import ingest_paths
+
+        rng0 = np.random.default_rng(1)
+        for b in range(-(-a.pairs // a.burst)):
+            drop_burst(drop / f"before{b}", min(a.burst, a.pairs - b * a.burst), rng0)
+        os.environ["DOPSD_STABILITY_SECONDS"] = "0"
+        ingest_paths(st)
+        with st.db.conn:
+            st.db.execute("update samples set status = 'used'")
     st.close()
     settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": a.burst, "daemon.rescan_seconds": 5,
                 "daemon.ui": True, "daemon.ui_port": 0, "train.steps": a.steps, "retention.rejected_days": 0,
@@ -183,7 +197,7 @@ def main() -> None:
         settings["daemon.renew_mb"] = a.renew_mb
     set_settings(state, settings)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
-              "history": a.history, "idle_s": a.idle, "renew_mb": a.renew_mb,
+              "history": a.history, "pairs_before": a.pairs, "idle_s": a.idle, "renew_mb": a.renew_mb,
               "burst": a.burst, "settings": settings, "full_disk_injected": mounted, "events": [], "rows": []}
 
     def save() -> None:

@@ -2,8 +2,9 @@
 (tracemalloc) during
 - one rescan of watched folders already ingested: the daemon's (unchanged files counted) beside `dopsd
   ingest`'s report (unchanged files listed);
-- one count of the state's disk use by kind (the dashboard's, every 30 s while it is open) beside a
-  Path.rglob walk of the same state summing the same sizes (how the count walked before).
+- one count of the state's disk use by kind, and the dashboard's disk report (that count and what gc would
+  give back, every 30 s while the overview is open), beside a Path.rglob walk of the same state summing the
+  same sizes (how the count walked before).
 
     python bench/walk_memory.py [--pairs 2000 20000] [--per-folder 100] [--out FILE]
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dopsd_continual.files import walk_files  # noqa: E402
 from dopsd_continual.ingest import ingest_paths  # noqa: E402
-from dopsd_continual.retention import disk_use  # noqa: E402
+from dopsd_continual.retention import disk_report, disk_use  # noqa: E402
 from dopsd_continual.store import init_state, open_state  # noqa: E402
 
 
@@ -74,9 +75,9 @@ def main() -> None:
                 assert len(first.queued) == n, (len(first.queued), first.rejected[:3])
                 row = {"pairs": n, "folders": -(-n // a.per_folder)}
                 for name, listing in (("daemon_rescan", False), ("ingest_report", True)):
-                    mb, s = peak_mb(ingest_paths, st, list_unchanged=listing)
+                    mb, s = peak_mb(ingest_paths, st, full=listing)
                     row[f"{name}_peak_mb"], row[f"{name}_s"] = round(mb, 3), round(s, 3)
-                for name, fn in (("disk_use", disk_use), ("rglob_walk", rglob_sizes)):
+                for name, fn in (("disk_use", disk_use), ("disk_report", disk_report), ("rglob_walk", rglob_sizes)):
                     mb, s = peak_mb(fn, st)
                     row[f"{name}_peak_mb"], row[f"{name}_s"] = round(mb, 3), round(s, 3)
                 row["state_files"] = sum(1 for _ in walk_files(st.root))

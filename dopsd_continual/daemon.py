@@ -459,7 +459,7 @@ class Daemon:
             try:
                 if st.readonly_reason:  # a full disk: the state opened for reading only
                     raise DiskFull(st.readonly_reason)
-                rep = ingest_paths(st, list_unchanged=False)  # counted: what it holds follows what changed
+                rep = ingest_paths(st, full=False)  # counted: what it holds follows what changed
             finally:
                 st.close()
         except DiskFull as e:

@@ -65,10 +65,11 @@ def private_dirs(path: Path) -> None:
         folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
 
 
-def walk_files(root: Path) -> Iterator[os.DirEntry]:
+def walk_files(root: Path, skip: set[str] = frozenset()) -> Iterator[os.DirEntry]:
     """Every regular file under root, links not followed, a folder at a time. What a walk holds is one folder's
     entries and the folders still to walk, not every path it has seen (Path.rglob keeps a set of those, which
-    grows with the state). A folder that goes, or cannot be read, during the walk is passed over."""
+    grows with the state). A folder that goes, or cannot be read, during the walk is passed over, and so is
+    each folder whose real path is in skip."""
     todo = [str(root)]
     while todo:
         try:
@@ -76,7 +77,8 @@ def walk_files(root: Path) -> Iterator[os.DirEntry]:
                 for e in entries:
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            todo.append(e.path)
+                            if not skip or os.path.realpath(e.path) not in skip:
+                                todo.append(e.path)
                         elif e.is_file(follow_symlinks=False):
                             yield e
                     except OSError:

@@ -16,6 +16,7 @@ Decisions (documented in the README):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -40,6 +41,7 @@ SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "icon\r"}
 SYSTEM_DIRS = {"@eadir", "__macosx", ".stfolder", ".stversions", ".trash", "$recycle.bin"}
 MISSING_PATH = "path does not exist"
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download")
+LISTED = 50  # the problems `daemon status` names (the rest are counted)
 
 
 @dataclass
@@ -51,16 +53,23 @@ class IngestReport:
     pending: list[dict] = field(default_factory=list)
     updated: list[dict] = field(default_factory=list)
     unchanged: list[dict] = field(default_factory=list)  # seen before with these bytes: its outcome stands
-    # every unchanged file listed (`dopsd ingest`'s report), or only those rejected earlier (the daemon's rescans,
-    # whose memory then follows what changed, not how many files the folders hold)
-    list_unchanged: bool = True
+    # full: every file named (`dopsd ingest`'s report). Else (the daemon's rescans) the unchanged and the ignored
+    # are counted, and only the files rejected before and the first LISTED ignored are named: what a rescan
+    # holds then follows what changed, not how many files the folders hold
+    full: bool = True
     n_unchanged: int = 0
+    n_ignored: int = 0
+
+    def ignore(self, path: Path | str, reason: str) -> None:
+        self.n_ignored += 1
+        if self.full or len(self.ignored) < LISTED:
+            self.ignored.append({"path": str(path), "reason": reason})
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("queued", "duplicates", "ignored", "rejected", "pending", "updated", "unchanged")}
 
     def counts(self) -> dict[str, int]:
-        return {**{k: len(v) for k, v in self.to_json().items()}, "unchanged": self.n_unchanged}
+        return {**{k: len(v) for k, v in self.to_json().items()}, "unchanged": self.n_unchanged, "ignored": self.n_ignored}
 
 
 class Rejected(Exception):
@@ -87,9 +96,11 @@ class Candidate:
     problem: str | None = None  # a pairing problem found while scanning (e.g. two images, one caption)
 
 
-def _walk(root: Path, report: IngestReport) -> Iterator[list[Path]]:
-    """Every regular file under root, a folder's at a time. One bad entry (a link loop, an unreadable folder, a link out of the
-    folder) is reported with its reason and skipped; the rest of the folder is still taken.
+def _walk(root: Path, report: IngestReport, own: Path | None = None) -> Iterator[list[Path]]:
+    """Every regular file under root, a folder's at a time. One bad entry (a link loop, an unreadable folder or
+    file, a link out of the folder) is reported with its reason and skipped; the rest of the folder is still
+    taken. A folder that goes while the scan runs is passed over (the next scan sees what is there); own, the
+    state's folder when it lies inside a watched one, is not the user's pictures and is not walked.
 
     Links to files are followed when their target stays inside the watched folder. Links to folders are not
     descended: one leading out is reported as leaving the folder, one leading inside is reported as such,
@@ -98,7 +109,8 @@ def _walk(root: Path, report: IngestReport) -> Iterator[list[Path]]:
     root_real = root.resolve()
 
     def unreadable(e: OSError) -> None:
-        report.rejected.append({"path": str(e.filename or root), "reason": f"unreadable folder: {e.strerror or e}"})
+        if e.errno != errno.ENOENT:
+            report.rejected.append({"path": str(e.filename or root), "reason": f"unreadable folder: {e.strerror or e}"})
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         d = Path(dirpath)
@@ -107,13 +119,20 @@ def _walk(root: Path, report: IngestReport) -> Iterator[list[Path]]:
             p = d / dn
             if dn.lower() in SYSTEM_DIRS or dn.startswith("."):
                 continue
-            if p.is_symlink():
-                target = _resolve(p)
-                if target is None or not _inside(target, root_real):
-                    reason = "symlink leaves the watched folder" if target is not None else "broken or looping symlink"
-                else:
-                    reason = "link to a folder inside the watched folder (its files are taken where they are)"
-                report.ignored.append({"path": str(p), "reason": reason})
+            try:
+                if p.is_symlink():
+                    target = _resolve(p)
+                    if target is None or not _inside(target, root_real):
+                        reason = "symlink leaves the watched folder" if target is not None else "broken or looping symlink"
+                    else:
+                        reason = "link to a folder inside the watched folder (its files are taken where they are)"
+                    report.ignore(p, reason)
+                    continue
+                if own is not None and p.resolve() == own:
+                    report.ignore(p, "dopsd's state folder: its own copies, not your pictures")
+                    continue
+            except OSError as e:
+                report.rejected.append({"path": str(p), "reason": f"unreadable folder: {e.strerror or e}"})
                 continue
             keep.append(dn)
         dirnames[:] = keep
@@ -122,19 +141,24 @@ def _walk(root: Path, report: IngestReport) -> Iterator[list[Path]]:
             p = d / fn
             if is_silently_ignored(fn):
                 continue
-            if p.is_symlink():
-                target = _resolve(p)
-                if target is None:
-                    report.ignored.append({"path": str(p), "reason": "broken or looping symlink"})
+            try:
+                if p.is_symlink():
+                    target = _resolve(p)
+                    if target is None:
+                        report.ignore(p, "broken or looping symlink")
+                        continue
+                    if not _inside(target, root_real):
+                        report.ignore(p, "symlink leaves the watched folder")
+                        continue
+                    if not target.is_file():
+                        report.ignore(p, "symlink to something that is not a file")
+                        continue
+                elif not p.is_file():
+                    if p.exists() or p.is_symlink():  # gone meanwhile: the next scan decides
+                        report.ignore(p, "not a regular file (a pipe, socket or device)")
                     continue
-                if not _inside(target, root_real):
-                    report.ignored.append({"path": str(p), "reason": "symlink leaves the watched folder"})
-                    continue
-                if not target.is_file():
-                    report.ignored.append({"path": str(p), "reason": "symlink to something that is not a file"})
-                    continue
-            elif not p.is_file():
-                report.ignored.append({"path": str(p), "reason": "not a regular file (a pipe, socket or device)"})
+            except OSError as e:
+                report.rejected.append({"path": str(p), "reason": f"unreadable: {e.strerror or e}"})
                 continue
             files.append(p)
         if files:
@@ -157,10 +181,10 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def find_candidates(root: Path, report: IngestReport) -> Iterator[Candidate]:
+def find_candidates(root: Path, report: IngestReport, own: Path | None = None) -> Iterator[Candidate]:
     """The image-caption pairs under root, a folder's at a time (a folder's files pair among themselves), in
-    the order of a walk with sorted names."""
-    for fs in _walk(root, report) if root.is_dir() else [[root]]:
+    the order of a walk with sorted names (own: _walk)."""
+    for fs in _walk(root, report, own) if root.is_dir() else [[root]]:
         yield from _pair(fs[0].parent, fs, report)
 
 
@@ -194,14 +218,14 @@ def _pair(d: Path, fs: list[Path], report: IngestReport) -> list[Candidate]:
         note = f" (its caption {cap.name} is not used)" if cap else ""
         if cap:
             claimed.add(f.stem)
-        report.ignored.append({"path": str(f), "reason": f"unsupported file type '{f.suffix or f.name}'{note}"})
+        report.ignore(f, f"unsupported file type '{f.suffix or f.name}'{note}")
     for stem, cap in sorted(captions.items()):
         if stem not in images and stem not in claimed:
-            report.ignored.append({"path": str(cap), "reason": "caption without an image"})
+            report.ignore(cap, "caption without an image")
     present = {f.name for f in fs}
     for name in sorted(metadata):
         if name not in present:
-            report.ignored.append({"path": str(d / METADATA_NAME), "reason": f"metadata.jsonl names {name!r}, which is not in this folder"})
+            report.ignore(str(d / METADATA_NAME), f"metadata.jsonl names {name!r}, which is not in this folder")
     return out
 
 
@@ -396,31 +420,32 @@ def stability_seconds(state: State) -> float:
 
 
 def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256,
-                 list_unchanged: bool = True) -> IngestReport:
+                 full: bool = True) -> IngestReport:
     """One scan of the given paths (default: the watched folders). Safe to run again at any time.
 
     The folders are walked and taken `batch` pairs at a time, so a scan holds one folder's names and one batch,
-    whatever the folders hold. list_unchanged: the report lists every file seen before unchanged (else it
-    counts them, listing only those rejected earlier: the daemon's rescans)."""
-    report = IngestReport(list_unchanged=list_unchanged)
+    whatever the folders hold. full: the report names every file (else, the daemon's rescans, it counts
+    those unchanged and ignored; IngestReport)."""
+    report = IngestReport(full=full)
     # absolute (not resolved: a link the user gave stays as given): a file is one path whatever the folder the
     # command ran in, so a later scan from elsewhere finds it unchanged, and the pages show where it is
     roots = [Path(os.path.abspath(p)) for p in (paths or state.watch_dirs)]
     stable_after = stability_seconds(state)
     ing = state.recipe["ingest"]
+    own = state.root.resolve()
     todo: list[tuple[Candidate, str]] = []
     for root in roots:
         if not root.exists():
             report.rejected.append({"path": str(root), "reason": MISSING_PATH})
             continue
         if root.is_file() and root.suffix.lower() not in IMAGE_EXTS:
-            report.ignored.append({"path": str(root), "reason": "not an image (give the image or its folder)"})
+            report.ignore(root, "not an image (give the image or its folder)")
             continue
         if root.is_file():
             cap = root.with_suffix(CAPTION_EXT)
             cands: Iterator[Candidate] = iter([Candidate(root, cap if cap.exists() else None)])
         else:
-            cands = find_candidates(root, report)
+            cands = find_candidates(root, report, own)
         for c in cands:
             try:
                 sig, last = _signature(c)
@@ -442,7 +467,7 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
     return report
 
 
-def _record_scan(state: State, report: IngestReport, keep: int = 50) -> None:
+def _record_scan(state: State, report: IngestReport, keep: int = LISTED) -> None:
     """The last scan's counts, the files rejected so far (this scan's and earlier ones that are still
     there unchanged) and the first `keep` of them and of this scan's ignored files, for `daemon status`."""
     standing = [{"path": r["path"], "reason": r.get("reason", "")} for r in report.unchanged if r["outcome"] == "rejected"]
@@ -463,7 +488,7 @@ def _ingest_batch(state: State, items: list[tuple[Candidate, str]], ing: dict, r
         known = db.execute("select signature, outcome, reason, sample_id from files where path=?", [path]).fetchone()
         if known and known[0] == sig:  # reported when it was new; a rescan does not report it again
             report.n_unchanged += 1
-            if report.list_unchanged or known[1] == "rejected":
+            if report.full or known[1] == "rejected":
                 report.unchanged.append({"path": path, "outcome": known[1], **({"reason": known[2]} if known[2] else {})})
             continue
         try:

@@ -81,7 +81,14 @@ def _size(path: Path) -> int:
     try:
         if path.is_file():
             return path.stat().st_size
-        return sum(e.stat(follow_symlinks=False).st_size for e in walk_files(path))
+        return sum(_entry_size(e) for e in walk_files(path))
+    except OSError:
+        return 0
+
+
+def _entry_size(e) -> int:
+    try:
+        return e.stat(follow_symlinks=False).st_size
     except OSError:
         return 0
 
@@ -123,8 +130,8 @@ def plan(state: State, at: float | None = None) -> list[dict]:
         pool = [dict(r) for r in state.db["samples"].rows_where("status = 'used'")]
     live |= {feature_key(r["sha256"], r["caption"]) for r in pool}
     feats = state.cache / "features"
-    for f in sorted(feats.rglob("*")) if feats.exists() else []:
-        if f.is_file() and (f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp")):  # a failed write's leftover too
+    for f in map(Path, sorted(e.path for e in walk_files(feats))):
+        if f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp"):  # a failed write's leftover too
             offer(0, 0, {"path": f, "bytes": _size(f), "kind": "features",
                          "why": "features of a sample the next round cannot draw (dropped, set aside, captioned anew, "
                                 "outside the replay pool), or a leftover"})

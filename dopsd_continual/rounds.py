@@ -71,7 +71,8 @@ def recover(state: State) -> list[str]:
     done = [_interrupt(state, dict(r), "the round's process died") for r in list(state.db["rounds"].rows_where("status = 'running'"))]
     for tmp in state.adapters.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    for e in walk_files(state.root):  # atomic_write's leftovers
+    watched = {os.path.realpath(w) for w in state.watch_dirs}  # a watched folder inside the state is the user's
+    for e in walk_files(state.root, skip=watched):  # atomic_write's leftovers
         if fnmatch.fnmatchcase(e.name, ".*.tmp-*"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(e.path)

@@ -310,3 +310,24 @@ def test_the_states_walk_takes_each_regular_file_once_and_follows_no_link(tmp_pa
         assert list(walk_files(tmp_path / "gone")) == []  # a folder gone meanwhile: nothing, no error
     finally:
         st.close()
+
+
+def test_recovery_removes_the_states_half_written_files_and_never_a_file_in_a_watched_folder(tmp_path):
+    from dopsd_continual.rounds import recover
+    from dopsd_continual.store import init_state
+
+    st = init_state(tmp_path / "state", None, [])
+    drop = st.root / "drop"  # watched folders may lie inside the state (their paths are relative to it)
+    drop.mkdir()
+    st.close()
+    st = init_state(tmp_path / "state", None, [drop])
+    try:
+        (st.root / "reports").mkdir(exist_ok=True)
+        leftover = st.root / "reports" / ".report.json.tmp-12-34"
+        leftover.write_text("half")
+        users = drop / ".holiday.jpg.tmp-1"  # the user's, whatever its name
+        users.write_text("mine")
+        recover(st)
+        assert not leftover.exists() and users.read_text() == "mine"
+    finally:
+        st.close()

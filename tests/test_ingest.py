@@ -240,13 +240,54 @@ def test_the_daemons_rescan_counts_unchanged_files_and_lists_only_the_rejected(s
         make_pair(watch / f"f{i % 2}", f"p{i}", seed=i)
     (watch / "bad.png").write_bytes(b"")
     first = ingest_paths(state)
-    again = ingest_paths(state, list_unchanged=False)  # what the daemon's rescans hold: a count, not a list
+    again = ingest_paths(state, full=False)  # what the daemon's rescans hold: a count, not a list
     assert not again.queued and not again.rejected and again.n_unchanged == 5
     assert [(os.path.basename(r["path"]), r["outcome"]) for r in again.unchanged] == [("bad.png", "rejected")]
     scan = json.loads(state.meta("last_scan"))  # `daemon status` says the same either way
     assert scan["unchanged"] == 5 and scan["rejected_files"] == 1 and scan["problems"][0]["path"].endswith("bad.png")
     listed = ingest_paths(state)
     assert listed.n_unchanged == 5 and sorted(paths(listed.unchanged)) == sorted(paths(first.queued) + ["bad.png"])
+
+
+def test_the_daemons_rescan_counts_ignored_files_past_what_status_names(state, watch):
+    from dopsd_continual.ingest import LISTED
+
+    make_pair(watch, "keep")
+    for i in range(LISTED + 30):  # raw files beside the pictures: ignored at every scan
+        (watch / f"raw{i}.cr2").write_bytes(b"raw")
+    full = ingest_paths(state)
+    again = ingest_paths(state, full=False)
+    assert len(full.ignored) == LISTED + 30 and len(again.ignored) == LISTED and again.n_ignored == LISTED + 30
+    assert json.loads(state.meta("last_scan"))["ignored"] == LISTED + 30
+
+
+def test_a_folder_that_goes_during_a_scan_is_passed_over_not_rejected(state, watch):
+    from dopsd_continual.ingest import IngestReport, find_candidates
+
+    for folder in ("a", "b", "c"):
+        make_pair(watch / folder, folder)
+    report = IngestReport()
+    walk = find_candidates(watch, report)
+    first = next(walk)  # the walk is in folder a: b goes (moved away by the user) before it is reached
+    (watch / "b").rename(watch.parent / "b-moved")
+    rest = list(walk)
+    assert [c.image.name for c in [first, *rest]] == ["a.png", "c.png"] and not report.rejected and not report.ignored
+
+
+def test_a_state_inside_a_watched_folder_is_not_scanned_as_pictures(tmp_path):
+    from dopsd_continual.store import init_state
+
+    photos = tmp_path / "photos"
+    make_pair(photos, "p0", seed=1)
+    make_pair(photos / "trip", "p1", seed=2)
+    st = init_state(photos / "state", None, [photos])  # `dopsd init --watch .` run in the photos folder
+    try:
+        first, again = ingest_paths(st), ingest_paths(st)
+        assert paths(first.queued) == ["p0.png", "p1.png"] and not first.rejected and not again.rejected
+        assert [r["reason"] for r in first.ignored] == ["dopsd's state folder: its own copies, not your pictures"]
+        assert st.db["samples"].count == 2 and not again.queued and not again.duplicates
+    finally:
+        st.close()
 
 
 def test_a_scan_taken_a_batch_at_a_time_queues_in_the_order_of_the_walk(state, watch):
