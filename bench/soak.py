@@ -3,7 +3,7 @@ open, a full disk injected once and cleared, a kill -9 once. Per round: the stat
 daemon's resident memory, open file descriptors and threads.
 
     python bench/soak.py [--rounds 60] [--steps 30] [--burst 6] [--history 0] [--pairs 0] [--renew-mb MB] [--idle S]
-                         [--out FILE]
+                         [--keep DIR] [--out FILE]
 
 --history N starts on a chain of N versions made at once, and --pairs N on N pairs already in the watched folder
 (--burst to a folder), ingested and trained on (their samples marked used, no training), so that a short run
@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--renew-mb", type=float, default=None, help="daemon.renew_mb (default: the recipe's)")
     ap.add_argument("--idle", type=float, default=0.0, help="seconds the daemon is left idle after each round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
+    ap.add_argument("--keep", default=None, help="copy the state here at the end (for a later look)")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the daemon and the mount go too
     tmp = Path(tempfile.mkdtemp(prefix="dopsd-soak-"))
@@ -291,6 +292,8 @@ def main() -> None:
             c.close()
         summarize(result)
         save()
+        if a.keep:
+            shutil.copytree(state, a.keep, symlinks=True, dirs_exist_ok=True)
         if mounted:
             unmount(disk)
         shutil.rmtree(tmp, ignore_errors=True)
