@@ -9,6 +9,7 @@ into place, so a crash never leaves a half-written version visible. Rollback and
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -141,13 +142,22 @@ def replay_pool(state: State, size: int, vid: str | None = None) -> list[dict]:
     for v, samples in state.conn.execute("select id, samples from versions"):
         if v in on_chain:
             used |= set(json.loads(samples or "[]"))
-    rows = [dict(r) for r in state.db["samples"].rows_where("status = 'used'", order_by="id") if r["id"] in used]
-    if size and len(rows) > size:
-        def rank(r: dict) -> str:
-            return hashlib.sha256(f"{r['id']}:{r['sha256']}".encode()).hexdigest()
-
-        rows = sorted(sorted(rows, key=rank)[:size], key=lambda r: r["id"])
+    # ranked on (id, hash) alone, the `size` smallest kept as the rows stream by: what this holds follows the
+    # pool, not the history (whole rows of every used sample were a transient that grew with each round)
+    found = ((i, sha) for i, sha in state.conn.execute("select id, sha256 from samples where status = 'used'") if i in used)
+    if size:
+        ids = sorted(i for _, i in heapq.nsmallest(size, ((_rank(i, sha), i) for i, sha in found)))
+    else:
+        ids = sorted(i for i, _ in found)
+    rows: list[dict] = []
+    for at in range(0, len(ids), 500):  # SQLite's limit on a statement's values
+        part = ids[at:at + 500]
+        rows += state.rows(f"select * from samples where id in ({','.join('?' * len(part))}) order by id", part)
     return rows
+
+
+def _rank(sample_id: int, sha256: str) -> str:
+    return hashlib.sha256(f"{sample_id}:{sha256}".encode()).hexdigest()
 
 
 def chain_deltas(state: State, vid: str) -> list[Delta]:
