@@ -46,6 +46,24 @@ def fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def run() -> None:
+    """`dopsd`: the app, with a usage error (an unknown command or option, a missing or bad argument) said in
+    one line, as every other error is, rather than in a box under the command's usage."""
+    try:
+        code = app(standalone_mode=False, prog_name="dopsd")  # what it returns: an exit's code (a command's own value is None)
+    except typer.TyperException as e:  # click's errors, as typer carries them
+        if type(e).__name__ == "NoArgsIsHelpError":  # `dopsd queue`: the help, printed as it was raised
+            raise SystemExit(2) from None
+        ctx = getattr(e, "ctx", None)
+        where = f" (`{ctx.command_path} --help` says what it takes)" if ctx is not None else ""
+        err_console.print(f"[red]error:[/red] {esc(e.format_message())}{where}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:  # an interrupted prompt
+        err_console.print("[red]error:[/red] aborted", highlight=False)
+        raise SystemExit(1) from None
+    raise SystemExit(code if type(code) is int else 0)
+
+
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

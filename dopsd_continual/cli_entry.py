@@ -10,9 +10,9 @@ def main() -> None:
 
         if sample(sys.argv[2:]):
             return
-    from .cli import app
+    from .cli import run
 
-    app()
+    run()
 
 
 if __name__ == "__main__":

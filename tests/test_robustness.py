@@ -430,6 +430,26 @@ def test_a_read_only_state_lists_samples_and_exports_and_refuses_writes_in_one_l
 # ------------------------------------------------------------------------------------ command matrix
 
 
+def test_a_usage_error_is_one_line_that_says_where_the_help_is(tmp_path):
+    """The real `dopsd` entry point (typer's runner would not go through it): an unknown command or option, a
+    missing or malformed argument: one `error:` line, exit 2, no box; a group alone still shows its help."""
+    def dopsd(*args):
+        return subprocess.run([sys.executable, "-m", "dopsd_continual.cli_entry", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+    for args, says in ((["queue", "lisst"], "Did you mean 'list'"), (["train", "--bogus"], "--bogus"),
+                       (["config", "set"], "Missing argument 'key'"), (["train", "--steps", "abc"], "'--steps'")):
+        r = dopsd(*args)
+        assert r.returncode == 2 and not r.stdout, (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, (args, r.stderr)
+        assert f"`dopsd {' '.join(a for a in args if a in ('queue', 'config', 'set', 'train'))} --help`" in r.stderr
+    r = dopsd("queue")
+    assert r.returncode == 2 and "list" in r.stdout + r.stderr and "error:" not in r.stderr
+    r = dopsd("versions", "list", "--state", str(tmp_path / "none"))  # the project's own errors: as before
+    assert r.returncode == 1 and r.stderr.startswith("error: no state at")
+    assert dopsd("--help").returncode == 0
+
+
 def test_every_command_meets_bad_paths_numbers_and_state_without_a_traceback(shared, trained):
     root = _trained_state(shared, trained)
     a_file = shared / "file.txt"
