@@ -154,7 +154,7 @@ def _walk(root: Path, report: IngestReport, own: Path | None = None) -> Iterator
                         report.ignore(p, "symlink to something that is not a file")
                         continue
                 elif not p.is_file():
-                    if p.exists() or p.is_symlink():  # gone meanwhile: the next scan decides
+                    if p.exists():  # gone meanwhile: the next scan decides
                         report.ignore(p, "not a regular file (a pipe, socket or device)")
                     continue
             except OSError as e:
@@ -445,7 +445,7 @@ def ingest_paths(state: State, paths: list[Path] | None = None, batch: int = 256
             cap = root.with_suffix(CAPTION_EXT)
             cands: Iterator[Candidate] = iter([Candidate(root, cap if cap.exists() else None)])
         else:
-            cands = find_candidates(root, report, own)
+            cands = find_candidates(root, report, own if _inside(own, root.resolve()) else None)  # else no folder is it
         for c in cands:
             try:
                 sig, last = _signature(c)
