@@ -331,3 +331,22 @@ def test_recovery_removes_the_states_half_written_files_and_never_a_file_in_a_wa
         assert not leftover.exists() and users.read_text() == "mine"
     finally:
         st.close()
+
+
+def test_every_connection_to_the_states_database_keeps_a_small_page_cache(tmp_path):
+    """A long-lived daemon keeps the high-water mark of its connections' page caches: each is bounded at
+    store.CACHE_KIB (bench/sqlite_memory.py), on a state opened for writing and for reading only."""
+    from dopsd_continual.store import CACHE_KIB, init_state, open_db, open_state
+
+    assert 0 < CACHE_KIB < 2000  # below SQLite's default of 2,000 KiB a connection
+    init_state(tmp_path / "state", None, []).close()
+    st = open_state(tmp_path / "state")
+    try:
+        assert st.conn.execute("pragma cache_size").fetchone()[0] == -CACHE_KIB
+    finally:
+        st.close()
+    ro = open_db(tmp_path / "state" / "dopsd.sqlite", readonly=True)
+    try:
+        assert ro.execute("pragma cache_size").fetchone()[0] == -CACHE_KIB
+    finally:
+        ro.close()
