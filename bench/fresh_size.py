@@ -6,8 +6,8 @@ counted from) against the state it starts on and against the dashboard's pages.
 Each STATE is copied (the copy's logs, lock and status dropped) and given a new, empty watched folder; `new`
 is a fresh toy state with the soak's settings. --grow adds a copy of the first STATE other than `new` with N_VERSIONS more
 versions on its chain (small random deltas, each with the gate metrics, reasons and samples of its newest
-version) and its samples copied N_SAMPLES/their number times over (new hashes): a history far longer than
-the run that made it. The daemon is the real one; one burst of 6 new pairs arrives, a round runs, and its log
+version) and its samples copied N_SAMPLES/their number times over (new hashes, rows only: no originals or
+features behind the copies): a synthetic history far longer than the run that made it, listed as `grown`. The daemon is the real one; one burst of 6 new pairs arrives, a round runs, and its log
 line is read. Each state is measured with the dashboard open on both of the soak's pages (fetched every 2 s,
 as bench/soak.py does), on the overview alone, on the queue alone, and with no page fetched. Writes
 bench/results/fresh_size.json.
@@ -138,24 +138,24 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fresh_size.json"))
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dopsd-fresh-grown-"))
-    states = {s: {} for s in a.states}
+    states = {s: {"path": s} for s in a.states}  # by label: a path, `new`, `grown`
     try:
         if a.grow:
             src = next((s for s in a.states if s != "new"), None)
             if src is None:
                 ap.error("--grow copies a STATE other than `new`")
-            grown = work / "grown"
-            states[str(grown)] = dict(grow(src, grown, *a.grow), grown_from=src)
-        for s in states:
-            if s != "new" and "versions" not in states[s]:
-                st = open_state(Path(s))
-                states[s] = {n: st.conn.execute(f"select count(*) from {n}").fetchone()[0] for n in ("versions", "samples")}
+            states["grown"] = dict(grow(src, work / "grown", *a.grow), path=str(work / "grown"), grown_from=src)
+        for s in states.values():
+            if s["path"] != "new" and "versions" not in s:
+                st = open_state(Path(s["path"]))
+                s.update({n: st.conn.execute(f"select count(*) from {n}").fetchone()[0] for n in ("versions", "samples")})
                 st.close()
-        result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "states": states, "rows": []}
+        result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+                  "states": states, "rows": []}
         for rep in range(a.repeats):
             for name, pages in DASHBOARD.items():
-                for s in states:
-                    row = {"state": s, "dashboard": name, "repeat": rep, **trial(s, pages, rep)}
+                for label, s in states.items():
+                    row = {"state": label, "dashboard": name, "repeat": rep, **trial(s["path"], pages, rep)}
                     result["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

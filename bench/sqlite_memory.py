@@ -1,8 +1,9 @@
-"""What SQLite's page caches leave in the daemon, against how many pairs the state holds: the daemon's own work
-on a state already used for months (its start-up recovery with the database's integrity check, the watcher,
-two rescans, gc after a round, the next round's key, the dashboard's overview and queue pages five times
-each, the heartbeat), in a fresh process each time, with SQLite's default page cache (2,000 KiB a
-connection) and with the state's (store.CACHE_KIB), side by side on the same states:
+"""What SQLite's page caches leave in the daemon, against how many pairs the state holds. The daemon's own work
+(its start-up recovery with the database's integrity check, the watcher, two rescans, gc after a round, the
+next round's key, the dashboard's overview and queue pages five times each, the heartbeat) on a state of N
+pairs marked trained on, with no versions beyond the base (what a long history adds is bench/fresh_size.py's),
+in a fresh process each time, with SQLite's default page cache (2,000 KiB a connection) and with the state's
+(store.CACHE_KIB), side by side on the same states:
 - SQLite's high-water mark (sqlite3_memory_highwater: the most its allocator held at once);
 - the process's anonymous resident memory after that work (collected and trimmed, as the daemon does after a
   round) less what it held before the daemon was made;

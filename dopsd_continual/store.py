@@ -245,8 +245,8 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
             for i, uri in enumerate(uris):
                 try:
                     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-                    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
                     conn.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+                    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
                     break
                 except sqlite3.OperationalError:
                     if i == len(uris) - 1:

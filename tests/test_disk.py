@@ -345,8 +345,21 @@ def test_every_connection_to_the_states_database_keeps_a_small_page_cache(tmp_pa
         assert st.conn.execute("pragma cache_size").fetchone()[0] == -CACHE_KIB
     finally:
         st.close()
-    ro = open_db(tmp_path / "state" / "dopsd.sqlite", readonly=True)
+    ro = open_db(tmp_path / "state" / "dopsd.sqlite", readonly=True)  # no WAL left: opened as immutable
     try:
         assert ro.execute("pragma cache_size").fetchone()[0] == -CACHE_KIB
     finally:
         ro.close()
+    st = open_state(tmp_path / "state")  # a writer holds rows in its WAL: read-only, not immutable
+    try:
+        with st.conn:
+            st.conn.execute("insert or replace into meta (key, value) values ('probe', '1')")
+        assert (tmp_path / "state" / "dopsd.sqlite-wal").stat().st_size > 0
+        ro = open_db(tmp_path / "state" / "dopsd.sqlite", readonly=True)
+        try:
+            assert ro.execute("select value from meta where key = 'probe'").fetchone()[0] == "1"
+            assert ro.execute("pragma cache_size").fetchone()[0] == -CACHE_KIB
+        finally:
+            ro.close()
+    finally:
+        st.close()
