@@ -16,7 +16,6 @@ bench/results/fresh_size.json.
 from __future__ import annotations
 
 import argparse
-import http.cookiejar
 import json
 import os
 import re
@@ -27,40 +26,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from benchinfo import machine
-from soak import drop_burst, start_daemon
+from soak import browse, drop_burst, soak_settings, start_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dopsd_continual.store import _dump_config, _read_config, init_state, open_state, set_settings  # noqa: E402
 
-SOAK_SETTINGS = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": 6, "daemon.rescan_seconds": 5, "daemon.ui": True,
-                 "daemon.ui_port": 0, "train.steps": 10, "retention.rejected_days": 0, "retention.gate_days": 0,
-                 "daemon.renew_mb": 0.5}
-DASHBOARD = {"both pages": ["/", "/queue"], "overview": ["/"], "queue": ["/queue"], "none": []}
-
-
-def browse(state: Path, pages: list[str], stop: threading.Event, seen: dict) -> None:
-    """These pages fetched every 2 s, the token once and then its cookie (bench/soak.py's tab, its pages chosen)."""
-    tab = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-    while not stop.wait(2):
-        try:
-            url = json.loads((state / "daemon.json").read_text()).get("ui")
-            token = (state / "ui-token").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        for page in pages if url else []:
-            try:
-                with tab.open(f"{url.rstrip('/')}{page}?token={token}", timeout=30) as r:
-                    seen["pages"] = seen.get("pages", 0) + (r.status == 200)
-            except Exception as e:  # counted: the run measures the daemon
-                seen["errors"] = seen.get("errors", 0) + 1
-                seen["last_error"] = str(e)[:200]
+SOAK_SETTINGS = soak_settings(burst=6, steps=10, renew_mb=0.5)  # as the soak that made the state ran
+DASHBOARD = {"both pages": ("/", "/queue"), "overview": ("/",), "queue": ("/queue",), "none": ()}
 
 
 def copy_state(src: str, dst: Path, drop: Path) -> None:
@@ -102,7 +80,7 @@ def grow(src: str, dst: Path, versions: int, samples: int) -> dict:
         st.close()
 
 
-def trial(src: str, pages: list[str], seed: int) -> dict:
+def trial(src: str, pages: tuple[str, ...], seed: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="dopsd-fresh-"))
     drop, root = tmp / "drop", tmp / "state"
     drop.mkdir()
@@ -110,7 +88,7 @@ def trial(src: str, pages: list[str], seed: int) -> dict:
         copy_state(src, root, drop)
         daemon = start_daemon(root, tmp / "daemon.out")
         stop, seen = threading.Event(), {}
-        tab = threading.Thread(target=browse, args=(root, pages, stop, seen), daemon=True)
+        tab = threading.Thread(target=browse, args=(root, stop, seen, pages), daemon=True)
         tab.start()
         try:
             time.sleep(5)  # the tab open before the pairs arrive, as in the soak

@@ -100,7 +100,18 @@ def start_daemon(state: Path, log: Path) -> subprocess.Popen:
     return p
 
 
-def browse(state: Path, stop: threading.Event, seen: dict) -> None:
+def soak_settings(burst: int, steps: int, renew_mb: float | None) -> dict:
+    """The state's settings for a soak: short waits, a round per burst, the dashboard on a free port, what the
+    retention policy allows given back at once; renew_mb None: the recipe's."""
+    settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": burst, "daemon.rescan_seconds": 5,
+                "daemon.ui": True, "daemon.ui_port": 0, "train.steps": steps, "retention.rejected_days": 0,
+                "retention.gate_days": 0}
+    if renew_mb is not None:
+        settings["daemon.renew_mb"] = renew_mb
+    return settings
+
+
+def browse(state: Path, stop: threading.Event, seen: dict, pages: tuple[str, ...] = ("/", "/queue")) -> None:
     """The dashboard open in a browser: its pages fetched every 2 s, the token once and then its cookie, as a
     tab would (a refused connection while the daemon is down, after the kill -9, is counted too)."""
     import http.cookiejar
@@ -114,7 +125,7 @@ def browse(state: Path, stop: threading.Event, seen: dict) -> None:
         token = (state / "ui-token").read_text().strip() if (state / "ui-token").exists() else ""
         if not url:
             continue
-        for page in ("/", "/queue"):
+        for page in pages:
             try:
                 with browser.open(f"{url.rstrip('/')}{page}?token={token}", timeout=30) as r:
                     seen["pages"] = seen.get("pages", 0) + (r.status == 200)
@@ -191,11 +202,7 @@ def main() -> None:
         with st.db.conn:
             st.db.execute("update samples set status = 'used'")
     st.close()
-    settings = {"daemon.quiet_seconds": 1, "daemon.min_new_samples": a.burst, "daemon.rescan_seconds": 5,
-                "daemon.ui": True, "daemon.ui_port": 0, "train.steps": a.steps, "retention.rejected_days": 0,
-                "retention.gate_days": 0}
-    if a.renew_mb is not None:
-        settings["daemon.renew_mb"] = a.renew_mb
+    settings = soak_settings(a.burst, a.steps, a.renew_mb)
     set_settings(state, settings)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds_asked": a.rounds, "steps": a.steps,
               "history": a.history, "pairs_before": a.pairs, "idle_s": a.idle, "renew_mb": a.renew_mb,

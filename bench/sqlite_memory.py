@@ -28,19 +28,12 @@ from pathlib import Path
 
 import numpy as np
 from benchinfo import machine
-from PIL import Image
+from walk_memory import write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SQLITE_DEFAULT_KIB = 2000  # SQLITE_DEFAULT_CACHE_SIZE (-2000): what a connection caches unless told otherwise
-
-
-def anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def measure(root: Path, cache_kib: int) -> dict:
@@ -53,6 +46,7 @@ def measure(root: Path, cache_kib: int) -> dict:
 
     from dopsd_continual import store
     from dopsd_continual.daemon import Daemon, limit_arenas, trim_heap
+    from dopsd_continual.renewal import resident_mb
     from dopsd_continual.rounds import recover, round_lock
 
     store.CACHE_KIB = cache_kib
@@ -61,7 +55,7 @@ def measure(root: Path, cache_kib: int) -> dict:
     limit_arenas()  # as the daemon's main() does
     gc.collect()
     trim_heap()
-    before = anon_mb()
+    before = resident_mb()
     highwater(1)
     t = time.perf_counter()
     d = Daemon(root, install_signals=False, rounds_apart=True)
@@ -87,7 +81,7 @@ def measure(root: Path, cache_kib: int) -> dict:
     gc.collect()
     trim_heap()
     row = {"cache_kib": cache_kib, "sqlite_highwater_mb": round(peak / 2**20, 2),
-           "anon_growth_mb": round(anon_mb() - before, 2), "seconds": round(seconds, 2)}
+           "anon_growth_mb": round(resident_mb() - before, 2), "seconds": round(seconds, 2)}
     for o in observers:
         o.stop()
         o.join()
@@ -101,12 +95,7 @@ def make_state(tmp: Path, n: int, per_folder: int, rng: np.random.Generator) -> 
     from dopsd_continual.store import init_state
 
     drop = tmp / "drop"
-    drop.mkdir()
-    for i in range(n):
-        folder = drop / f"burst{i // per_folder:04d}"
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-        (folder / f"p{i}.txt").write_text(f"a photo number {i}")
+    write_pairs(drop, n, per_folder, rng)
     st = init_state(tmp / "state", None, [drop])
     try:
         if n:

@@ -46,6 +46,16 @@ def peak_mb(fn, *args, **kwargs) -> tuple[float, float]:
         tracemalloc.stop()
 
 
+def write_pairs(drop: Path, n: int, per_folder: int, rng: np.random.Generator) -> None:
+    """n small distinct PNGs with captions, per_folder to a folder (as drops arrive: a folder a burst)."""
+    drop.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        folder = drop / f"burst{i // per_folder:04d}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"a photo number {i}")
+
+
 def rglob_sizes(st) -> int:
     """The state's bytes as the walk was written before: Path.rglob, a Path a file."""
     return sum(p.stat().st_size for p in st.root.rglob("*") if p.is_file() and not p.is_symlink())
@@ -63,11 +73,7 @@ def main() -> None:
     for n in a.pairs:
         with tempfile.TemporaryDirectory() as tmp:
             drop = Path(tmp) / "drop"
-            for i in range(n):
-                folder = drop / f"burst{i // a.per_folder:04d}"
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-                (folder / f"p{i}.txt").write_text(f"a photo number {i}")
+            write_pairs(drop, n, a.per_folder, rng)
             init_state(Path(tmp) / "state", None, [drop]).close()
             st = open_state(Path(tmp) / "state")
             try:

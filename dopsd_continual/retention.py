@@ -130,9 +130,9 @@ def plan(state: State, at: float | None = None) -> list[dict]:
         pool = [dict(r) for r in state.db["samples"].rows_where("status = 'used'")]
     live |= {feature_key(r["sha256"], r["caption"]) for r in pool}
     feats = state.cache / "features"
-    for f in map(Path, sorted(e.path for e in walk_files(feats))):
-        if f.name.split(".", 1)[0] not in live or f.name.endswith(".tmp"):  # a failed write's leftover too
-            offer(0, 0, {"path": f, "bytes": _size(f), "kind": "features",
+    for e in sorted(walk_files(feats), key=lambda e: e.path):
+        if e.name.split(".", 1)[0] not in live or e.name.endswith(".tmp"):  # a failed write's leftover too
+            offer(0, 0, {"path": Path(e.path), "bytes": _entry_size(e), "kind": "features",
                          "why": "features of a sample the next round cannot draw (dropped, set aside, captioned anew, "
                                 "outside the replay pool), or a leftover"})
     q = state.root / "quarantine"
